@@ -1,0 +1,675 @@
+//! The round driver: runs federated rounds over the clients in a [`Registry`].
+//!
+//! Per round: sample (strategy) -> send `Fit` to each sampled client with one shared encoding
+//! of the global model -> as each reply arrives, verify and decode it off the async threads and
+//! fold it into the strategy's streaming aggregator -> at the deadline, cut off whoever has not
+//! answered (their replies will be counted as late) -> aggregate -> evaluate -> record.
+//! A round that fails (no quorum) keeps the previous global model and the run goes on.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use pollen_proto::blob::EncodedBlob;
+use pollen_proto::fleet::{
+    EvaluateIns, FailureCode, FitIns, GetParametersIns, ServerMessage, Stop, Weights,
+    server_message::Msg as ServerMsg,
+};
+use pollen_proto::{Parameters, TensorSpec, scalar};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use tokio::sync::oneshot;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::counters::Counters;
+use crate::records::{FailureRecord, RoundRecord, RoundStatus, RunHandle};
+use crate::registry::{Registry, Reply};
+use crate::strategy::{
+    ClientFailure, EvaluateSummary, Evaluation, FailureReason, FitSummary, Instruction, Strategy,
+};
+
+/// How a run is driven (the strategy decides the rest).
+#[derive(Debug, Clone)]
+pub struct DriverConfig {
+    pub num_rounds: u64,
+    /// Deadline for each fit and evaluate phase; clients that have not answered by then fail
+    /// with `timeout`.
+    pub round_timeout: Duration,
+    /// How long to wait for `min_available_clients` before a round (and at the start).
+    pub wait_for_clients: Duration,
+    /// Seed of the client sampler.
+    pub seed: u64,
+}
+
+impl Default for DriverConfig {
+    fn default() -> Self {
+        Self {
+            num_rounds: 3,
+            round_timeout: Duration::from_secs(120),
+            wait_for_clients: Duration::from_secs(60),
+            seed: 0,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error(
+        "only {connected} of the {needed} clients the strategy needs (min_available_clients) connected within {waited:?}; start more clients or lower the minimum"
+    )]
+    NotEnoughClients {
+        connected: usize,
+        needed: usize,
+        waited: Duration,
+    },
+    #[error("no initial parameters: {0}")]
+    NoInitialParameters(String),
+    #[error("recording round {round}: {source}")]
+    Record {
+        round: u64,
+        source: crate::records::RecordError,
+    },
+    #[error("a driver task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// What a finished run returns.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    pub rounds: Vec<RoundRecord>,
+    pub initial_evaluation: Option<Evaluation>,
+    pub parameters: Arc<Parameters>,
+    pub cancelled: bool,
+}
+
+type RoundCallback = Box<dyn FnMut(&RoundRecord) + Send>;
+
+/// Drives a run: owns the strategy and the global model.
+pub struct RoundDriver {
+    registry: Arc<Registry>,
+    strategy: Arc<Mutex<Box<dyn Strategy>>>,
+    config: DriverConfig,
+    run: Option<Arc<RunHandle>>,
+    run_id: String,
+    on_round: Option<RoundCallback>,
+    rng: ChaCha8Rng,
+}
+
+/// The outcome of one fit request, decided inside its own task.
+enum FitOutcome {
+    Update {
+        client_id: String,
+        parameters: Parameters,
+        num_examples: u64,
+        metrics: BTreeMap<String, f64>,
+        bytes: u64,
+    },
+    Failed(ClientFailure),
+}
+
+fn unix_ms(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn failure(client_id: &str, reason: FailureReason, message: impl Into<String>) -> ClientFailure {
+    ClientFailure {
+        client_id: client_id.to_string(),
+        reason,
+        message: message.into(),
+    }
+}
+
+fn numeric(map: &scalar::ScalarMap) -> BTreeMap<String, f64> {
+    scalar::numeric_entries(map)
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+}
+
+fn lock(s: &Mutex<Box<dyn Strategy>>) -> std::sync::MutexGuard<'_, Box<dyn Strategy>> {
+    s.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl RoundDriver {
+    pub fn new(registry: Arc<Registry>, strategy: Box<dyn Strategy>, config: DriverConfig) -> Self {
+        let rng = ChaCha8Rng::seed_from_u64(config.seed);
+        Self {
+            registry,
+            strategy: Arc::new(Mutex::new(strategy)),
+            config,
+            run: None,
+            run_id: "unrecorded".into(),
+            on_round: None,
+            rng,
+        }
+    }
+
+    /// Records rounds, checkpoints and status into this run.
+    pub fn with_run(mut self, run: Arc<RunHandle>) -> Self {
+        self.run_id = run.id().to_string();
+        self.run = Some(run);
+        self
+    }
+
+    /// Called after every round is recorded (progress bars, JSON lines).
+    pub fn on_round(mut self, f: impl FnMut(&RoundRecord) + Send + 'static) -> Self {
+        self.on_round = Some(Box::new(f));
+        self
+    }
+
+    /// Runs all rounds, or until `shutdown` is cancelled (the current round is abandoned, the
+    /// completed ones stay recorded). Clients are told to stop at the end.
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<RunSummary, DriverError> {
+        let outcome = self.run_inner(&shutdown).await;
+        let status = match &outcome {
+            Ok(s) if s.cancelled => "cancelled",
+            Ok(_) => "completed",
+            Err(_) => "failed",
+        };
+        if let Some(run) = &self.run
+            && let Err(e) = run.finish(status)
+        {
+            tracing::error!("could not mark run {} {status}: {e}", self.run_id);
+        }
+        self.registry.broadcast(ServerMessage {
+            msg: Some(ServerMsg::Stop(Stop {
+                reason: format!("run {} {status}", self.run_id),
+                reconnect: false,
+                reconnect_after_ms: 0,
+            })),
+        });
+        outcome
+    }
+
+    async fn run_inner(&mut self, shutdown: &CancellationToken) -> Result<RunSummary, DriverError> {
+        self.wait_for_clients().await?;
+        let mut global = Arc::new(self.initial_parameters().await?);
+        let specs: Arc<Vec<TensorSpec>> = Arc::new(global.specs());
+        tracing::info!(
+            tensors = specs.len(),
+            params = global.num_params(),
+            "initial global model ready"
+        );
+        let initial_evaluation = self.evaluate_centralized(0, &global).await?;
+        let mut rounds = Vec::new();
+        for round in 1..=self.config.num_rounds {
+            if shutdown.is_cancelled() {
+                return Ok(RunSummary {
+                    rounds,
+                    initial_evaluation,
+                    parameters: global,
+                    cancelled: true,
+                });
+            }
+            let record = tokio::select! {
+                r = self.run_round(round, &mut global, &specs) => r?,
+                _ = shutdown.cancelled() => {
+                    return Ok(RunSummary { rounds, initial_evaluation, parameters: global, cancelled: true });
+                }
+            };
+            if let Some(f) = self.on_round.as_mut() {
+                f(&record);
+            }
+            rounds.push(record);
+        }
+        Ok(RunSummary {
+            rounds,
+            initial_evaluation,
+            parameters: global,
+            cancelled: false,
+        })
+    }
+
+    async fn wait_for_clients(&self) -> Result<(), DriverError> {
+        let needed = lock(&self.strategy).min_available_clients();
+        if !self
+            .registry
+            .wait_for(needed, self.config.wait_for_clients)
+            .await
+        {
+            return Err(DriverError::NotEnoughClients {
+                connected: self.registry.len(),
+                needed,
+                waited: self.config.wait_for_clients,
+            });
+        }
+        Ok(())
+    }
+
+    async fn initial_parameters(&mut self) -> Result<Parameters, DriverError> {
+        if let Some(p) = lock(&self.strategy).initialize_parameters() {
+            return Ok(p);
+        }
+        // Flower's fallback: ask one connected client for its weights.
+        let clients = self.registry.available();
+        let client = clients
+            .first()
+            .ok_or_else(|| DriverError::NoInitialParameters("no client connected".into()))?;
+        let (_, rx) = self
+            .registry
+            .request(&client.id, 0, |request_id| ServerMessage {
+                msg: Some(ServerMsg::GetParameters(GetParametersIns {
+                    request_id,
+                    config: Default::default(),
+                })),
+            })
+            .await
+            .map_err(|e| DriverError::NoInitialParameters(e.to_string()))?;
+        let reply = tokio::time::timeout(self.config.round_timeout, rx)
+            .await
+            .map_err(|_| {
+                DriverError::NoInitialParameters(format!("client {} did not answer", client.id))
+            })?
+            .map_err(|_| {
+                DriverError::NoInitialParameters(format!("client {} disconnected", client.id))
+            })?;
+        match reply {
+            Reply::Parameters(p) => {
+                let weights = p.weights.unwrap_or_default();
+                tokio::task::spawn_blocking(move || Parameters::from_wire(&weights, None))
+                    .await?
+                    .map_err(|e| {
+                        DriverError::NoInitialParameters(format!("client {}: {e}", client.id))
+                    })
+            }
+            other => Err(DriverError::NoInitialParameters(format!(
+                "client {} answered get-parameters with {other:?}",
+                client.id
+            ))),
+        }
+    }
+
+    async fn evaluate_centralized(
+        &self,
+        round: u64,
+        global: &Arc<Parameters>,
+    ) -> Result<Option<Evaluation>, DriverError> {
+        let strategy = self.strategy.clone();
+        let params = global.clone();
+        Ok(tokio::task::spawn_blocking(move || lock(&strategy).evaluate(round, &params)).await?)
+    }
+
+    async fn run_round(
+        &mut self,
+        round: u64,
+        global: &mut Arc<Parameters>,
+        specs: &Arc<Vec<TensorSpec>>,
+    ) -> Result<RoundRecord, DriverError> {
+        let started = Instant::now();
+        let before = self.registry.counters().snapshot();
+        self.registry.forget_closed_before(round);
+        let needed = lock(&self.strategy).min_available_clients();
+        // A round starts once enough clients are back; if they are not, the round fails.
+        let _ = self
+            .registry
+            .wait_for(needed, self.config.wait_for_clients)
+            .await;
+        let available = self.registry.available();
+        let instructions = lock(&self.strategy).configure_fit(round, &available, &mut self.rng);
+
+        let fit_started = Instant::now();
+        let (results, failures, aggregator_out) = if instructions.is_empty() {
+            (Vec::new(), Vec::new(), None)
+        } else {
+            let (r, f, a) = self.fit(round, global, specs, instructions.clone()).await?;
+            (r, f, Some(a))
+        };
+        let fit_seconds = fit_started.elapsed().as_secs_f64();
+
+        let agg_started = Instant::now();
+        let mut status = RoundStatus::Ok;
+        let mut error = None;
+        let mut train_metrics = BTreeMap::new();
+        match aggregator_out {
+            None => {
+                status = RoundStatus::Failed;
+                error = Some(format!(
+                    "round {round}: {} clients connected, fewer than min_available_clients = {needed}",
+                    available.len()
+                ));
+            }
+            Some(aggregator) => {
+                let strategy = self.strategy.clone();
+                let (res, fails) = (results.clone(), failures.clone());
+                let outcome = tokio::task::spawn_blocking(move || {
+                    lock(&strategy).aggregate_fit(round, aggregator, &res, &fails)
+                })
+                .await?;
+                match outcome {
+                    Ok((Some(p), metrics)) => {
+                        *global = Arc::new(p);
+                        train_metrics = metrics;
+                    }
+                    Ok((None, metrics)) => train_metrics = metrics,
+                    Err(e) => {
+                        status = RoundStatus::Failed;
+                        error = Some(e.to_string());
+                    }
+                }
+            }
+        }
+        let aggregate_seconds = agg_started.elapsed().as_secs_f64();
+        if let Some(e) = &error {
+            tracing::warn!("{e}; the global model stays as it was");
+        }
+
+        let eval_started = Instant::now();
+        let central = self.evaluate_centralized(round, global).await?;
+        let federated = self.federated_evaluate(round, global).await?;
+        let evaluate_seconds = eval_started.elapsed().as_secs_f64();
+        let shown = central.as_ref().or(federated.as_ref());
+
+        let mut failures_by_reason = BTreeMap::new();
+        for f in &failures {
+            *failures_by_reason
+                .entry(f.reason.as_str().to_string())
+                .or_insert(0) += 1;
+        }
+        let delta = self.registry.counters().snapshot().since(&before);
+        let mut record = RoundRecord {
+            run_id: self.run_id.clone(),
+            round,
+            status,
+            error,
+            accuracy: shown.and_then(|e| e.metrics.get("accuracy").copied()),
+            loss: shown.map(|e| e.loss),
+            sampled: instructions.len(),
+            succeeded: results.len(),
+            failed: failures.len(),
+            failures_by_reason,
+            train_loss: train_metrics.get("loss").copied(),
+            train_metrics,
+            federated_loss: federated.as_ref().map(|e| e.loss),
+            federated_metrics: federated.map(|e| e.metrics).unwrap_or_default(),
+            seconds: 0.0,
+            fit_seconds,
+            aggregate_seconds,
+            evaluate_seconds,
+            bytes_sent: 0,
+            bytes_received: 0,
+            late_replies: 0,
+            rejected_updates: 0,
+            participants: results.iter().map(|r| r.client_id.clone()).collect(),
+            failures: failures
+                .iter()
+                .map(|f| FailureRecord {
+                    client: f.client_id.clone(),
+                    reason: f.reason.as_str().into(),
+                    message: f.message.clone(),
+                })
+                .collect(),
+            finished_at: chrono::Utc::now().to_rfc3339(),
+        }
+        .with_counters(&delta);
+        if let Some(run) = self.run.clone() {
+            let model = (record.status == RoundStatus::Ok).then(|| global.clone());
+            let rec = record.clone();
+            tokio::task::spawn_blocking(move || run.record_round(&rec, model.as_deref()))
+                .await?
+                .map_err(|source| DriverError::Record { round, source })?;
+        }
+        record.seconds = started.elapsed().as_secs_f64();
+        Ok(record)
+    }
+
+    /// The fit phase: fan out, fold replies as they arrive, cut off at the deadline.
+    async fn fit(
+        &mut self,
+        round: u64,
+        global: &Arc<Parameters>,
+        specs: &Arc<Vec<TensorSpec>>,
+        instructions: Vec<Instruction>,
+    ) -> Result<
+        (
+            Vec<FitSummary>,
+            Vec<ClientFailure>,
+            Box<dyn crate::strategy::FitAggregator>,
+        ),
+        DriverError,
+    > {
+        let params = global.clone();
+        // Encoded once per round; every instruction shares these bytes.
+        let blob: EncodedBlob = tokio::task::spawn_blocking(move || params.encode()).await?;
+        let weights = blob.to_inline();
+        let deadline = tokio::time::Instant::now() + self.config.round_timeout;
+        let deadline_unix_ms = unix_ms(SystemTime::now() + self.config.round_timeout);
+
+        let mut failures = Vec::new();
+        let mut tasks = JoinSet::new();
+        for ins in instructions {
+            let Instruction { client_id, config } = ins;
+            let weights = weights.clone();
+            let sent = self
+                .registry
+                .request(&client_id, round, move |request_id| ServerMessage {
+                    msg: Some(ServerMsg::Fit(FitIns {
+                        request_id,
+                        round,
+                        weights: Some(weights),
+                        config,
+                        deadline_unix_ms,
+                    })),
+                })
+                .await;
+            match sent {
+                Ok((request_id, rx)) => {
+                    Counters::add(&self.registry.counters().bytes_sent, blob.bytes.len() as u64);
+                    tasks.spawn(await_fit(
+                        self.registry.clone(),
+                        client_id,
+                        round,
+                        request_id,
+                        rx,
+                        deadline,
+                        specs.clone(),
+                    ));
+                }
+                Err(e) => failures.push(failure(
+                    &client_id,
+                    FailureReason::Disconnected,
+                    e.to_string(),
+                )),
+            }
+        }
+
+        let strategy = self.strategy.clone();
+        let g = global.clone();
+        let mut aggregator =
+            tokio::task::spawn_blocking(move || lock(&strategy).fit_aggregator(round, &g)).await?;
+        let mut results = Vec::new();
+        while let Some(joined) = tasks.join_next().await {
+            match joined? {
+                FitOutcome::Failed(f) => failures.push(f),
+                FitOutcome::Update {
+                    client_id,
+                    parameters,
+                    num_examples,
+                    metrics,
+                    bytes,
+                } => {
+                    Counters::add(&self.registry.counters().bytes_received, bytes);
+                    let (agg, folded) = tokio::task::spawn_blocking(move || {
+                        let r = aggregator.fold(&parameters, num_examples);
+                        (aggregator, r)
+                    })
+                    .await?;
+                    aggregator = agg;
+                    match folded {
+                        Ok(()) => results.push(FitSummary {
+                            client_id,
+                            num_examples,
+                            metrics,
+                        }),
+                        Err(e) => {
+                            Counters::bump(&self.registry.counters().updates_rejected);
+                            let message = format!("client {client_id}, round {round}: {e}");
+                            tracing::warn!("update rejected: {message}");
+                            failures.push(failure(&client_id, FailureReason::Rejected, message));
+                        }
+                    }
+                }
+            }
+        }
+        Ok((results, failures, aggregator))
+    }
+
+    /// Federated evaluation, when the strategy asks for it.
+    async fn federated_evaluate(
+        &mut self,
+        round: u64,
+        global: &Arc<Parameters>,
+    ) -> Result<Option<Evaluation>, DriverError> {
+        let available = self.registry.available();
+        let instructions = lock(&self.strategy).configure_evaluate(round, &available, &mut self.rng);
+        if instructions.is_empty() {
+            return Ok(None);
+        }
+        let params = global.clone();
+        let blob = tokio::task::spawn_blocking(move || params.encode()).await?;
+        let weights: Weights = blob.to_inline();
+        let deadline = tokio::time::Instant::now() + self.config.round_timeout;
+        let deadline_unix_ms = unix_ms(SystemTime::now() + self.config.round_timeout);
+        let mut tasks = JoinSet::new();
+        let mut failures = Vec::new();
+        for Instruction { client_id, config } in instructions {
+            let weights = weights.clone();
+            let sent = self
+                .registry
+                .request(&client_id, round, move |request_id| ServerMessage {
+                    msg: Some(ServerMsg::Evaluate(EvaluateIns {
+                        request_id,
+                        round,
+                        weights: Some(weights),
+                        config,
+                        deadline_unix_ms,
+                    })),
+                })
+                .await;
+            match sent {
+                Ok((request_id, rx)) => {
+                    let registry = self.registry.clone();
+                    tasks.spawn(async move {
+                        match await_reply(&registry, request_id, rx, deadline).await {
+                            Err((reason, message)) => Err(failure(&client_id, reason, message)),
+                            Ok(Reply::Evaluate(r)) if r.loss.is_finite() => Ok(EvaluateSummary {
+                                client_id,
+                                loss: r.loss,
+                                num_examples: r.num_examples,
+                                metrics: numeric(&r.metrics),
+                            }),
+                            Ok(Reply::Evaluate(r)) => Err(failure(
+                                &client_id,
+                                FailureReason::Rejected,
+                                format!("evaluation loss {} is not finite", r.loss),
+                            )),
+                            Ok(other) => Err(unexpected(&client_id, other)),
+                        }
+                    });
+                }
+                Err(e) => failures.push(failure(&client_id, FailureReason::Disconnected, e.to_string())),
+            }
+        }
+        let mut results = Vec::new();
+        while let Some(joined) = tasks.join_next().await {
+            match joined? {
+                Ok(r) => results.push(r),
+                Err(f) => failures.push(f),
+            }
+        }
+        Ok(lock(&self.strategy).aggregate_evaluate(round, &results, &failures))
+    }
+}
+
+fn unexpected(client_id: &str, reply: Reply) -> ClientFailure {
+    match reply {
+        Reply::Failure(f) => failure(
+            client_id,
+            FailureReason::ClientError,
+            format!(
+                "{:?}: {}",
+                FailureCode::try_from(f.code).unwrap_or(FailureCode::Unspecified),
+                f.message
+            ),
+        ),
+        other => failure(
+            client_id,
+            FailureReason::ProtocolError,
+            format!("unexpected reply {other:?}"),
+        ),
+    }
+}
+
+/// Waits for one reply until the deadline; on timeout the request is closed (so a later reply
+/// counts as late) and the client is told to cancel.
+async fn await_reply(
+    registry: &Registry,
+    request_id: u64,
+    rx: oneshot::Receiver<Reply>,
+    deadline: tokio::time::Instant,
+) -> Result<Reply, (FailureReason, String)> {
+    match tokio::time::timeout_at(deadline, rx).await {
+        Ok(Ok(reply)) => Ok(reply),
+        Ok(Err(_)) => Err((
+            FailureReason::Disconnected,
+            "client disconnected before answering".into(),
+        )),
+        Err(_) => {
+            registry.time_out(request_id);
+            Err((FailureReason::Timeout, "no answer before the round deadline".into()))
+        }
+    }
+}
+
+async fn await_fit(
+    registry: Arc<Registry>,
+    client_id: String,
+    round: u64,
+    request_id: u64,
+    rx: oneshot::Receiver<Reply>,
+    deadline: tokio::time::Instant,
+    specs: Arc<Vec<TensorSpec>>,
+) -> FitOutcome {
+    let reply = match await_reply(&registry, request_id, rx, deadline).await {
+        Ok(r) => r,
+        Err((reason, message)) => return FitOutcome::Failed(failure(&client_id, reason, message)),
+    };
+    let res = match reply {
+        Reply::Fit(res) => res,
+        other => return FitOutcome::Failed(unexpected(&client_id, other)),
+    };
+    let reject = |message: String| {
+        Counters::bump(&registry.counters().updates_rejected);
+        let message = format!("client {client_id}, round {round}: {message}");
+        tracing::warn!("update rejected: {message}");
+        FitOutcome::Failed(failure(&client_id, FailureReason::Rejected, message))
+    };
+    if res.round != round {
+        return reject(format!("reply names round {}", res.round));
+    }
+    if res.num_examples == 0 {
+        return reject("num_examples is 0".into());
+    }
+    let Some(weights) = res.weights else {
+        return reject("fit result carries no weights".into());
+    };
+    let bytes = match &weights.body {
+        Some(pollen_proto::fleet::weights::Body::Inline(b)) => b.data.len() as u64,
+        _ => 0,
+    };
+    // Digest, decoding and NaN checks touch every byte: keep them off the async threads.
+    let decoded =
+        tokio::task::spawn_blocking(move || Parameters::from_wire(&weights, Some(&specs))).await;
+    match decoded {
+        Ok(Ok(parameters)) => FitOutcome::Update {
+            client_id: client_id.clone(),
+            parameters,
+            num_examples: res.num_examples,
+            metrics: numeric(&res.metrics),
+            bytes,
+        },
+        Ok(Err(e)) => reject(e.to_string()),
+        Err(e) => reject(format!("decoding task failed: {e}")),
+    }
+}

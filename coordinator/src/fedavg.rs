@@ -1,0 +1,538 @@
+//! FedAvg (McMahan et al., 2017): the new global model is the average of the clients' models,
+//! weighted by their number of training examples.
+
+use std::collections::BTreeMap;
+
+use pollen_proto::{NamedTensor, Parameters, scalar, scalar::ScalarMap};
+use rand::{RngCore, seq::index::sample};
+use rayon::prelude::*;
+
+use crate::strategy::{
+    ClientFailure, ClientInfo, EvaluateSummary, Evaluation, FitAggregator, FitSummary,
+    Instruction, Strategy, StrategyError,
+};
+
+/// Server-side evaluation of a global model (Flower's `evaluate_fn`).
+pub type EvaluateFn = Box<dyn FnMut(u64, &Parameters) -> Option<Evaluation> + Send>;
+
+/// FedAvg's knobs, with Flower's names and meanings.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FedAvgConfig {
+    /// Fraction of available clients sampled for training each round.
+    pub fraction_fit: f64,
+    /// Fraction of available clients sampled for federated evaluation (0 disables it).
+    pub fraction_evaluate: f64,
+    /// Never sample fewer than this many clients for training; also the round's quorum.
+    pub min_fit_clients: usize,
+    /// Never sample fewer than this many clients for federated evaluation.
+    pub min_evaluate_clients: usize,
+    /// Do not start a round with fewer clients connected than this.
+    pub min_available_clients: usize,
+    /// When false, any failure in a round fails the round.
+    pub accept_failures: bool,
+}
+
+impl Default for FedAvgConfig {
+    fn default() -> Self {
+        Self {
+            fraction_fit: 0.1,
+            fraction_evaluate: 0.0,
+            min_fit_clients: 2,
+            min_evaluate_clients: 2,
+            min_available_clients: 2,
+            accept_failures: true,
+        }
+    }
+}
+
+impl FedAvgConfig {
+    /// Checks ranges; the message names the field and the allowed values.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.fraction_fit > 0.0 && self.fraction_fit <= 1.0) {
+            return Err(format!(
+                "strategy.fraction_fit = {} must be in (0, 1]",
+                self.fraction_fit
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.fraction_evaluate) {
+            return Err(format!(
+                "strategy.fraction_evaluate = {} must be in [0, 1]",
+                self.fraction_evaluate
+            ));
+        }
+        if self.min_fit_clients == 0 {
+            return Err("strategy.min_fit_clients must be at least 1".into());
+        }
+        if self.min_available_clients < self.min_fit_clients {
+            return Err(format!(
+                "strategy.min_available_clients = {} is below min_fit_clients = {}",
+                self.min_available_clients, self.min_fit_clients
+            ));
+        }
+        Ok(())
+    }
+
+    /// Flower's arithmetic: `max(floor(available * fraction_fit), min_fit_clients)`, capped at
+    /// the number available; 0 when fewer than `min_available_clients` are connected.
+    pub fn num_fit_clients(&self, available: usize) -> usize {
+        sample_size(
+            available,
+            self.fraction_fit,
+            self.min_fit_clients,
+            self.min_available_clients,
+        )
+    }
+
+    /// Same arithmetic for federated evaluation; 0 when `fraction_evaluate` is 0.
+    pub fn num_evaluate_clients(&self, available: usize) -> usize {
+        if self.fraction_evaluate == 0.0 {
+            return 0;
+        }
+        sample_size(
+            available,
+            self.fraction_evaluate,
+            self.min_evaluate_clients,
+            self.min_available_clients,
+        )
+    }
+}
+
+fn sample_size(available: usize, fraction: f64, min: usize, min_available: usize) -> usize {
+    if available < min_available.max(1) {
+        return 0;
+    }
+    let n = ((available as f64) * fraction).floor() as usize;
+    n.max(min).min(available)
+}
+
+/// Federated averaging weighted by `num_examples`.
+pub struct FedAvg {
+    config: FedAvgConfig,
+    initial: Option<Parameters>,
+    fit_config: ScalarMap,
+    evaluate_config: ScalarMap,
+    evaluate_fn: Option<EvaluateFn>,
+}
+
+impl FedAvg {
+    pub fn new(config: FedAvgConfig) -> Self {
+        Self {
+            config,
+            initial: None,
+            fit_config: ScalarMap::new(),
+            evaluate_config: ScalarMap::new(),
+            evaluate_fn: None,
+        }
+    }
+
+    /// The initial global model; without it the driver asks a client.
+    pub fn with_initial_parameters(mut self, parameters: Parameters) -> Self {
+        self.initial = Some(parameters);
+        self
+    }
+
+    /// Config sent with every fit instruction (the driver adds `round`).
+    pub fn with_fit_config(mut self, config: ScalarMap) -> Self {
+        self.fit_config = config;
+        self
+    }
+
+    pub fn with_evaluate_config(mut self, config: ScalarMap) -> Self {
+        self.evaluate_config = config;
+        self
+    }
+
+    pub fn with_evaluate_fn(mut self, f: EvaluateFn) -> Self {
+        self.evaluate_fn = Some(f);
+        self
+    }
+
+    pub fn config(&self) -> &FedAvgConfig {
+        &self.config
+    }
+
+    fn instructions(
+        n: usize,
+        round: u64,
+        available: &[ClientInfo],
+        base: &ScalarMap,
+        rng: &mut dyn RngCore,
+    ) -> Vec<Instruction> {
+        if n == 0 {
+            return Vec::new();
+        }
+        let mut config = base.clone();
+        config.insert("round".into(), scalar::int(round as i64));
+        let mut picked: Vec<usize> = sample(rng, available.len(), n).into_vec();
+        // Sorted so that the same seed and the same fleet give the same order on every run.
+        picked.sort_unstable();
+        picked
+            .into_iter()
+            .map(|i| Instruction {
+                client_id: available[i].id.clone(),
+                config: config.clone(),
+            })
+            .collect()
+    }
+}
+
+impl Strategy for FedAvg {
+    fn initialize_parameters(&mut self) -> Option<Parameters> {
+        self.initial.take()
+    }
+
+    fn min_available_clients(&self) -> usize {
+        self.config.min_available_clients
+    }
+
+    fn configure_fit(
+        &mut self,
+        round: u64,
+        available: &[ClientInfo],
+        rng: &mut dyn RngCore,
+    ) -> Vec<Instruction> {
+        let n = self.config.num_fit_clients(available.len());
+        Self::instructions(n, round, available, &self.fit_config, rng)
+    }
+
+    fn fit_aggregator(&mut self, _round: u64, global: &Parameters) -> Box<dyn FitAggregator> {
+        Box::new(WeightedSum::shaped_like(global))
+    }
+
+    fn aggregate_fit(
+        &mut self,
+        round: u64,
+        aggregator: Box<dyn FitAggregator>,
+        results: &[FitSummary],
+        failures: &[ClientFailure],
+    ) -> Result<(Option<Parameters>, BTreeMap<String, f64>), StrategyError> {
+        if !self.config.accept_failures && !failures.is_empty() {
+            return Err(StrategyError::FailuresNotAccepted {
+                round,
+                failures: failures.len(),
+            });
+        }
+        if results.len() < self.config.min_fit_clients {
+            return Err(StrategyError::Quorum {
+                round,
+                got: results.len(),
+                min: self.config.min_fit_clients,
+            });
+        }
+        let metrics = weighted_metrics(results.iter().map(|r| (r.num_examples, &r.metrics)));
+        Ok((aggregator.finish(), metrics))
+    }
+
+    fn configure_evaluate(
+        &mut self,
+        round: u64,
+        available: &[ClientInfo],
+        rng: &mut dyn RngCore,
+    ) -> Vec<Instruction> {
+        let n = self.config.num_evaluate_clients(available.len());
+        Self::instructions(n, round, available, &self.evaluate_config, rng)
+    }
+
+    fn aggregate_evaluate(
+        &mut self,
+        _round: u64,
+        results: &[EvaluateSummary],
+        failures: &[ClientFailure],
+    ) -> Option<Evaluation> {
+        if results.is_empty() || (!self.config.accept_failures && !failures.is_empty()) {
+            return None;
+        }
+        let total: u64 = results.iter().map(|r| r.num_examples).sum();
+        if total == 0 {
+            return None;
+        }
+        let loss = results
+            .iter()
+            .map(|r| r.loss * r.num_examples as f64)
+            .sum::<f64>()
+            / total as f64;
+        let metrics = weighted_metrics(results.iter().map(|r| (r.num_examples, &r.metrics)));
+        Some(Evaluation { loss, metrics })
+    }
+
+    fn evaluate(&mut self, round: u64, parameters: &Parameters) -> Option<Evaluation> {
+        self.evaluate_fn.as_mut().and_then(|f| f(round, parameters))
+    }
+}
+
+/// Example-weighted mean of every metric key (a key missing at a client is left out for it).
+pub fn weighted_metrics<'a>(
+    items: impl Iterator<Item = (u64, &'a BTreeMap<String, f64>)>,
+) -> BTreeMap<String, f64> {
+    let mut sums: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+    for (n, metrics) in items {
+        for (k, v) in metrics {
+            let e = sums.entry(k.clone()).or_default();
+            e.0 += v * n as f64;
+            e.1 += n as f64;
+        }
+    }
+    sums.into_iter()
+        .filter(|(_, (_, w))| *w > 0.0)
+        .map(|(k, (s, w))| (k, s / w))
+        .collect()
+}
+
+/// Below this many values a tensor is folded on the calling thread: splitting small tensors
+/// across rayon's workers costs more than it saves.
+const PARALLEL_MIN_LEN: usize = 1 << 16;
+const CHUNK: usize = 1 << 14;
+
+/// A running sum of `num_examples`-weighted updates: O(model) memory.
+pub struct WeightedSum {
+    names: Vec<String>,
+    shapes: Vec<Vec<usize>>,
+    sums: Vec<Vec<f32>>,
+    total_weight: f64,
+    count: usize,
+}
+
+impl WeightedSum {
+    pub fn shaped_like(template: &Parameters) -> Self {
+        Self {
+            names: template.tensors.iter().map(|t| t.name.clone()).collect(),
+            shapes: template.tensors.iter().map(|t| t.shape.clone()).collect(),
+            sums: template
+                .tensors
+                .iter()
+                .map(|t| vec![0.0; t.data.len()])
+                .collect(),
+            total_weight: 0.0,
+            count: 0,
+        }
+    }
+}
+
+impl FitAggregator for WeightedSum {
+    fn fold(&mut self, update: &Parameters, num_examples: u64) -> Result<(), String> {
+        // Check everything before touching the sum, so a bad update leaves it as it was.
+        if update.tensors.len() != self.names.len() {
+            return Err(format!(
+                "update has {} tensors, the model has {}",
+                update.tensors.len(),
+                self.names.len()
+            ));
+        }
+        for ((t, name), shape) in update.tensors.iter().zip(&self.names).zip(&self.shapes) {
+            if &t.name != name || &t.shape != shape {
+                return Err(format!(
+                    "update tensor {:?} {:?} does not match model tensor {:?} {:?}",
+                    t.name, t.shape, name, shape
+                ));
+            }
+        }
+        let w = num_examples as f32;
+        for (sum, t) in self.sums.iter_mut().zip(&update.tensors) {
+            axpy(sum, w, &t.data);
+        }
+        self.total_weight += num_examples as f64;
+        self.count += 1;
+        Ok(())
+    }
+
+    fn count(&self) -> usize {
+        self.count
+    }
+
+    fn finish(self: Box<Self>) -> Option<Parameters> {
+        if self.count == 0 || self.total_weight <= 0.0 {
+            return None;
+        }
+        let inv = (1.0 / self.total_weight) as f32;
+        let tensors = self
+            .names
+            .into_iter()
+            .zip(self.shapes)
+            .zip(self.sums)
+            .map(|((name, shape), mut data)| {
+                scale(&mut data, inv);
+                NamedTensor { name, shape, data }
+            })
+            .collect();
+        Some(Parameters { tensors })
+    }
+}
+
+/// `y += a * x`, in parallel for large tensors.
+fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    if y.len() >= PARALLEL_MIN_LEN {
+        y.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK))
+            .for_each(|(y, x)| y.iter_mut().zip(x).for_each(|(y, x)| *y += a * x));
+    } else {
+        y.iter_mut().zip(x).for_each(|(y, x)| *y += a * x);
+    }
+}
+
+fn scale(y: &mut [f32], a: f32) {
+    if y.len() >= PARALLEL_MIN_LEN {
+        y.par_chunks_mut(CHUNK)
+            .for_each(|y| y.iter_mut().for_each(|v| *v *= a));
+    } else {
+        y.iter_mut().for_each(|v| *v *= a);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+
+    fn params(a: f32, b: [f32; 2]) -> Parameters {
+        Parameters::new(vec![
+            NamedTensor::new("a", vec![1], vec![a]),
+            NamedTensor::new("b", vec![2], b.to_vec()),
+        ])
+        .expect("valid")
+    }
+
+    fn clients(n: usize) -> Vec<ClientInfo> {
+        (0..n)
+            .map(|i| ClientInfo {
+                id: format!("c{i:02}"),
+                num_examples: 10,
+                agent_version: "test".into(),
+                properties: Default::default(),
+            })
+            .collect()
+    }
+
+    fn summary(id: &str, n: u64, loss: f64) -> FitSummary {
+        FitSummary {
+            client_id: id.into(),
+            num_examples: n,
+            metrics: [("loss".to_string(), loss)].into(),
+        }
+    }
+
+    #[test]
+    fn fedavg_equals_a_hand_computed_weighted_average() {
+        let mut s = FedAvg::new(FedAvgConfig::default());
+        let mut agg = s.fit_aggregator(1, &params(0.0, [0.0, 0.0]));
+        agg.fold(&params(1.0, [2.0, -4.0]), 10).expect("fold");
+        agg.fold(&params(4.0, [8.0, 2.0]), 30).expect("fold");
+        agg.fold(&params(-2.0, [0.0, 1.0]), 60).expect("fold");
+        let results = [summary("x", 10, 1.0), summary("y", 30, 2.0), summary("z", 60, 0.5)];
+        let (p, metrics) = s.aggregate_fit(1, agg, &results, &[]).expect("aggregates");
+        let p = p.expect("parameters");
+        // a: (10*1 + 30*4 + 60*-2) / 100 = 0.1
+        // b0: (10*2 + 30*8 + 0) / 100 = 2.6 ; b1: (10*-4 + 30*2 + 60*1) / 100 = 0.8
+        assert!((p.tensors[0].data[0] - 0.1).abs() < 1e-6);
+        assert!((p.tensors[1].data[0] - 2.6).abs() < 1e-6);
+        assert!((p.tensors[1].data[1] - 0.8).abs() < 1e-6);
+        // loss: (10*1 + 30*2 + 60*0.5) / 100 = 1.0
+        assert!((metrics["loss"] - 1.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn parallel_fold_matches_the_serial_sum_for_large_tensors() {
+        let n = PARALLEL_MIN_LEN * 3 + 17;
+        let t = |v: f32| {
+            Parameters::new(vec![NamedTensor::new("w", vec![n], vec![v; n])]).expect("valid")
+        };
+        let mut agg = WeightedSum::shaped_like(&t(0.0));
+        agg.fold(&t(1.0), 1).expect("fold");
+        agg.fold(&t(3.0), 3).expect("fold");
+        let out = Box::new(agg).finish().expect("parameters");
+        assert!(out.tensors[0].data.iter().all(|v| (v - 2.5).abs() < 1e-6));
+    }
+
+    #[test]
+    fn a_mismatched_update_leaves_the_sum_untouched() {
+        let mut agg = WeightedSum::shaped_like(&params(0.0, [0.0, 0.0]));
+        agg.fold(&params(2.0, [2.0, 2.0]), 1).expect("fold");
+        let wrong = Parameters::new(vec![
+            NamedTensor::new("a", vec![1], vec![100.0]),
+            NamedTensor::new("b", vec![1, 2], vec![100.0, 100.0]),
+        ])
+        .expect("valid");
+        assert!(agg.fold(&wrong, 1).is_err());
+        assert_eq!(agg.count(), 1);
+        let out = Box::new(agg).finish().expect("parameters");
+        assert_eq!(out, params(2.0, [2.0, 2.0]));
+    }
+
+    #[test]
+    fn sampling_follows_flowers_arithmetic() {
+        let c = FedAvgConfig::default(); // fraction 0.1, min_fit 2, min_available 2
+        assert_eq!(c.num_fit_clients(19), 2); // floor(1.9) = 1 -> raised to min 2
+        assert_eq!(c.num_fit_clients(100), 10);
+        assert_eq!(c.num_fit_clients(1000), 100);
+        assert_eq!(c.num_fit_clients(1), 0); // below min_available_clients
+        let c = FedAvgConfig {
+            fraction_fit: 1.0,
+            min_fit_clients: 5,
+            min_available_clients: 5,
+            ..Default::default()
+        };
+        assert_eq!(c.num_fit_clients(4), 0);
+        assert_eq!(c.num_fit_clients(7), 7);
+        assert_eq!(FedAvgConfig::default().num_evaluate_clients(100), 0);
+    }
+
+    #[test]
+    fn configure_fit_samples_distinct_clients_reproducibly_and_adds_the_round() {
+        let mut s = FedAvg::new(FedAvgConfig::default())
+            .with_fit_config([("lr".to_string(), scalar::f64(0.1))].into());
+        let fleet = clients(19);
+        let pick = |s: &mut FedAvg| {
+            let mut rng = ChaCha8Rng::seed_from_u64(7);
+            s.configure_fit(3, &fleet, &mut rng)
+        };
+        let a = pick(&mut s);
+        let b = pick(&mut s);
+        assert_eq!(a, b);
+        assert_eq!(a.len(), 2);
+        assert_ne!(a[0].client_id, a[1].client_id);
+        assert_eq!(scalar::as_i64(&a[0].config["round"]), Some(3));
+        assert_eq!(scalar::as_f64(&a[0].config["lr"]), Some(0.1));
+    }
+
+    #[test]
+    fn quorum_and_accept_failures_decide_whether_a_round_succeeds() {
+        let failure = ClientFailure {
+            client_id: "c9".into(),
+            reason: crate::strategy::FailureReason::Timeout,
+            message: "no answer".into(),
+        };
+        let mut s = FedAvg::new(FedAvgConfig::default());
+        let agg = s.fit_aggregator(1, &params(0.0, [0.0, 0.0]));
+        let err = s
+            .aggregate_fit(1, agg, &[summary("x", 1, 0.0)], &[])
+            .expect_err("below quorum");
+        assert_eq!(err, StrategyError::Quorum { round: 1, got: 1, min: 2 });
+
+        let mut strict = FedAvg::new(FedAvgConfig {
+            accept_failures: false,
+            ..Default::default()
+        });
+        let agg = strict.fit_aggregator(1, &params(0.0, [0.0, 0.0]));
+        let results = [summary("x", 1, 0.0), summary("y", 1, 0.0)];
+        let err = strict
+            .aggregate_fit(1, agg, &results, std::slice::from_ref(&failure))
+            .expect_err("failures not accepted");
+        assert!(matches!(err, StrategyError::FailuresNotAccepted { .. }));
+    }
+
+    #[test]
+    fn bad_configs_are_refused_with_the_field_named() {
+        let bad = FedAvgConfig {
+            fraction_fit: 0.0,
+            ..Default::default()
+        };
+        assert!(bad.validate().unwrap_err().contains("fraction_fit"));
+        let bad = FedAvgConfig {
+            min_available_clients: 1,
+            min_fit_clients: 3,
+            ..Default::default()
+        };
+        assert!(bad.validate().unwrap_err().contains("min_available_clients"));
+    }
+}

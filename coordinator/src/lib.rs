@@ -1,0 +1,32 @@
+//! pollen-coordinator: the federated-learning server.
+//!
+//! It aggregates named f32 tensors and never needs the model's code: a [`Strategy`] decides
+//! who trains and how updates combine, the [`RoundDriver`] runs rounds over the clients the
+//! gRPC [`FleetService`] has registered, and [`records`] keeps every run reproducible.
+//!
+//! # Layout
+//! - [`strategy`]: the `Strategy` contract (Flower's vocabulary) and its data types.
+//! - [`fedavg`]: FedAvg with streaming, example-weighted aggregation and Flower's sampling.
+//! - [`registry`]: connected clients and open requests (dedupe, late replies).
+//! - [`service`]: the tonic `Fleet` service.
+//! - [`driver`]: the round driver (fan-out, deadlines, folding, evaluation, records).
+//! - [`records`]: run directories, `metrics.jsonl`, checkpoints, the SQLite run database.
+//! - [`counters`]: what was rejected, dropped, sent and received.
+//! - [`server`]: binds the service to a listener and wires shutdown.
+
+pub mod counters;
+pub mod driver;
+pub mod fedavg;
+pub mod records;
+pub mod registry;
+pub mod server;
+pub mod service;
+pub mod strategy;
+
+pub use counters::Counters;
+pub use driver::{DriverConfig, DriverError, RoundDriver, RunSummary};
+pub use fedavg::{FedAvg, FedAvgConfig};
+pub use records::{RoundRecord, RunStore};
+pub use registry::Registry;
+pub use service::FleetService;
+pub use strategy::Strategy;

@@ -1,0 +1,357 @@
+//! The weight-blob format: a safetensors file of named little-endian f32 tensors, identified by
+//! its SHA-256.
+//!
+//! Every component exchanges weights as [`Parameters`]: an ordered list of named f32 tensors in
+//! PyTorch layout (`Linear` weights are `[out, in]`), so a blob written by Pollen loads with
+//! `safetensors.torch.load_file` and vice versa. Decoding checks, in this order, the digest, the
+//! container, the dtype, the names and shapes against what the receiver expects, and that every
+//! value is finite, and names the tensor at fault when one check fails.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+use sha2::{Digest, Sha256};
+
+use crate::fleet::{Codec, InlineBlob, Weights, weights::Body};
+
+/// Name and shape of one tensor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+}
+
+/// One named f32 tensor, row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NamedTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+/// A model's weights, independent of any framework: tensors sorted by name.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Parameters {
+    pub tensors: Vec<NamedTensor>,
+}
+
+/// Why a blob could not be used.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum BlobError {
+    #[error("digest mismatch: expected sha256 {expected}, got {actual}")]
+    DigestMismatch { expected: String, actual: String },
+    #[error("unsupported codec {0:?}; this build reads CODEC_SAFETENSORS_F32")]
+    UnsupportedCodec(i32),
+    #[error("not a valid safetensors blob: {0}")]
+    Malformed(String),
+    #[error("tensor {tensor:?} has dtype {dtype}, expected F32")]
+    Dtype { tensor: String, dtype: String },
+    #[error("tensor {tensor:?} has shape {actual:?}, expected {expected:?}")]
+    Shape {
+        tensor: String,
+        expected: Vec<usize>,
+        actual: Vec<usize>,
+    },
+    #[error("tensor {tensor:?} is missing")]
+    Missing { tensor: String },
+    #[error("tensor {tensor:?} is not part of the model")]
+    Unexpected { tensor: String },
+    #[error("tensor {tensor:?} holds a non-finite value ({value}) at flat index {index}")]
+    NonFinite {
+        tensor: String,
+        index: usize,
+        value: f32,
+    },
+    #[error("tensor {tensor:?}: shape {shape:?} needs {expected} values, data has {actual}")]
+    Length {
+        tensor: String,
+        shape: Vec<usize>,
+        expected: usize,
+        actual: usize,
+    },
+    #[error("weights message has no body")]
+    Empty,
+    #[error("weights by reference ({location}) need a blob store, and none is configured here")]
+    NoStore { location: String },
+}
+
+/// Lower-case hex SHA-256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// An encoded blob and its digest, cheap to clone (the bytes are shared).
+#[derive(Debug, Clone)]
+pub struct EncodedBlob {
+    pub bytes: Bytes,
+    pub sha256: String,
+}
+
+impl EncodedBlob {
+    /// The blob as inline wire weights.
+    pub fn to_inline(&self) -> Weights {
+        Weights {
+            body: Some(Body::Inline(InlineBlob {
+                data: self.bytes.clone(),
+                sha256: self.sha256.clone(),
+                codec: Codec::SafetensorsF32 as i32,
+            })),
+        }
+    }
+}
+
+impl NamedTensor {
+    pub fn new(name: impl Into<String>, shape: Vec<usize>, data: Vec<f32>) -> Self {
+        Self {
+            name: name.into(),
+            shape,
+            data,
+        }
+    }
+
+    pub fn spec(&self) -> TensorSpec {
+        TensorSpec {
+            name: self.name.clone(),
+            shape: self.shape.clone(),
+        }
+    }
+}
+
+impl Parameters {
+    /// Builds parameters, sorting tensors by name so that two equal models compare equal and
+    /// encode to the same bytes. Fails if a tensor's data does not fill its shape.
+    pub fn new(mut tensors: Vec<NamedTensor>) -> Result<Self, BlobError> {
+        for t in &tensors {
+            let expected: usize = t.shape.iter().product();
+            if expected != t.data.len() {
+                return Err(BlobError::Length {
+                    tensor: t.name.clone(),
+                    shape: t.shape.clone(),
+                    expected,
+                    actual: t.data.len(),
+                });
+            }
+        }
+        tensors.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(Self { tensors })
+    }
+
+    /// Total number of scalar parameters.
+    pub fn num_params(&self) -> usize {
+        self.tensors.iter().map(|t| t.data.len()).sum()
+    }
+
+    pub fn specs(&self) -> Vec<TensorSpec> {
+        self.tensors.iter().map(NamedTensor::spec).collect()
+    }
+
+    pub fn get(&self, name: &str) -> Option<&NamedTensor> {
+        self.tensors.iter().find(|t| t.name == name)
+    }
+
+    /// Encodes as safetensors and hashes the result.
+    pub fn encode(&self) -> EncodedBlob {
+        let raw: Vec<Vec<u8>> = self
+            .tensors
+            .iter()
+            .map(|t| t.data.iter().flat_map(|v| v.to_le_bytes()).collect())
+            .collect();
+        let views = self.tensors.iter().zip(&raw).map(|(t, bytes)| {
+            let view = TensorView::new(Dtype::F32, t.shape.clone(), bytes)
+                .expect("length was checked in Parameters::new");
+            (t.name.clone(), view)
+        });
+        let bytes = safetensors::serialize(views, None)
+            .expect("serializing in-memory f32 tensors cannot fail");
+        let sha256 = sha256_hex(&bytes);
+        EncodedBlob {
+            bytes: Bytes::from(bytes),
+            sha256,
+        }
+    }
+
+    /// Decodes a safetensors blob of f32 tensors. `expected`, when given, must match the blob's
+    /// names and shapes exactly. Rejects NaN and infinities.
+    pub fn decode(bytes: &[u8], expected: Option<&[TensorSpec]>) -> Result<Self, BlobError> {
+        let st = SafeTensors::deserialize(bytes).map_err(|e| BlobError::Malformed(e.to_string()))?;
+        let mut by_name: HashMap<String, TensorView<'_>> = st.tensors().into_iter().collect();
+        let mut tensors = Vec::with_capacity(by_name.len());
+        let mut take = |name: &str,
+                        view: TensorView<'_>,
+                        want: Option<&[usize]>|
+         -> Result<(), BlobError> {
+            if view.dtype() != Dtype::F32 {
+                return Err(BlobError::Dtype {
+                    tensor: name.to_string(),
+                    dtype: format!("{:?}", view.dtype()),
+                });
+            }
+            if let Some(want) = want
+                && view.shape() != want
+            {
+                return Err(BlobError::Shape {
+                    tensor: name.to_string(),
+                    expected: want.to_vec(),
+                    actual: view.shape().to_vec(),
+                });
+            }
+            let data = f32s_checked(name, view.data())?;
+            tensors.push(NamedTensor::new(name, view.shape().to_vec(), data));
+            Ok(())
+        };
+        match expected {
+            Some(specs) => {
+                for spec in specs {
+                    let view = by_name.remove(&spec.name).ok_or_else(|| BlobError::Missing {
+                        tensor: spec.name.clone(),
+                    })?;
+                    take(&spec.name, view, Some(&spec.shape))?;
+                }
+                if let Some(extra) = by_name.keys().min() {
+                    return Err(BlobError::Unexpected {
+                        tensor: extra.clone(),
+                    });
+                }
+            }
+            None => {
+                let mut names: Vec<String> = by_name.keys().cloned().collect();
+                names.sort();
+                for name in names {
+                    let view = by_name.remove(&name).expect("name came from the map");
+                    take(&name, view, None)?;
+                }
+            }
+        }
+        Parameters::new(tensors)
+    }
+
+    /// Verifies wire weights (digest, codec) and decodes them. Only inline weights can be
+    /// resolved here; references need the blob store of whoever holds them.
+    pub fn from_wire(weights: &Weights, expected: Option<&[TensorSpec]>) -> Result<Self, BlobError> {
+        match weights.body.as_ref() {
+            None => Err(BlobError::Empty),
+            Some(Body::Reference(r)) => Err(BlobError::NoStore {
+                location: r.location.clone(),
+            }),
+            Some(Body::Inline(blob)) => {
+                verify(&blob.data, &blob.sha256, blob.codec)?;
+                Self::decode(&blob.data, expected)
+            }
+        }
+    }
+}
+
+/// Checks a blob's codec and digest.
+pub fn verify(bytes: &[u8], sha256: &str, codec: i32) -> Result<(), BlobError> {
+    if codec != Codec::SafetensorsF32 as i32 {
+        return Err(BlobError::UnsupportedCodec(codec));
+    }
+    let actual = sha256_hex(bytes);
+    if !actual.eq_ignore_ascii_case(sha256) {
+        return Err(BlobError::DigestMismatch {
+            expected: sha256.to_string(),
+            actual,
+        });
+    }
+    Ok(())
+}
+
+/// Little-endian bytes to f32s, refusing non-finite values. The source may be unaligned.
+fn f32s_checked(name: &str, bytes: &[u8]) -> Result<Vec<f32>, BlobError> {
+    let mut out = Vec::with_capacity(bytes.len() / 4);
+    for (index, chunk) in bytes.chunks_exact(4).enumerate() {
+        let value = f32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+        if !value.is_finite() {
+            return Err(BlobError::NonFinite {
+                tensor: name.to_string(),
+                index,
+                value,
+            });
+        }
+        out.push(value);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Parameters {
+        Parameters::new(vec![
+            NamedTensor::new("fc2.bias", vec![2], vec![0.5, -0.5]),
+            NamedTensor::new("fc1.weight", vec![2, 3], vec![1., 2., 3., 4., 5., 6.]),
+        ])
+        .expect("valid")
+    }
+
+    #[test]
+    fn encode_then_decode_returns_the_same_parameters() {
+        let p = sample();
+        let blob = p.encode();
+        assert_eq!(blob.sha256, sha256_hex(&blob.bytes));
+        let back = Parameters::from_wire(&blob.to_inline(), Some(&p.specs())).expect("decodes");
+        assert_eq!(back, p);
+        assert_eq!(back.tensors[0].name, "fc1.weight");
+        assert_eq!(p.num_params(), 8);
+    }
+
+    #[test]
+    fn a_tampered_blob_fails_its_digest() {
+        let blob = sample().encode();
+        let mut wire = blob.to_inline();
+        if let Some(Body::Inline(b)) = wire.body.as_mut() {
+            let mut data = b.data.to_vec();
+            let last = data.len() - 1;
+            data[last] ^= 1;
+            b.data = data.into();
+        }
+        let err = Parameters::from_wire(&wire, None).expect_err("tampered");
+        assert!(matches!(err, BlobError::DigestMismatch { .. }), "{err}");
+    }
+
+    #[test]
+    fn wrong_shapes_missing_and_extra_tensors_are_named() {
+        let p = sample();
+        let bytes = p.encode().bytes;
+        let mut specs = p.specs();
+        specs[0].shape = vec![3, 2];
+        let err = Parameters::decode(&bytes, Some(&specs)).expect_err("shape");
+        assert_eq!(
+            err.to_string(),
+            "tensor \"fc1.weight\" has shape [2, 3], expected [3, 2]"
+        );
+        let err = Parameters::decode(&bytes, Some(&p.specs()[..1])).expect_err("extra");
+        assert_eq!(err, BlobError::Unexpected { tensor: "fc2.bias".into() });
+        let mut more = p.specs();
+        more.push(TensorSpec {
+            name: "fc3.bias".into(),
+            shape: vec![1],
+        });
+        let err = Parameters::decode(&bytes, Some(&more)).expect_err("missing");
+        assert_eq!(err, BlobError::Missing { tensor: "fc3.bias".into() });
+    }
+
+    #[test]
+    fn nan_and_infinity_are_rejected_with_their_position() {
+        let mut p = sample();
+        p.tensors[1].data[1] = f32::NAN;
+        let err = Parameters::decode(&p.encode().bytes, None).expect_err("nan");
+        assert!(
+            matches!(&err, BlobError::NonFinite { tensor, index: 1, .. } if tensor == "fc2.bias"),
+            "{err}"
+        );
+        p.tensors[1].data[1] = f32::INFINITY;
+        assert!(Parameters::decode(&p.encode().bytes, None).is_err());
+    }
+
+    #[test]
+    fn garbage_is_not_a_blob() {
+        let err = Parameters::decode(b"definitely not safetensors", None).expect_err("garbage");
+        assert!(matches!(err, BlobError::Malformed(_)));
+        let err = Parameters::new(vec![NamedTensor::new("x", vec![2, 2], vec![1.0])])
+            .expect_err("short");
+        assert!(matches!(err, BlobError::Length { expected: 4, actual: 1, .. }));
+    }
+}

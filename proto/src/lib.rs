@@ -1,0 +1,56 @@
+//! pollen-proto: the contract between Pollen's coordinator, proxies and devices.
+//!
+//! Only types and codecs live here, no I/O policy: whoever sends or stores a blob decides how.
+//!
+//! # Layout
+//! - [`fleet`]: generated gRPC `Fleet` service and messages (coordinator <-> Fleet clients).
+//! - [`device`]: generated MQTT payloads (proxy <-> edge agent).
+//! - [`topics`]: the MQTT topic scheme.
+//! - [`blob`]: the weight-blob format (safetensors of named f32 tensors + SHA-256) and
+//!   [`blob::Parameters`], the model-agnostic weights every component exchanges.
+//! - [`scalar`]: conversions between wire [`fleet::Scalar`] maps and Rust values.
+//! - [`limits`]: message-size limits chosen deliberately (tonic defaults to 4 MiB).
+
+pub mod blob;
+pub mod scalar;
+pub mod topics;
+
+/// Generated code, nested as the protobuf packages are (`pollen.fleet.v1`, ...) so that
+/// cross-package references resolve.
+pub mod generated {
+    #![allow(clippy::all, missing_docs)]
+    pub mod pollen {
+        pub mod fleet {
+            pub mod v1 {
+                tonic::include_proto!("pollen.fleet.v1");
+            }
+        }
+        pub mod device {
+            pub mod v1 {
+                tonic::include_proto!("pollen.device.v1");
+            }
+        }
+    }
+}
+
+/// gRPC `Fleet` service and messages, from `proto/pollen/fleet.proto`.
+pub use generated::pollen::fleet::v1 as fleet;
+/// MQTT payloads, from `proto/pollen/device.proto`.
+pub use generated::pollen::device::v1 as device;
+
+/// Message-size limits shared by servers and clients.
+pub mod limits {
+    /// Largest gRPC message either side encodes or decodes: 64 MiB.
+    ///
+    /// Inline weights of the MNIST CNN are 6.65 MB; tonic's default (4 MiB) would cut them off.
+    /// 64 MiB leaves room for models an order of magnitude larger while still bounding what one
+    /// misbehaving peer can make the coordinator buffer. Larger models go by reference.
+    pub const MAX_GRPC_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+    /// Largest MQTT payload Pollen publishes. AWS IoT Core caps payloads at 128 KiB; Pollen's
+    /// commands and replies are a few hundred bytes, so 16 KiB is a generous ceiling that also
+    /// survives Mosquitto's `message_size_limit` settings seen in the field.
+    pub const MAX_MQTT_PAYLOAD_BYTES: usize = 16 * 1024;
+}
+
+pub use blob::{BlobError, NamedTensor, Parameters, TensorSpec};
