@@ -173,9 +173,16 @@ pub async fn run_client<C: Client>(
         };
         match msg {
             ServerMsg::Welcome(_) => {}
-            ServerMsg::Stop(stop) => return Ok(Exit::Stopped { reason: stop.reason }),
+            ServerMsg::Stop(stop) => {
+                return Ok(Exit::Stopped {
+                    reason: stop.reason,
+                });
+            }
             ServerMsg::Cancel(c) => {
-                cancelled.lock().unwrap_or_else(|e| e.into_inner()).insert(c.request_id);
+                cancelled
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(c.request_id);
             }
             work => {
                 let (client, tx, cancelled) = (client.clone(), tx.clone(), cancelled.clone());
@@ -194,7 +201,11 @@ pub async fn run_client<C: Client>(
                     let Ok(Some((request_id, reply))) = reply else {
                         return;
                     };
-                    if cancelled.lock().unwrap_or_else(|e| e.into_inner()).remove(&request_id) {
+                    if cancelled
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&request_id)
+                    {
                         tracing::debug!(request_id, "result of cancelled work dropped");
                         return;
                     }

@@ -1,6 +1,7 @@
 //! MNIST in the standard IDX format (optionally gzip-compressed), as published by LeCun et al.
 //!
-//! Images become f32 in [0, 1], row-major 28x28; labels are 0..=9.
+//! Images become f32 standardised with the training set's pixel mean and standard deviation
+//! (0.1307, 0.3081; the usual PyTorch MNIST transform), row-major 28x28; labels are 0..=9.
 
 use std::fs::File;
 use std::io::{BufReader, Read};
@@ -11,6 +12,9 @@ use flate2::read::GzDecoder;
 pub const IMAGE_SIDE: usize = 28;
 pub const IMAGE_PIXELS: usize = IMAGE_SIDE * IMAGE_SIDE;
 pub const NUM_CLASSES: usize = 10;
+/// Mean and standard deviation of MNIST training pixels scaled to [0, 1].
+pub const PIXEL_MEAN: f32 = 0.1307;
+pub const PIXEL_STD: f32 = 0.3081;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MnistError {
@@ -34,7 +38,7 @@ pub enum MnistError {
 /// A split of MNIST held in memory.
 #[derive(Debug, Clone)]
 pub struct MnistSplit {
-    /// `len * 784` pixels in [0, 1].
+    /// `len * 784` standardised pixels.
     pub images: Vec<f32>,
     pub labels: Vec<u8>,
 }
@@ -114,9 +118,16 @@ pub fn parse_images(path: &Path, b: &[u8]) -> Result<Vec<f32>, MnistError> {
         return Err(bad(format!("{} bytes is shorter than the header", b.len())));
     }
     if be_u32(b, 0) != 0x0803 {
-        return Err(bad(format!("magic {:#010x}, expected 0x00000803", be_u32(b, 0))));
+        return Err(bad(format!(
+            "magic {:#010x}, expected 0x00000803",
+            be_u32(b, 0)
+        )));
     }
-    let (n, rows, cols) = (be_u32(b, 4) as usize, be_u32(b, 8) as usize, be_u32(b, 12) as usize);
+    let (n, rows, cols) = (
+        be_u32(b, 4) as usize,
+        be_u32(b, 8) as usize,
+        be_u32(b, 12) as usize,
+    );
     if rows != IMAGE_SIDE || cols != IMAGE_SIDE {
         return Err(bad(format!("images are {rows}x{cols}, expected 28x28")));
     }
@@ -128,7 +139,10 @@ pub fn parse_images(path: &Path, b: &[u8]) -> Result<Vec<f32>, MnistError> {
             body.len()
         )));
     }
-    Ok(body.iter().map(|&p| p as f32 / 255.0).collect())
+    Ok(body
+        .iter()
+        .map(|&p| (p as f32 / 255.0 - PIXEL_MEAN) / PIXEL_STD)
+        .collect())
 }
 
 /// Parses an IDX1 label file: magic 0x00000801, count, then bytes.
@@ -142,15 +156,24 @@ pub fn parse_labels(path: &Path, b: &[u8]) -> Result<Vec<u8>, MnistError> {
         return Err(bad(format!("{} bytes is shorter than the header", b.len())));
     }
     if be_u32(b, 0) != 0x0801 {
-        return Err(bad(format!("magic {:#010x}, expected 0x00000801", be_u32(b, 0))));
+        return Err(bad(format!(
+            "magic {:#010x}, expected 0x00000801",
+            be_u32(b, 0)
+        )));
     }
     let n = be_u32(b, 4) as usize;
     let body = &b[8..];
     if body.len() != n {
-        return Err(bad(format!("header says {n} labels, file has {}", body.len())));
+        return Err(bad(format!(
+            "header says {n} labels, file has {}",
+            body.len()
+        )));
     }
     if let Some(pos) = body.iter().position(|&l| l as usize >= NUM_CLASSES) {
-        return Err(bad(format!("label {} at index {pos} is not a digit", body[pos])));
+        return Err(bad(format!(
+            "label {} at index {pos} is not a digit",
+            body[pos]
+        )));
     }
     Ok(body.to_vec())
 }
@@ -179,12 +202,17 @@ mod tests {
         let mut labels = vec![0, 0, 8, 1, 0, 0, 0, 2, 3, 9];
         assert_eq!(parse_labels(p, &labels).expect("valid"), vec![3, 9]);
         labels[9] = 10;
-        assert!(parse_labels(p, &labels).unwrap_err().to_string().contains("not a digit"));
+        assert!(
+            parse_labels(p, &labels)
+                .unwrap_err()
+                .to_string()
+                .contains("not a digit")
+        );
         let mut images = vec![0, 0, 8, 3, 0, 0, 0, 1, 0, 0, 0, 28, 0, 0, 0, 28];
         images.extend(std::iter::repeat_n(255u8, IMAGE_PIXELS));
         let px = parse_images(p, &images).expect("valid");
         assert_eq!(px.len(), IMAGE_PIXELS);
-        assert_eq!(px[0], 1.0);
+        assert!((px[0] - (1.0 - PIXEL_MEAN) / PIXEL_STD).abs() < 1e-6);
         images.pop();
         assert!(parse_images(p, &images).is_err());
         assert!(parse_images(p, b"junk").is_err());

@@ -18,6 +18,7 @@ use crate::mnist::{IMAGE_PIXELS, IMAGE_SIDE, NUM_CLASSES};
 #[serde(rename_all = "kebab-case")]
 pub enum ModelKind {
     /// MLP 784-200-200-10 with ReLU ("2NN"): 199,210 parameters.
+    #[serde(rename = "mnist-2nn")]
     Mnist2nn,
     /// 5x5 conv 32 -> 2x2 max-pool -> 5x5 conv 64 -> 2x2 max-pool -> fc 512 -> fc 10, 'same'
     /// padding ("CNN"): 1,663,370 parameters.
@@ -116,7 +117,9 @@ impl Classifier for MnistCnn {
 pub enum WeightsError {
     #[error("model weights could not be read: {0}")]
     Read(String),
-    #[error("weights do not fit the model: missing {missing:?}, not in the model {unused:?}, errors {errors}")]
+    #[error(
+        "weights do not fit the model: missing {missing:?}, not in the model {unused:?}, errors {errors}"
+    )]
     Mismatch {
         missing: Vec<String>,
         unused: Vec<String>,
@@ -130,8 +133,9 @@ pub fn export<M: Classifier>(model: &M) -> Result<Parameters, WeightsError> {
         .collect(None, Some(Box::new(BurnToPyTorchAdapter)), false)
         .into_iter()
         .map(|t| {
-            let (name, dtype, shape, _, bytes) =
-                t.into_parts().map_err(|e| WeightsError::Read(e.to_string()))?;
+            let (name, dtype, shape, _, bytes) = t
+                .into_parts()
+                .map_err(|e| WeightsError::Read(e.to_string()))?;
             if dtype != DType::F32 {
                 return Err(WeightsError::Read(format!("{name} has dtype {dtype:?}")));
             }
@@ -223,7 +227,14 @@ mod tests {
         let names: Vec<_> = p.tensors.iter().map(|t| t.name.as_str()).collect();
         assert_eq!(
             names,
-            ["fc1.bias", "fc1.weight", "fc2.bias", "fc2.weight", "fc3.bias", "fc3.weight"]
+            [
+                "fc1.bias",
+                "fc1.weight",
+                "fc2.bias",
+                "fc2.weight",
+                "fc3.bias",
+                "fc3.weight"
+            ]
         );
         assert_eq!(p.get("fc1.weight").expect("fc1").shape, vec![200, 784]);
         let device = Device::flex();
@@ -231,7 +242,10 @@ mod tests {
         import(&mut m, &p).expect("import");
         assert_eq!(export(&m).expect("export"), p);
         let c = initial_parameters(ModelKind::MnistCnn, 1).expect("export");
-        assert_eq!(c.get("conv2.weight").expect("conv2").shape, vec![64, 32, 5, 5]);
+        assert_eq!(
+            c.get("conv2.weight").expect("conv2").shape,
+            vec![64, 32, 5, 5]
+        );
         assert_eq!(c.get("fc1.weight").expect("fc1").shape, vec![512, 3136]);
     }
 

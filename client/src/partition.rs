@@ -77,7 +77,11 @@ impl Partition {
                 let mut idx: Vec<usize> = (0..labels.len()).collect();
                 idx.shuffle(&mut rng);
                 let per = labels.len() / clients;
-                Ok(idx.chunks(per).take(clients).map(<[usize]>::to_vec).collect())
+                Ok(idx
+                    .chunks(per)
+                    .take(clients)
+                    .map(<[usize]>::to_vec)
+                    .collect())
             }
             Partition::Shards {
                 num_shards,
@@ -203,7 +207,9 @@ mod tests {
     #[test]
     fn dirichlet_covers_every_example_once_and_skews_with_small_alpha() {
         let l = labels(10_000);
-        let parts = Partition::Dirichlet { alpha: 0.1 }.split(&l, 20, 5).expect("split");
+        let parts = Partition::Dirichlet { alpha: 0.1 }
+            .split(&l, 20, 5)
+            .expect("split");
         assert!(disjoint(&parts));
         assert_eq!(parts.iter().map(Vec::len).sum::<usize>(), 10_000);
         assert!(parts.iter().all(|p| !p.is_empty()));
@@ -216,7 +222,14 @@ mod tests {
                 *counts.iter().max().expect("10 classes") * 2 > p.len()
             })
             .count();
-        assert!(dominated >= 10, "{dominated} of 20 clients dominated by one label");
-        assert!(Partition::Dirichlet { alpha: 0.0 }.split(&l, 20, 5).is_err());
+        assert!(
+            dominated >= 10,
+            "{dominated} of 20 clients dominated by one label"
+        );
+        assert!(
+            Partition::Dirichlet { alpha: 0.0 }
+                .split(&l, 20, 5)
+                .is_err()
+        );
     }
 }

@@ -11,7 +11,7 @@ use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 
 use crate::mnist::{IMAGE_PIXELS, MnistSplit};
-use crate::model::{Classifier, ModelKind, Mnist2nn, MnistCnn, WeightsError, export, import};
+use crate::model::{Classifier, Mnist2nn, MnistCnn, ModelKind, WeightsError, export, import};
 
 /// Local-training hyper-parameters (Flower's fit config).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -40,8 +40,6 @@ pub struct FitOutput {
     pub num_examples: u64,
     /// Mean training loss over the last local epoch.
     pub loss: f64,
-    /// Training accuracy over the last local epoch.
-    pub accuracy: f64,
     pub steps: usize,
 }
 
@@ -149,19 +147,13 @@ fn fit_model<M: Classifier>(
     let loss_fn = CrossEntropyLossConfig::new().init(&device);
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut order: Vec<usize> = (0..data.len()).collect();
-    let (mut loss_sum, mut correct, mut seen, mut steps) = (0.0f64, 0usize, 0usize, 0usize);
+    let (mut loss_sum, mut seen, mut steps) = (0.0f64, 0usize, 0usize);
     for _epoch in 0..config.local_epochs {
         order.shuffle(&mut rng);
-        (loss_sum, correct, seen) = (0.0, 0, 0);
+        (loss_sum, seen) = (0.0, 0);
         for batch in order.chunks(config.batch_size) {
             let (x, y) = data.batch(batch, &device);
             let logits = model.forward(x);
-            let predicted = logits.clone().argmax(1).flatten::<1>(0, 1);
-            correct += predicted
-                .equal(y.clone())
-                .int()
-                .sum()
-                .into_scalar::<i64>() as usize;
             let loss = loss_fn.forward(logits, y);
             let value = loss.clone().into_scalar::<f32>();
             if !value.is_finite() {
@@ -178,7 +170,6 @@ fn fit_model<M: Classifier>(
         parameters: export(&model)?,
         num_examples: data.len() as u64,
         loss: loss_sum / seen.max(1) as f64,
-        accuracy: correct as f64 / seen.max(1) as f64,
         steps,
     })
 }

@@ -32,7 +32,9 @@ fn read_usize(config: &ScalarMap, key: &str, default: usize) -> Result<usize, Cl
             .filter(|n| *n > 0)
             .map(|n| n as usize)
             .ok_or_else(|| {
-                ClientError::bad_instruction(format!("config {key} = {v:?} must be a positive integer"))
+                ClientError::bad_instruction(format!(
+                    "config {key} = {v:?} must be a positive integer"
+                ))
             }),
     }
 }
@@ -78,7 +80,6 @@ impl Client for TrainerClient {
             .map_err(|e| ClientError::training(e.to_string()))?;
         let mut metrics = ScalarMap::new();
         metrics.insert("loss".into(), scalar::f64(out.loss));
-        metrics.insert("accuracy".into(), scalar::f64(out.accuracy));
         metrics.insert("steps".into(), scalar::int(out.steps as i64));
         metrics.insert(
             "train_seconds".into(),

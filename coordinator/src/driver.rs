@@ -455,7 +455,10 @@ impl RoundDriver {
                 .await;
             match sent {
                 Ok((request_id, rx)) => {
-                    Counters::add(&self.registry.counters().bytes_sent, blob.bytes.len() as u64);
+                    Counters::add(
+                        &self.registry.counters().bytes_sent,
+                        blob.bytes.len() as u64,
+                    );
                     tasks.spawn(await_fit(
                         self.registry.clone(),
                         client_id,
@@ -522,7 +525,8 @@ impl RoundDriver {
         global: &Arc<Parameters>,
     ) -> Result<Option<Evaluation>, DriverError> {
         let available = self.registry.available();
-        let instructions = lock(&self.strategy).configure_evaluate(round, &available, &mut self.rng);
+        let instructions =
+            lock(&self.strategy).configure_evaluate(round, &available, &mut self.rng);
         if instructions.is_empty() {
             return Ok(None);
         }
@@ -568,7 +572,11 @@ impl RoundDriver {
                         }
                     });
                 }
-                Err(e) => failures.push(failure(&client_id, FailureReason::Disconnected, e.to_string())),
+                Err(e) => failures.push(failure(
+                    &client_id,
+                    FailureReason::Disconnected,
+                    e.to_string(),
+                )),
             }
         }
         let mut results = Vec::new();
@@ -617,7 +625,10 @@ async fn await_reply(
         )),
         Err(_) => {
             registry.time_out(request_id);
-            Err((FailureReason::Timeout, "no answer before the round deadline".into()))
+            Err((
+                FailureReason::Timeout,
+                "no answer before the round deadline".into(),
+            ))
         }
     }
 }

@@ -8,8 +8,8 @@ use rand::{RngCore, seq::index::sample};
 use rayon::prelude::*;
 
 use crate::strategy::{
-    ClientFailure, ClientInfo, EvaluateSummary, Evaluation, FitAggregator, FitSummary,
-    Instruction, Strategy, StrategyError,
+    ClientFailure, ClientInfo, EvaluateSummary, Evaluation, FitAggregator, FitSummary, Instruction,
+    Strategy, StrategyError,
 };
 
 /// Server-side evaluation of a global model (Flower's `evaluate_fn`).
@@ -419,7 +419,11 @@ mod tests {
         agg.fold(&params(1.0, [2.0, -4.0]), 10).expect("fold");
         agg.fold(&params(4.0, [8.0, 2.0]), 30).expect("fold");
         agg.fold(&params(-2.0, [0.0, 1.0]), 60).expect("fold");
-        let results = [summary("x", 10, 1.0), summary("y", 30, 2.0), summary("z", 60, 0.5)];
+        let results = [
+            summary("x", 10, 1.0),
+            summary("y", 30, 2.0),
+            summary("z", 60, 0.5),
+        ];
         let (p, metrics) = s.aggregate_fit(1, agg, &results, &[]).expect("aggregates");
         let p = p.expect("parameters");
         // a: (10*1 + 30*4 + 60*-2) / 100 = 0.1
@@ -507,7 +511,14 @@ mod tests {
         let err = s
             .aggregate_fit(1, agg, &[summary("x", 1, 0.0)], &[])
             .expect_err("below quorum");
-        assert_eq!(err, StrategyError::Quorum { round: 1, got: 1, min: 2 });
+        assert_eq!(
+            err,
+            StrategyError::Quorum {
+                round: 1,
+                got: 1,
+                min: 2
+            }
+        );
 
         let mut strict = FedAvg::new(FedAvgConfig {
             accept_failures: false,
@@ -533,6 +544,10 @@ mod tests {
             min_fit_clients: 3,
             ..Default::default()
         };
-        assert!(bad.validate().unwrap_err().contains("min_available_clients"));
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .contains("min_available_clients")
+        );
     }
 }

@@ -309,7 +309,9 @@ impl RunHandle {
 
     /// Path of the checkpoint written after `round`.
     pub fn checkpoint_path(&self, round: u64) -> PathBuf {
-        self.dir.join("models").join(format!("round-{round:04}.safetensors"))
+        self.dir
+            .join("models")
+            .join(format!("round-{round:04}.safetensors"))
     }
 
     /// Writes the round's checkpoint (when given), its metrics line and its database row, in

@@ -6,8 +6,8 @@
 //! reply and counted instead of reaching the round.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use pollen_proto::fleet::{
@@ -103,7 +103,9 @@ impl Registry {
         let old = {
             let mut inner = self.lock();
             let id = info.id.clone();
-            let old = inner.clients.insert(id.clone(), Connected { info, session, tx });
+            let old = inner
+                .clients
+                .insert(id.clone(), Connected { info, session, tx });
             if old.is_some() {
                 inner.pending.retain(|_, p| p.client_id != id);
             }
@@ -141,7 +143,11 @@ impl Registry {
 
     /// Connected clients, sorted by id.
     pub fn available(&self) -> Vec<ClientInfo> {
-        self.lock().clients.values().map(|c| c.info.clone()).collect()
+        self.lock()
+            .clients
+            .values()
+            .map(|c| c.info.clone())
+            .collect()
     }
 
     pub fn len(&self) -> usize {
@@ -270,9 +276,7 @@ impl Registry {
                 drop(inner);
                 let (counter, what) = match closed {
                     Some((Closed::TimedOut, _)) => (&self.counters.replies_late, "late"),
-                    Some((Closed::Answered, _)) => {
-                        (&self.counters.replies_duplicate, "duplicate")
-                    }
+                    Some((Closed::Answered, _)) => (&self.counters.replies_duplicate, "duplicate"),
                     None => (&self.counters.replies_unknown, "unknown-request"),
                 };
                 Counters::bump(counter);
@@ -284,7 +288,8 @@ impl Registry {
 
     /// Sends a message to every connected client (e.g. Stop at shutdown).
     pub fn broadcast(&self, msg: ServerMessage) {
-        let senders: Vec<ClientSender> = self.lock().clients.values().map(|c| c.tx.clone()).collect();
+        let senders: Vec<ClientSender> =
+            self.lock().clients.values().map(|c| c.tx.clone()).collect();
         for tx in senders {
             let _ = tx.try_send(Ok(msg.clone()));
         }

@@ -174,38 +174,39 @@ impl Parameters {
     /// Decodes a safetensors blob of f32 tensors. `expected`, when given, must match the blob's
     /// names and shapes exactly. Rejects NaN and infinities.
     pub fn decode(bytes: &[u8], expected: Option<&[TensorSpec]>) -> Result<Self, BlobError> {
-        let st = SafeTensors::deserialize(bytes).map_err(|e| BlobError::Malformed(e.to_string()))?;
+        let st =
+            SafeTensors::deserialize(bytes).map_err(|e| BlobError::Malformed(e.to_string()))?;
         let mut by_name: HashMap<String, TensorView<'_>> = st.tensors().into_iter().collect();
         let mut tensors = Vec::with_capacity(by_name.len());
-        let mut take = |name: &str,
-                        view: TensorView<'_>,
-                        want: Option<&[usize]>|
-         -> Result<(), BlobError> {
-            if view.dtype() != Dtype::F32 {
-                return Err(BlobError::Dtype {
-                    tensor: name.to_string(),
-                    dtype: format!("{:?}", view.dtype()),
-                });
-            }
-            if let Some(want) = want
-                && view.shape() != want
-            {
-                return Err(BlobError::Shape {
-                    tensor: name.to_string(),
-                    expected: want.to_vec(),
-                    actual: view.shape().to_vec(),
-                });
-            }
-            let data = f32s_checked(name, view.data())?;
-            tensors.push(NamedTensor::new(name, view.shape().to_vec(), data));
-            Ok(())
-        };
+        let mut take =
+            |name: &str, view: TensorView<'_>, want: Option<&[usize]>| -> Result<(), BlobError> {
+                if view.dtype() != Dtype::F32 {
+                    return Err(BlobError::Dtype {
+                        tensor: name.to_string(),
+                        dtype: format!("{:?}", view.dtype()),
+                    });
+                }
+                if let Some(want) = want
+                    && view.shape() != want
+                {
+                    return Err(BlobError::Shape {
+                        tensor: name.to_string(),
+                        expected: want.to_vec(),
+                        actual: view.shape().to_vec(),
+                    });
+                }
+                let data = f32s_checked(name, view.data())?;
+                tensors.push(NamedTensor::new(name, view.shape().to_vec(), data));
+                Ok(())
+            };
         match expected {
             Some(specs) => {
                 for spec in specs {
-                    let view = by_name.remove(&spec.name).ok_or_else(|| BlobError::Missing {
-                        tensor: spec.name.clone(),
-                    })?;
+                    let view = by_name
+                        .remove(&spec.name)
+                        .ok_or_else(|| BlobError::Missing {
+                            tensor: spec.name.clone(),
+                        })?;
                     take(&spec.name, view, Some(&spec.shape))?;
                 }
                 if let Some(extra) = by_name.keys().min() {
@@ -228,7 +229,10 @@ impl Parameters {
 
     /// Verifies wire weights (digest, codec) and decodes them. Only inline weights can be
     /// resolved here; references need the blob store of whoever holds them.
-    pub fn from_wire(weights: &Weights, expected: Option<&[TensorSpec]>) -> Result<Self, BlobError> {
+    pub fn from_wire(
+        weights: &Weights,
+        expected: Option<&[TensorSpec]>,
+    ) -> Result<Self, BlobError> {
         match weights.body.as_ref() {
             None => Err(BlobError::Empty),
             Some(Body::Reference(r)) => Err(BlobError::NoStore {
@@ -323,14 +327,24 @@ mod tests {
             "tensor \"fc1.weight\" has shape [2, 3], expected [3, 2]"
         );
         let err = Parameters::decode(&bytes, Some(&p.specs()[..1])).expect_err("extra");
-        assert_eq!(err, BlobError::Unexpected { tensor: "fc2.bias".into() });
+        assert_eq!(
+            err,
+            BlobError::Unexpected {
+                tensor: "fc2.bias".into()
+            }
+        );
         let mut more = p.specs();
         more.push(TensorSpec {
             name: "fc3.bias".into(),
             shape: vec![1],
         });
         let err = Parameters::decode(&bytes, Some(&more)).expect_err("missing");
-        assert_eq!(err, BlobError::Missing { tensor: "fc3.bias".into() });
+        assert_eq!(
+            err,
+            BlobError::Missing {
+                tensor: "fc3.bias".into()
+            }
+        );
     }
 
     #[test]
@@ -350,8 +364,15 @@ mod tests {
     fn garbage_is_not_a_blob() {
         let err = Parameters::decode(b"definitely not safetensors", None).expect_err("garbage");
         assert!(matches!(err, BlobError::Malformed(_)));
-        let err = Parameters::new(vec![NamedTensor::new("x", vec![2, 2], vec![1.0])])
-            .expect_err("short");
-        assert!(matches!(err, BlobError::Length { expected: 4, actual: 1, .. }));
+        let err =
+            Parameters::new(vec![NamedTensor::new("x", vec![2, 2], vec![1.0])]).expect_err("short");
+        assert!(matches!(
+            err,
+            BlobError::Length {
+                expected: 4,
+                actual: 1,
+                ..
+            }
+        ));
     }
 }

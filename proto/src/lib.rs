@@ -33,10 +33,10 @@ pub mod generated {
     }
 }
 
-/// gRPC `Fleet` service and messages, from `proto/pollen/fleet.proto`.
-pub use generated::pollen::fleet::v1 as fleet;
 /// MQTT payloads, from `proto/pollen/device.proto`.
 pub use generated::pollen::device::v1 as device;
+/// gRPC `Fleet` service and messages, from `proto/pollen/fleet.proto`.
+pub use generated::pollen::fleet::v1 as fleet;
 
 /// Message-size limits shared by servers and clients.
 pub mod limits {

@@ -65,7 +65,8 @@ pub fn all_replies(fleet: &str) -> String {
 /// Splits a topic into `(fleet, device, channel)` if it is a Pollen device topic.
 pub fn parse(topic: &str) -> Option<(&str, &str, &str)> {
     let mut parts = topic.split('/');
-    let (root, fleet, device, channel) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let (root, fleet, device, channel) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
     if root != ROOT || parts.next().is_some() || fleet.is_empty() || device.is_empty() {
         return None;
     }

@@ -31,7 +31,11 @@ async fn a_short_2nn_simulation_over_grpc_improves_test_accuracy() {
     f.fraction_fit = 0.2; // 4 of 20 clients, 3,000 examples each
     spec.evaluate.test_examples = Some(2000);
     let (sim, _dir) = run(spec).await;
-    let initial = sim.summary.initial_evaluation.as_ref().expect("round-0 evaluation");
+    let initial = sim
+        .summary
+        .initial_evaluation
+        .as_ref()
+        .expect("round-0 evaluation");
     let initial_acc = initial.metrics["accuracy"];
     let accs: Vec<f64> = sim
         .summary
@@ -39,7 +43,10 @@ async fn a_short_2nn_simulation_over_grpc_improves_test_accuracy() {
         .iter()
         .map(|r| r.accuracy.expect("evaluated"))
         .collect();
-    assert!(initial_acc < 0.3, "an untrained model is near chance: {initial_acc}");
+    assert!(
+        initial_acc < 0.3,
+        "an untrained model is near chance: {initial_acc}"
+    );
     assert!(accs[2] > 0.88, "after 3 rounds: {accs:?}");
     for r in &sim.summary.rounds {
         assert_eq!((r.sampled, r.succeeded, r.failed), (4, 4, 0));

@@ -43,16 +43,18 @@ pub fn centralized_evaluator(
     if let Some(n) = spec.evaluate.test_examples {
         data.indices.truncate(n);
     }
-    Box::new(move |_round, params| match trainer::evaluate(kind, params, &data, batch) {
-        Ok(out) => Some(Evaluation {
-            loss: out.loss,
-            metrics: [("accuracy".to_string(), out.accuracy)].into(),
-        }),
-        Err(e) => {
-            tracing::error!("centralized evaluation failed: {e}");
-            None
-        }
-    })
+    Box::new(
+        move |_round, params| match trainer::evaluate(kind, params, &data, batch) {
+            Ok(out) => Some(Evaluation {
+                loss: out.loss,
+                metrics: [("accuracy".to_string(), out.accuracy)].into(),
+            }),
+            Err(e) => {
+                tracing::error!("centralized evaluation failed: {e}");
+                None
+            }
+        },
+    )
 }
 
 /// Runs `spec` with simulated clients; `on_round` sees each round's record as it is recorded.
@@ -81,12 +83,10 @@ pub async fn simulate(
     let run_dir = run.dir().to_path_buf();
 
     let stop_all = CancellationToken::new();
-    let server = pollen_coordinator::server::serve(
-        SocketAddr::from(([127, 0, 0, 1], 0)),
-        stop_all.clone(),
-    )
-    .await
-    .context("binding the coordinator on 127.0.0.1")?;
+    let server =
+        pollen_coordinator::server::serve(SocketAddr::from(([127, 0, 0, 1], 0)), stop_all.clone())
+            .await
+            .context("binding the coordinator on 127.0.0.1")?;
     let endpoint = format!("http://{}", server.addr);
 
     let StrategySpec::Fedavg(fedavg) = &spec.strategy;

@@ -154,9 +154,18 @@ impl RunSpec {
     /// The fit config every sampled client receives.
     pub fn fit_config(&self) -> ScalarMap {
         let mut m = ScalarMap::new();
-        m.insert("local_epochs".into(), scalar::int(self.train.local_epochs as i64));
-        m.insert("batch_size".into(), scalar::int(self.train.batch_size as i64));
-        m.insert("learning_rate".into(), scalar::f64(self.train.learning_rate));
+        m.insert(
+            "local_epochs".into(),
+            scalar::int(self.train.local_epochs as i64),
+        );
+        m.insert(
+            "batch_size".into(),
+            scalar::int(self.train.batch_size as i64),
+        );
+        m.insert(
+            "learning_rate".into(),
+            scalar::f64(self.train.learning_rate),
+        );
         m
     }
 
@@ -167,7 +176,11 @@ impl RunSpec {
             return dir.clone();
         }
         let checkout = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(dir);
-        if checkout.exists() { checkout } else { dir.clone() }
+        if checkout.exists() {
+            checkout
+        } else {
+            dir.clone()
+        }
     }
 }
 
@@ -184,11 +197,18 @@ mod tests {
         let StrategySpec::Fedavg(f) = &s.strategy;
         assert_eq!(f.fraction_fit, 0.1);
         assert_eq!(
-            (s.train.local_epochs, s.train.batch_size, s.train.learning_rate),
+            (
+                s.train.local_epochs,
+                s.train.batch_size,
+                s.train.learning_rate
+            ),
             (1, 10, 0.1)
         );
         // What is saved with a run parses back to the same spec.
-        assert_eq!(RunSpec::parse(&s.to_toml(), "saved").expect("round trip"), s);
+        assert_eq!(
+            RunSpec::parse(&s.to_toml(), "saved").expect("round trip"),
+            s
+        );
     }
 
     #[test]
@@ -202,10 +222,14 @@ mod tests {
     #[test]
     fn bad_specs_name_the_field() {
         let bad = DEFAULT_SPEC.replace("fraction_fit = 0.1", "fraction_fit = 1.5");
-        let e = RunSpec::parse(&bad, "x.toml").expect_err("invalid").to_string();
+        let e = RunSpec::parse(&bad, "x.toml")
+            .expect_err("invalid")
+            .to_string();
         assert!(e.contains("x.toml") && e.contains("fraction_fit"), "{e}");
         let bad = DEFAULT_SPEC.replace("batch_size = 10", "batch_sise = 10");
-        let e = RunSpec::parse(&bad, "x.toml").expect_err("unknown field").to_string();
+        let e = RunSpec::parse(&bad, "x.toml")
+            .expect_err("unknown field")
+            .to_string();
         assert!(e.contains("batch_sise"), "{e}");
         let bad = DEFAULT_SPEC.replace("round_timeout = \"60s\"", "round_timeout = \"soon\"");
         assert!(RunSpec::parse(&bad, "x.toml").is_err());

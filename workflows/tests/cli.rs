@@ -6,7 +6,15 @@ use std::process::Command;
 fn simulate_json_prints_one_json_object_per_round_and_nothing_else() {
     let runs = tempfile::tempdir().expect("tempdir");
     let out = Command::new(env!("CARGO_BIN_EXE_pollen"))
-        .args(["simulate", "--rounds", "2", "--clients", "10", "--json", "--runs-dir"])
+        .args([
+            "simulate",
+            "--rounds",
+            "2",
+            "--clients",
+            "10",
+            "--json",
+            "--runs-dir",
+        ])
         .arg(runs.path())
         .output()
         .expect("pollen runs");
@@ -18,15 +26,28 @@ fn simulate_json_prints_one_json_object_per_round_and_nothing_else() {
     for (i, line) in lines.iter().enumerate() {
         let v: serde_json::Value = serde_json::from_str(line).expect("each line is JSON");
         assert_eq!(v["round"], i as u64 + 1);
-        for key in ["accuracy", "loss", "sampled", "succeeded", "failed", "seconds"] {
-            assert!(v.get(key).is_some_and(|x| !x.is_null()), "{key} missing in {line}");
+        for key in [
+            "accuracy",
+            "loss",
+            "sampled",
+            "succeeded",
+            "failed",
+            "seconds",
+        ] {
+            assert!(
+                v.get(key).is_some_and(|x| !x.is_null()),
+                "{key} missing in {line}"
+            );
         }
         assert_eq!(v["sampled"], 2); // max(floor(10 * 0.1), min_fit_clients = 2)
     }
     let acc = serde_json::from_str::<serde_json::Value>(lines[1]).expect("json")["accuracy"]
         .as_f64()
         .expect("number");
-    assert!(acc > 0.85, "accuracy after 2 rounds of 2 x 6,000 examples: {acc}");
+    assert!(
+        acc > 0.85,
+        "accuracy after 2 rounds of 2 x 6,000 examples: {acc}"
+    );
     assert!(stderr.contains("records:"), "summary on stderr: {stderr}");
 }
 
@@ -34,7 +55,8 @@ fn simulate_json_prints_one_json_object_per_round_and_nothing_else() {
 fn a_bad_config_is_refused_with_the_field_named() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("bad.toml");
-    let spec = pollen_workflows::spec::DEFAULT_SPEC.replace("fraction_fit = 0.1", "fraction_fit = 2.0");
+    let spec =
+        pollen_workflows::spec::DEFAULT_SPEC.replace("fraction_fit = 0.1", "fraction_fit = 2.0");
     std::fs::write(&path, spec).expect("write");
     let out = Command::new(env!("CARGO_BIN_EXE_pollen"))
         .args(["simulate", "--config"])
@@ -43,5 +65,8 @@ fn a_bad_config_is_refused_with_the_field_named() {
         .expect("pollen runs");
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("bad.toml") && stderr.contains("fraction_fit"), "{stderr}");
+    assert!(
+        stderr.contains("bad.toml") && stderr.contains("fraction_fit"),
+        "{stderr}"
+    );
 }

@@ -13,10 +13,18 @@ use pollen_client::{ClientOptions, Exit, ModelKind, TrainerClient, run_client};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "pollen-agent", version, about = "Pollen edge agent (direct gRPC client)")]
+#[command(
+    name = "pollen-agent",
+    version,
+    about = "Pollen edge agent (direct gRPC client)"
+)]
 struct Args {
     /// Coordinator Fleet endpoint.
-    #[arg(long, env = "POLLEN_COORDINATOR", default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long,
+        env = "POLLEN_COORDINATOR",
+        default_value = "http://127.0.0.1:50051"
+    )]
     coordinator: String,
     /// This device's id (letters, digits, '_', '.', '-').
     #[arg(long, env = "POLLEN_CLIENT_ID")]

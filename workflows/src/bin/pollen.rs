@@ -15,7 +15,11 @@ use pollen_workflows::spec::{RunSpec, StrategySpec};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "pollen", version, about = "Federated learning for fleets of IoT gateways")]
+#[command(
+    name = "pollen",
+    version,
+    about = "Federated learning for fleets of IoT gateways"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -150,7 +154,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(c) = clients {
                 spec.data.clients = c;
             }
-            spec.validate().map_err(|e| anyhow::anyhow!("invalid run: {e}"))?;
+            spec.validate()
+                .map_err(|e| anyhow::anyhow!("invalid run: {e}"))?;
             let (bar, report) = reporter(spec.rounds, json);
             let sim = simulate(
                 &spec,
@@ -192,7 +197,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     strategy.with_evaluate_fn(centralized_evaluator(&spec, Arc::new(mnist.test)));
             }
             let store = RunStore::open(&runs_dir)?;
-            let run = Arc::new(store.create_run(&spec.name, &spec.to_toml(), spec.seed, spec.rounds)?);
+            let run =
+                Arc::new(store.create_run(&spec.name, &spec.to_toml(), spec.seed, spec.rounds)?);
             let (run_id, run_dir) = (run.id().to_string(), run.dir().to_path_buf());
             let (bar, report) = reporter(spec.rounds, json);
             let summary = RoundDriver::new(
