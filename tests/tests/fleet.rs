@@ -126,15 +126,30 @@ impl Harness {
         timeout: Duration,
         initial: Parameters,
     ) -> pollen_coordinator::RunSummary {
+        self.run_from(rounds, min_fit, min_available, timeout, Some(initial))
+            .await
+    }
+
+    /// Like `run`; without `initial` the driver asks a client for its parameters.
+    async fn run_from(
+        &self,
+        rounds: u64,
+        min_fit: usize,
+        min_available: usize,
+        timeout: Duration,
+        initial: Option<Parameters>,
+    ) -> pollen_coordinator::RunSummary {
         let store = RunStore::open(self.runs.path()).expect("run store");
         let run = Arc::new(store.create_run("test", "spec", 1, rounds).expect("run"));
-        let strategy = FedAvg::new(FedAvgConfig {
+        let mut strategy = FedAvg::new(FedAvgConfig {
             fraction_fit: 1.0,
             min_fit_clients: min_fit,
             min_available_clients: min_available,
             ..Default::default()
-        })
-        .with_initial_parameters(initial);
+        });
+        if let Some(initial) = initial {
+            strategy = strategy.with_initial_parameters(initial);
+        }
         RoundDriver::new(
             self.server.registry.clone(),
             Box::new(strategy),
@@ -496,4 +511,15 @@ async fn a_malformed_grpc_message_ends_that_clients_stream_not_the_coordinator()
         .await;
     assert_eq!(s.rounds[0].succeeded, 2);
     assert!(!s.rounds[0].participants.contains(&"garbler".to_string()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_initial_parameters_the_coordinator_asks_a_client_for_them() {
+    let h = Harness::start().await;
+    h.spawn_client("a", Behaviour::Stall(Duration::from_millis(10)));
+    h.spawn_client("b", Behaviour::Stall(Duration::from_millis(10)));
+    let s = h.run_from(1, 2, 2, Duration::from_secs(20), None).await;
+    // Both clients return the global model they got, which came from get_parameters.
+    assert_eq!(*s.parameters, model(0.0, [0.0; 3]));
+    assert_eq!(s.rounds[0].succeeded, 2);
 }

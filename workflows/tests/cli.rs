@@ -70,3 +70,72 @@ fn a_bad_config_is_refused_with_the_field_named() {
         "{stderr}"
     );
 }
+
+/// `pollen coordinator` and `pollen-agent` as separate processes, as the README runs them.
+#[test]
+fn a_coordinator_and_agents_in_separate_processes_complete_a_run() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+
+    let pollen = std::path::Path::new(env!("CARGO_BIN_EXE_pollen"));
+    let agent = pollen.with_file_name("pollen-agent");
+    assert!(
+        agent.exists(),
+        "{} is missing: run the workspace tests (cargo test --workspace) or cargo build --bin pollen-agent",
+        agent.display()
+    );
+    let runs = tempfile::tempdir().expect("tempdir");
+    let mut coordinator = Command::new(pollen)
+        .args([
+            "coordinator",
+            "--listen",
+            "127.0.0.1:0",
+            "--rounds",
+            "2",
+            "--json",
+            "--runs-dir",
+        ])
+        .arg(runs.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("coordinator starts");
+    let mut stderr = BufReader::new(coordinator.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    stderr.read_line(&mut line).expect("read the address line");
+    let endpoint = line
+        .trim()
+        .strip_prefix("Fleet gRPC API on ")
+        .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
+        .to_string();
+    let agents: Vec<_> = (0..3)
+        .map(|i| {
+            Command::new(&agent)
+                .args(["--coordinator", &endpoint, "--client-id"])
+                .arg(format!("gw-{i}"))
+                .args(["--shard", &format!("{i}/3"), "--data-dir"])
+                .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../data/mnist"))
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("agent starts")
+        })
+        .collect();
+    let out = coordinator.wait_with_output().expect("coordinator ends");
+    let rest: Vec<String> = stderr.lines().map_while(Result::ok).collect();
+    assert!(out.status.success(), "coordinator failed: {rest:?}");
+    let rounds: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    assert_eq!(rounds.len(), 2);
+    for r in &rounds {
+        assert_eq!(r["status"], "ok");
+        assert_eq!(r["succeeded"], 2);
+    }
+    assert!(rounds[1]["accuracy"].as_f64().expect("accuracy") > 0.9);
+    // The coordinator told every agent to stop; they exit on their own.
+    for mut a in agents {
+        let status = a.wait().expect("agent exits");
+        assert!(status.success());
+    }
+}

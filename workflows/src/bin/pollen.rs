@@ -61,6 +61,9 @@ enum Command {
         /// Print one JSON object per round on stdout.
         #[arg(long)]
         json: bool,
+        /// How long to wait for min_available_clients to connect, e.g. "90s" or "10m".
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        wait_for_clients: std::time::Duration,
     },
 }
 
@@ -176,6 +179,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             rounds,
             runs_dir,
             json,
+            wait_for_clients,
         } => {
             let mut spec = load_spec(config.as_ref())?;
             if let Some(r) = rounds {
@@ -207,7 +211,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 DriverConfig {
                     num_rounds: spec.rounds,
                     round_timeout: spec.round_timeout,
-                    wait_for_clients: std::time::Duration::from_secs(600),
+                    wait_for_clients,
                     seed: spec.seed,
                 },
             )
