@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use pollen_proto::blob::EncodedBlob;
 use pollen_proto::fleet::{
-    EvaluateIns, FailureCode, FitIns, GetParametersIns, ServerMessage, Stop, Weights,
+    EvaluateIns, FailureCode, FitIns, GetParametersIns, ServerMessage, Stop,
     server_message::Msg as ServerMsg,
 };
 use pollen_proto::{Parameters, TensorSpec, scalar};
@@ -95,6 +95,16 @@ pub struct RoundDriver {
     on_round: Option<RoundCallback>,
     rng: ChaCha8Rng,
 }
+
+/// Which instruction a fan-out sends.
+#[derive(Debug, Clone, Copy)]
+enum Phase {
+    Fit,
+    Evaluate,
+}
+
+/// An instruction that reached its client: (client id, request id, reply receiver).
+type OpenRequest = (String, u64, oneshot::Receiver<Reply>);
 
 /// The outcome of one fit request, decided inside its own task.
 enum FitOutcome {
@@ -414,6 +424,58 @@ impl RoundDriver {
         Ok(record)
     }
 
+    /// Sends one instruction per sampled client, all sharing one encoding of the global model.
+    /// Clients that cannot be reached become `disconnected` failures.
+    async fn send_all(
+        &self,
+        round: u64,
+        instructions: Vec<Instruction>,
+        blob: &EncodedBlob,
+        deadline_unix_ms: u64,
+        phase: Phase,
+    ) -> (Vec<OpenRequest>, Vec<ClientFailure>) {
+        let weights = blob.to_inline();
+        let mut open = Vec::with_capacity(instructions.len());
+        let mut failures = Vec::new();
+        for Instruction { client_id, config } in instructions {
+            let weights = Some(weights.clone());
+            let build = move |request_id| {
+                let msg = match phase {
+                    Phase::Fit => ServerMsg::Fit(FitIns {
+                        request_id,
+                        round,
+                        weights,
+                        config,
+                        deadline_unix_ms,
+                    }),
+                    Phase::Evaluate => ServerMsg::Evaluate(EvaluateIns {
+                        request_id,
+                        round,
+                        weights,
+                        config,
+                        deadline_unix_ms,
+                    }),
+                };
+                ServerMessage { msg: Some(msg) }
+            };
+            match self.registry.request(&client_id, round, build).await {
+                Ok((request_id, rx)) => {
+                    Counters::add(
+                        &self.registry.counters().bytes_sent,
+                        blob.bytes.len() as u64,
+                    );
+                    open.push((client_id, request_id, rx));
+                }
+                Err(e) => failures.push(failure(
+                    &client_id,
+                    FailureReason::Disconnected,
+                    e.to_string(),
+                )),
+            }
+        }
+        (open, failures)
+    }
+
     /// The fit phase: fan out, fold replies as they arrive, cut off at the deadline.
     async fn fit(
         &mut self,
@@ -432,49 +494,22 @@ impl RoundDriver {
         let params = global.clone();
         // Encoded once per round; every instruction shares these bytes.
         let blob: EncodedBlob = tokio::task::spawn_blocking(move || params.encode()).await?;
-        let weights = blob.to_inline();
         let deadline = tokio::time::Instant::now() + self.config.round_timeout;
         let deadline_unix_ms = unix_ms(SystemTime::now() + self.config.round_timeout);
-
-        let mut failures = Vec::new();
+        let (open, mut failures) = self
+            .send_all(round, instructions, &blob, deadline_unix_ms, Phase::Fit)
+            .await;
         let mut tasks = JoinSet::new();
-        for ins in instructions {
-            let Instruction { client_id, config } = ins;
-            let weights = weights.clone();
-            let sent = self
-                .registry
-                .request(&client_id, round, move |request_id| ServerMessage {
-                    msg: Some(ServerMsg::Fit(FitIns {
-                        request_id,
-                        round,
-                        weights: Some(weights),
-                        config,
-                        deadline_unix_ms,
-                    })),
-                })
-                .await;
-            match sent {
-                Ok((request_id, rx)) => {
-                    Counters::add(
-                        &self.registry.counters().bytes_sent,
-                        blob.bytes.len() as u64,
-                    );
-                    tasks.spawn(await_fit(
-                        self.registry.clone(),
-                        client_id,
-                        round,
-                        request_id,
-                        rx,
-                        deadline,
-                        specs.clone(),
-                    ));
-                }
-                Err(e) => failures.push(failure(
-                    &client_id,
-                    FailureReason::Disconnected,
-                    e.to_string(),
-                )),
-            }
+        for (client_id, request_id, rx) in open {
+            tasks.spawn(await_fit(
+                self.registry.clone(),
+                client_id,
+                round,
+                request_id,
+                rx,
+                deadline,
+                specs.clone(),
+            ));
         }
 
         let strategy = self.strategy.clone();
@@ -532,52 +567,37 @@ impl RoundDriver {
         }
         let params = global.clone();
         let blob = tokio::task::spawn_blocking(move || params.encode()).await?;
-        let weights: Weights = blob.to_inline();
         let deadline = tokio::time::Instant::now() + self.config.round_timeout;
         let deadline_unix_ms = unix_ms(SystemTime::now() + self.config.round_timeout);
+        let (open, mut failures) = self
+            .send_all(
+                round,
+                instructions,
+                &blob,
+                deadline_unix_ms,
+                Phase::Evaluate,
+            )
+            .await;
         let mut tasks = JoinSet::new();
-        let mut failures = Vec::new();
-        for Instruction { client_id, config } in instructions {
-            let weights = weights.clone();
-            let sent = self
-                .registry
-                .request(&client_id, round, move |request_id| ServerMessage {
-                    msg: Some(ServerMsg::Evaluate(EvaluateIns {
-                        request_id,
-                        round,
-                        weights: Some(weights),
-                        config,
-                        deadline_unix_ms,
-                    })),
-                })
-                .await;
-            match sent {
-                Ok((request_id, rx)) => {
-                    let registry = self.registry.clone();
-                    tasks.spawn(async move {
-                        match await_reply(&registry, request_id, rx, deadline).await {
-                            Err((reason, message)) => Err(failure(&client_id, reason, message)),
-                            Ok(Reply::Evaluate(r)) if r.loss.is_finite() => Ok(EvaluateSummary {
-                                client_id,
-                                loss: r.loss,
-                                num_examples: r.num_examples,
-                                metrics: numeric(&r.metrics),
-                            }),
-                            Ok(Reply::Evaluate(r)) => Err(failure(
-                                &client_id,
-                                FailureReason::Rejected,
-                                format!("evaluation loss {} is not finite", r.loss),
-                            )),
-                            Ok(other) => Err(unexpected(&client_id, other)),
-                        }
-                    });
+        for (client_id, request_id, rx) in open {
+            let registry = self.registry.clone();
+            tasks.spawn(async move {
+                match await_reply(&registry, request_id, rx, deadline).await {
+                    Err((reason, message)) => Err(failure(&client_id, reason, message)),
+                    Ok(Reply::Evaluate(r)) if r.loss.is_finite() => Ok(EvaluateSummary {
+                        client_id,
+                        loss: r.loss,
+                        num_examples: r.num_examples,
+                        metrics: numeric(&r.metrics),
+                    }),
+                    Ok(Reply::Evaluate(r)) => Err(failure(
+                        &client_id,
+                        FailureReason::Rejected,
+                        format!("evaluation loss {} is not finite", r.loss),
+                    )),
+                    Ok(other) => Err(unexpected(&client_id, other)),
                 }
-                Err(e) => failures.push(failure(
-                    &client_id,
-                    FailureReason::Disconnected,
-                    e.to_string(),
-                )),
-            }
+            });
         }
         let mut results = Vec::new();
         while let Some(joined) = tasks.join_next().await {
