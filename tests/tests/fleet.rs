@@ -66,15 +66,20 @@ impl Client for Scripted {
             }
         }
     }
+    /// Reports a loss of n / 10 on n examples (n from `Answer`, else 1).
     fn evaluate(
         &mut self,
         _: u64,
         _: Parameters,
         _: &ScalarMap,
     ) -> Result<ClientEvaluate, ClientError> {
+        let n = match &self.0 {
+            Behaviour::Answer(_, n) => *n,
+            _ => 1,
+        };
         Ok(ClientEvaluate {
-            loss: 0.0,
-            num_examples: 1,
+            loss: n as f64 / 10.0,
+            num_examples: n,
             metrics: ScalarMap::new(),
         })
     }
@@ -126,27 +131,26 @@ impl Harness {
         timeout: Duration,
         initial: Parameters,
     ) -> pollen_coordinator::RunSummary {
-        self.run_from(rounds, min_fit, min_available, timeout, Some(initial))
-            .await
+        let config = FedAvgConfig {
+            fraction_fit: 1.0,
+            min_fit_clients: min_fit,
+            min_available_clients: min_available,
+            ..Default::default()
+        };
+        self.run_from(rounds, config, timeout, Some(initial)).await
     }
 
     /// Like `run`; without `initial` the driver asks a client for its parameters.
     async fn run_from(
         &self,
         rounds: u64,
-        min_fit: usize,
-        min_available: usize,
+        config: FedAvgConfig,
         timeout: Duration,
         initial: Option<Parameters>,
     ) -> pollen_coordinator::RunSummary {
         let store = RunStore::open(self.runs.path()).expect("run store");
         let run = Arc::new(store.create_run("test", "spec", 1, rounds).expect("run"));
-        let mut strategy = FedAvg::new(FedAvgConfig {
-            fraction_fit: 1.0,
-            min_fit_clients: min_fit,
-            min_available_clients: min_available,
-            ..Default::default()
-        });
+        let mut strategy = FedAvg::new(config);
         if let Some(initial) = initial {
             strategy = strategy.with_initial_parameters(initial);
         }
@@ -518,8 +522,36 @@ async fn without_initial_parameters_the_coordinator_asks_a_client_for_them() {
     let h = Harness::start().await;
     h.spawn_client("a", Behaviour::Stall(Duration::from_millis(10)));
     h.spawn_client("b", Behaviour::Stall(Duration::from_millis(10)));
-    let s = h.run_from(1, 2, 2, Duration::from_secs(20), None).await;
+    let config = FedAvgConfig {
+        fraction_fit: 1.0,
+        ..Default::default()
+    };
+    let s = h.run_from(1, config, Duration::from_secs(20), None).await;
     // Both clients return the global model they got, which came from get_parameters.
     assert_eq!(*s.parameters, model(0.0, [0.0; 3]));
     assert_eq!(s.rounds[0].succeeded, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn federated_evaluation_is_weighted_by_the_clients_examples() {
+    let h = Harness::start().await;
+    h.spawn_client("a", Behaviour::Answer(model(1.0, [1.0; 3]), 10));
+    h.spawn_client("b", Behaviour::Answer(model(1.0, [1.0; 3]), 30));
+    let config = FedAvgConfig {
+        fraction_fit: 1.0,
+        fraction_evaluate: 1.0,
+        ..Default::default()
+    };
+    let s = h
+        .run_from(
+            1,
+            config,
+            Duration::from_secs(20),
+            Some(model(0.0, [0.0; 3])),
+        )
+        .await;
+    // (10 * 1.0 + 30 * 3.0) / 40; no centralized evaluation, so it is also the round's loss.
+    let r = &s.rounds[0];
+    assert_eq!(r.federated_loss, Some(2.5));
+    assert_eq!(r.loss, Some(2.5));
 }
