@@ -81,7 +81,7 @@ fn a_coordinator_and_agents_in_separate_processes_complete_a_run() {
     let agent = pollen.with_file_name("pollen-agent");
     assert!(
         agent.exists(),
-        "{} is missing: run the workspace tests (cargo test --workspace) or cargo build --bin pollen-agent",
+        "{} is missing: cargo test --workspace builds it (pollen-client has binary tests); or cargo build --bin pollen-agent",
         agent.display()
     );
     let runs = tempfile::tempdir().expect("tempdir");
