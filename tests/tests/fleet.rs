@@ -300,12 +300,10 @@ async fn a_client_that_never_answers_is_cut_off_at_the_deadline() {
     h.spawn_client("fast-1", Behaviour::Answer(model(1.0, [1.0; 3]), 10));
     h.spawn_client("fast-2", Behaviour::Answer(model(1.0, [1.0; 3]), 10));
     h.spawn_client("stuck", Behaviour::Stall(Duration::from_secs(5)));
-    let started = std::time::Instant::now();
+    // The stuck client would answer after 5 s; the round deadline is 1.5 s.
     let s = h
         .run(1, 2, 3, Duration::from_millis(1500), model(0.0, [0.0; 3]))
         .await;
-    // Well before the stuck client would have answered.
-    assert!(started.elapsed() < Duration::from_secs(15));
     let r = &s.rounds[0];
     assert_eq!((r.succeeded, r.failed), (2, 1));
     assert_eq!(r.failures_by_reason.get("timeout"), Some(&1));
