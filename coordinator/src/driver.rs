@@ -94,6 +94,9 @@ pub struct RoundDriver {
     run_id: String,
     on_round: Option<RoundCallback>,
     rng: ChaCha8Rng,
+    /// The last global model encoded, so that the checkpoint, the next round's fit and the
+    /// federated evaluation share one encoding instead of hashing the model three times.
+    encoded: Option<(Arc<Parameters>, EncodedBlob)>,
 }
 
 /// Which instruction a fan-out sends.
@@ -153,6 +156,7 @@ impl RoundDriver {
             run_id: "unrecorded".into(),
             on_round: None,
             rng,
+            encoded: None,
         }
     }
 
@@ -414,14 +418,30 @@ impl RoundDriver {
         }
         .with_counters(&delta);
         if let Some(run) = self.run.clone() {
-            let model = (record.status == RoundStatus::Ok).then(|| global.clone());
+            let model = match record.status {
+                RoundStatus::Ok => Some(self.encode(global).await?),
+                RoundStatus::Failed => None,
+            };
             let rec = record.clone();
-            tokio::task::spawn_blocking(move || run.record_round(&rec, model.as_deref()))
+            tokio::task::spawn_blocking(move || run.record_round(&rec, model.as_ref()))
                 .await?
                 .map_err(|source| DriverError::Record { round, source })?;
         }
         record.seconds = started.elapsed().as_secs_f64();
         Ok(record)
+    }
+
+    /// The safetensors encoding of `global`, computed once per model (off the async threads).
+    async fn encode(&mut self, global: &Arc<Parameters>) -> Result<EncodedBlob, DriverError> {
+        if let Some((model, blob)) = &self.encoded
+            && Arc::ptr_eq(model, global)
+        {
+            return Ok(blob.clone());
+        }
+        let params = global.clone();
+        let blob = tokio::task::spawn_blocking(move || params.encode()).await?;
+        self.encoded = Some((global.clone(), blob.clone()));
+        Ok(blob)
     }
 
     /// Sends one instruction per sampled client, all sharing one encoding of the global model.
@@ -491,9 +511,8 @@ impl RoundDriver {
         ),
         DriverError,
     > {
-        let params = global.clone();
-        // Encoded once per round; every instruction shares these bytes.
-        let blob: EncodedBlob = tokio::task::spawn_blocking(move || params.encode()).await?;
+        // Every instruction shares these bytes.
+        let blob = self.encode(global).await?;
         let deadline = tokio::time::Instant::now() + self.config.round_timeout;
         let deadline_unix_ms = unix_ms(SystemTime::now() + self.config.round_timeout);
         let (open, mut failures) = self
@@ -565,8 +584,7 @@ impl RoundDriver {
         if instructions.is_empty() {
             return Ok(None);
         }
-        let params = global.clone();
-        let blob = tokio::task::spawn_blocking(move || params.encode()).await?;
+        let blob = self.encode(global).await?;
         let deadline = tokio::time::Instant::now() + self.config.round_timeout;
         let deadline_unix_ms = unix_ms(SystemTime::now() + self.config.round_timeout);
         let (open, mut failures) = self

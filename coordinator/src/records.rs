@@ -15,7 +15,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use pollen_proto::Parameters;
+use pollen_proto::blob::EncodedBlob;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
@@ -319,13 +319,13 @@ impl RunHandle {
     pub fn record_round(
         &self,
         record: &RoundRecord,
-        model: Option<&Parameters>,
+        model: Option<&EncodedBlob>,
     ) -> Result<(), RecordError> {
         let checkpoint = match model {
-            Some(p) => {
+            Some(blob) => {
                 let path = self.checkpoint_path(record.round);
                 let tmp = path.with_extension("safetensors.tmp");
-                fs::write(&tmp, &p.encode().bytes).map_err(io(&tmp))?;
+                fs::write(&tmp, &blob.bytes).map_err(io(&tmp))?;
                 fs::rename(&tmp, &path).map_err(io(&path))?;
                 Some(path.display().to_string())
             }
