@@ -4,9 +4,11 @@
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
+use pollen_proto::device::BlobGet;
 use pollen_proto::fleet::{
     ClientMessage, EvaluateRes, Failure, FailureCode, FitRes, Join, ParametersRes, ServerMessage,
-    client_message::Msg as ClientMsg, fleet_client::FleetClient, server_message::Msg as ServerMsg,
+    Upload, Weights, client_message::Msg as ClientMsg, fleet_client::FleetClient,
+    server_message::Msg as ServerMsg, weights::Body,
 };
 use pollen_proto::limits::MAX_GRPC_MESSAGE_BYTES;
 use pollen_proto::scalar::ScalarMap;
@@ -83,9 +85,14 @@ pub trait Client: Send + 'static {
 #[derive(Debug, thiserror::Error)]
 pub enum FleetClientError {
     #[error("cannot reach the coordinator at {endpoint}: {source}")]
-    Connect {
+    Transport {
         endpoint: String,
         source: tonic::transport::Error,
+    },
+    #[error("client for {endpoint}: {source_message}")]
+    Connect {
+        endpoint: String,
+        source_message: String,
     },
     #[error("coordinator refused the stream: {0}")]
     Refused(tonic::Status),
@@ -124,14 +131,14 @@ pub async fn run_client<C: Client>(
     shutdown: CancellationToken,
 ) -> Result<Exit, FleetClientError> {
     let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
-        .map_err(|source| FleetClientError::Connect {
+        .map_err(|source| FleetClientError::Transport {
             endpoint: endpoint.to_string(),
             source,
         })?
         .tcp_nodelay(true)
         .connect()
         .await
-        .map_err(|source| FleetClientError::Connect {
+        .map_err(|source| FleetClientError::Transport {
             endpoint: endpoint.to_string(),
             source,
         })?;
@@ -160,6 +167,11 @@ pub async fn run_client<C: Client>(
 
     let client = Arc::new(Mutex::new(client));
     let cancelled: Arc<Mutex<HashSet<u64>>> = Arc::default();
+    // Only used when the coordinator sends weights by reference (presigned URLs).
+    let http = crate::agent::transfer::http_client().map_err(|e| FleetClientError::Connect {
+        endpoint: endpoint.to_string(),
+        source_message: format!("cannot build the HTTP client for weight transfers: {e}"),
+    })?;
     loop {
         let msg = tokio::select! {
             m = inbound.message() => m,
@@ -187,18 +199,14 @@ pub async fn run_client<C: Client>(
             work => {
                 let (client, tx, cancelled) = (client.clone(), tx.clone(), cancelled.clone());
                 let slots = options.compute_slots.clone();
+                let http = http.clone();
                 // Work runs in its own task so that Cancel and Stop are still read meanwhile.
                 tokio::spawn(async move {
                     let _permit = match &slots {
                         Some(s) => Some(s.clone().acquire_owned().await),
                         None => None,
                     };
-                    let reply = tokio::task::spawn_blocking(move || {
-                        let mut c = client.lock().unwrap_or_else(|e| e.into_inner());
-                        answer(&mut *c, work)
-                    })
-                    .await;
-                    let Ok(Some((request_id, reply))) = reply else {
+                    let Some((request_id, reply)) = answer(client, work, &http).await else {
                         return;
                     };
                     if cancelled
@@ -227,15 +235,99 @@ fn failure(request_id: u64, round: u64, e: ClientError) -> ClientMessage {
     }
 }
 
+fn transfer_error(e: crate::agent::transfer::TransferError) -> ClientError {
+    ClientError {
+        code: e.failure_code(),
+        message: e.to_string(),
+    }
+}
+
+/// The parameters wire weights stand for: inline bytes decoded, or a reference downloaded from
+/// its presigned URL (size, digest and codec checked).
+async fn fetch(
+    weights: Option<Weights>,
+    http: &reqwest::Client,
+) -> Result<Parameters, ClientError> {
+    match weights.and_then(|w| w.body) {
+        Some(Body::Reference(r)) => {
+            if r.url.is_empty() {
+                return Err(ClientError::bad_instruction(format!(
+                    "weights by reference ({}) without a URL; this client holds no storage credentials",
+                    r.location
+                )));
+            }
+            let get = BlobGet {
+                url: r.url,
+                sha256: r.sha256,
+                size_bytes: r.size_bytes,
+                codec: r.codec,
+            };
+            crate::agent::transfer::download(http, &get)
+                .await
+                .map_err(transfer_error)
+        }
+        body => {
+            let weights = Weights { body };
+            tokio::task::spawn_blocking(move || Parameters::from_wire(&weights, None))
+                .await
+                .map_err(|e| ClientError::training(format!("decoding task failed: {e}")))?
+                .map_err(ClientError::from)
+        }
+    }
+}
+
+/// Encodes an answer's weights: inline, or uploaded to the presigned PUT the coordinator gave
+/// and named by its key.
+async fn deliver(
+    parameters: Parameters,
+    upload: Option<Upload>,
+    http: &reqwest::Client,
+) -> Result<Weights, ClientError> {
+    let blob = tokio::task::spawn_blocking(move || parameters.encode())
+        .await
+        .map_err(|e| ClientError::training(format!("encoding task failed: {e}")))?;
+    match upload {
+        None => Ok(blob.to_inline()),
+        Some(Upload { location, url }) => {
+            crate::agent::transfer::upload(http, &url, blob.bytes.clone())
+                .await
+                .map_err(transfer_error)?;
+            Ok(blob.to_reference(location, ""))
+        }
+    }
+}
+
+/// Runs `f` on the client on a blocking thread.
+async fn compute<C: Client, T: Send + 'static>(
+    client: Arc<Mutex<C>>,
+    f: impl FnOnce(&mut C) -> Result<T, ClientError> + Send + 'static,
+) -> Result<T, ClientError> {
+    tokio::task::spawn_blocking(move || {
+        let mut c = client.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut *c)
+    })
+    .await
+    .map_err(|e| ClientError::training(format!("client task failed: {e}")))?
+}
+
 /// Runs one instruction on the client, returning its request id and the message to send.
-fn answer<C: Client + ?Sized>(client: &mut C, work: ServerMsg) -> Option<(u64, ClientMessage)> {
+async fn answer<C: Client>(
+    client: Arc<Mutex<C>>,
+    work: ServerMsg,
+    http: &reqwest::Client,
+) -> Option<(u64, ClientMessage)> {
     match work {
         ServerMsg::GetParameters(ins) => {
-            let msg = match client.get_parameters(&ins.config) {
-                Ok(p) => ClientMessage {
+            let config = ins.config;
+            let result = match compute(client, move |c| c.get_parameters(&config)).await {
+                Ok(p) => deliver(p, ins.upload, http).await,
+                Err(e) => Err(e),
+            };
+            let msg = match result {
+                Ok(weights) => ClientMessage {
                     msg: Some(ClientMsg::Parameters(ParametersRes {
                         request_id: ins.request_id,
-                        weights: Some(p.encode().to_inline()),
+                        weights: Some(weights),
                     })),
                 },
                 Err(e) => failure(ins.request_id, 0, e),
@@ -243,38 +335,46 @@ fn answer<C: Client + ?Sized>(client: &mut C, work: ServerMsg) -> Option<(u64, C
             Some((ins.request_id, msg))
         }
         ServerMsg::Fit(ins) => {
-            let result = Parameters::from_wire(&ins.weights.unwrap_or_default(), None)
-                .map_err(ClientError::from)
-                .and_then(|p| client.fit(ins.round, p, &ins.config));
+            let (round, config) = (ins.round, ins.config);
+            let result = async {
+                let global = fetch(ins.weights, http).await?;
+                let fit = compute(client, move |c| c.fit(round, global, &config)).await?;
+                let weights = deliver(fit.parameters, ins.upload, http).await?;
+                Ok::<_, ClientError>((weights, fit.num_examples, fit.metrics))
+            }
+            .await;
             let msg = match result {
-                Ok(fit) => ClientMessage {
+                Ok((weights, num_examples, metrics)) => ClientMessage {
                     msg: Some(ClientMsg::Fit(FitRes {
                         request_id: ins.request_id,
-                        round: ins.round,
-                        weights: Some(fit.parameters.encode().to_inline()),
-                        num_examples: fit.num_examples,
-                        metrics: fit.metrics,
+                        round,
+                        weights: Some(weights),
+                        num_examples,
+                        metrics,
                     })),
                 },
-                Err(e) => failure(ins.request_id, ins.round, e),
+                Err(e) => failure(ins.request_id, round, e),
             };
             Some((ins.request_id, msg))
         }
         ServerMsg::Evaluate(ins) => {
-            let result = Parameters::from_wire(&ins.weights.unwrap_or_default(), None)
-                .map_err(ClientError::from)
-                .and_then(|p| client.evaluate(ins.round, p, &ins.config));
+            let (round, config) = (ins.round, ins.config);
+            let result = async {
+                let global = fetch(ins.weights, http).await?;
+                compute(client, move |c| c.evaluate(round, global, &config)).await
+            }
+            .await;
             let msg = match result {
                 Ok(ev) => ClientMessage {
                     msg: Some(ClientMsg::Evaluate(EvaluateRes {
                         request_id: ins.request_id,
-                        round: ins.round,
+                        round,
                         loss: ev.loss,
                         num_examples: ev.num_examples,
                         metrics: ev.metrics,
                     })),
                 },
-                Err(e) => failure(ins.request_id, ins.round, e),
+                Err(e) => failure(ins.request_id, round, e),
             };
             Some((ins.request_id, msg))
         }

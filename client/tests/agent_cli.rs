@@ -39,3 +39,55 @@ fn an_unreachable_coordinator_is_named_in_the_error() {
         "{stderr}"
     );
 }
+
+#[test]
+fn the_default_config_is_printed_and_parses_back() {
+    let out = Command::new(env!("CARGO_BIN_EXE_pollen-agent"))
+        .arg("--print-default-config")
+        .output()
+        .expect("agent runs");
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).expect("UTF-8");
+    let parsed = pollen_client::AgentConfig::from_toml(&text, "printed").expect("parses");
+    assert_eq!(parsed, pollen_client::AgentConfig::default());
+}
+
+#[test]
+fn mqtt_mode_without_a_device_id_says_how_to_set_one() {
+    let out = Command::new(env!("CARGO_BIN_EXE_pollen-agent"))
+        .env_remove("POLLEN_DEVICE_ID")
+        .env_remove("POLLEN_AGENT_CONFIG")
+        .env_remove("POLLEN_COORDINATOR")
+        .env_remove("POLLEN_CLIENT_ID")
+        .output()
+        .expect("agent runs");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("device_id: is not set") && stderr.contains("--device-id"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_config_file_error_names_the_file_and_the_field() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("agent.toml");
+    std::fs::write(&path, "device_id = \"gw-1\"\nheartbeat = \"0s\"\n").expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_pollen-agent"))
+        .arg("--config")
+        .arg(&path)
+        .env_remove("POLLEN_COORDINATOR")
+        .env_remove("POLLEN_CLIENT_ID")
+        .output()
+        .expect("agent runs");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "{}: heartbeat: must be longer than zero",
+            path.display()
+        )),
+        "{stderr}"
+    );
+}

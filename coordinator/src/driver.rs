@@ -12,8 +12,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use pollen_proto::blob::EncodedBlob;
 use pollen_proto::fleet::{
-    EvaluateIns, FailureCode, FitIns, GetParametersIns, ServerMessage, Stop,
-    server_message::Msg as ServerMsg,
+    EvaluateIns, FailureCode, FitIns, GetParametersIns, ServerMessage, Stop, Upload, Weights,
+    server_message::Msg as ServerMsg, weights::Body,
 };
 use pollen_proto::{Parameters, TensorSpec, scalar};
 use rand::SeedableRng;
@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use crate::counters::Counters;
 use crate::records::{FailureRecord, RoundRecord, RoundStatus, RunHandle};
 use crate::registry::{Registry, Reply};
+use crate::storage::{BlobStore, StoreError};
 use crate::strategy::{
     ClientFailure, EvaluateSummary, Evaluation, FailureReason, FitSummary, Instruction, Strategy,
 };
@@ -72,6 +73,8 @@ pub enum DriverError {
     },
     #[error("a driver task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// What a finished run returns.
@@ -95,8 +98,13 @@ pub struct RoundDriver {
     on_round: Option<RoundCallback>,
     rng: ChaCha8Rng,
     /// The last global model encoded, so that the checkpoint, the next round's fit and the
-    /// federated evaluation share one encoding instead of hashing the model three times.
-    encoded: Option<(Arc<Parameters>, EncodedBlob)>,
+    /// federated evaluation share one encoding instead of hashing the model three times; with
+    /// object storage, also the key it was written to (written once, read by every device).
+    encoded: Option<(Arc<Parameters>, EncodedBlob, Option<String>)>,
+    /// Weights go by reference through this store when set, inline otherwise.
+    store: Option<Arc<BlobStore>>,
+    /// The round that produced the current global model (0 = initial), naming its object key.
+    global_round: u64,
 }
 
 /// Which instruction a fan-out sends.
@@ -106,8 +114,17 @@ enum Phase {
     Evaluate,
 }
 
-/// An instruction that reached its client: (client id, request id, reply receiver).
-type OpenRequest = (String, u64, oneshot::Receiver<Reply>);
+/// An instruction that reached its client.
+struct OpenRequest {
+    client_id: String,
+    request_id: u64,
+    rx: oneshot::Receiver<Reply>,
+    /// The only object key its answer may name (weights by reference).
+    upload_location: Option<String>,
+}
+
+/// Largest blob accepted as a client's initial model (no shapes to check it against yet).
+const MAX_INITIAL_BLOB_BYTES: u64 = pollen_proto::limits::MAX_GRPC_MESSAGE_BYTES as u64;
 
 /// The outcome of one fit request, decided inside its own task.
 enum FitOutcome {
@@ -157,7 +174,22 @@ impl RoundDriver {
             on_round: None,
             rng,
             encoded: None,
+            store: None,
+            global_round: 0,
         }
+    }
+
+    /// Sends weights by reference through `store` (presigned URLs) instead of inline.
+    pub fn with_store(mut self, store: Arc<BlobStore>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// Presigned URLs must outlive the round: a device may start its upload just before the
+    /// deadline.
+    fn presign_ttl(&self) -> Duration {
+        (self.config.round_timeout + Duration::from_secs(60))
+            .min(Duration::from_secs(7 * 24 * 3600))
     }
 
     /// Records rounds, checkpoints and status into this run.
@@ -261,12 +293,24 @@ impl RoundDriver {
         let client = clients
             .first()
             .ok_or_else(|| DriverError::NoInitialParameters("no client connected".into()))?;
+        let upload = match &self.store {
+            Some(store) => {
+                let key = store.initial_key(&self.run_id, &client.id);
+                let url = store.presign_put(&key, self.presign_ttl()).await?;
+                Some(Upload { location: key, url })
+            }
+            None => None,
+        };
+        let expected = upload.as_ref().map(|u| u.location.clone());
+        let run_id = self.run_id.clone();
         let (_, rx) = self
             .registry
             .request(&client.id, 0, |request_id| ServerMessage {
                 msg: Some(ServerMsg::GetParameters(GetParametersIns {
                     request_id,
                     config: Default::default(),
+                    upload,
+                    run_id,
                 })),
             })
             .await
@@ -280,14 +324,16 @@ impl RoundDriver {
                 DriverError::NoInitialParameters(format!("client {} disconnected", client.id))
             })?;
         match reply {
-            Reply::Parameters(p) => {
-                let weights = p.weights.unwrap_or_default();
-                tokio::task::spawn_blocking(move || Parameters::from_wire(&weights, None))
-                    .await?
-                    .map_err(|e| {
-                        DriverError::NoInitialParameters(format!("client {}: {e}", client.id))
-                    })
-            }
+            Reply::Parameters(p) => resolve_weights(
+                p.weights.unwrap_or_default(),
+                expected.as_deref(),
+                self.store.as_deref(),
+                None,
+                MAX_INITIAL_BLOB_BYTES,
+            )
+            .await
+            .map(|(params, _)| params)
+            .map_err(|e| DriverError::NoInitialParameters(format!("client {}: {e}", client.id))),
             other => Err(DriverError::NoInitialParameters(format!(
                 "client {} answered get-parameters with {other:?}",
                 client.id
@@ -324,11 +370,19 @@ impl RoundDriver {
         let instructions = lock(&self.strategy).configure_fit(round, &available, &mut self.rng);
 
         let fit_started = Instant::now();
+        let mut store_error = None;
         let (results, failures, aggregator_out) = if instructions.is_empty() {
             (Vec::new(), Vec::new(), None)
         } else {
-            let (r, f, a) = self.fit(round, global, specs, instructions.clone()).await?;
-            (r, f, Some(a))
+            match self.fit(round, global, specs, instructions.clone()).await {
+                Ok((r, f, a)) => (r, f, Some(a)),
+                // Storage trouble costs this round, not the run: the model stays as it was.
+                Err(DriverError::Store(e)) => {
+                    store_error = Some(format!("round {round}: {e}"));
+                    (Vec::new(), Vec::new(), None)
+                }
+                Err(e) => return Err(e),
+            }
         };
         let fit_seconds = fit_started.elapsed().as_secs_f64();
 
@@ -339,10 +393,12 @@ impl RoundDriver {
         match aggregator_out {
             None => {
                 status = RoundStatus::Failed;
-                error = Some(format!(
-                    "round {round}: {} clients connected, fewer than min_available_clients = {needed}",
-                    available.len()
-                ));
+                error = Some(store_error.unwrap_or_else(|| {
+                    format!(
+                        "round {round}: {} clients connected, fewer than min_available_clients = {needed}",
+                        available.len()
+                    )
+                }));
             }
             Some(aggregator) => {
                 let strategy = self.strategy.clone();
@@ -354,6 +410,7 @@ impl RoundDriver {
                 match outcome {
                     Ok((Some(p), metrics)) => {
                         *global = Arc::new(p);
+                        self.global_round = round;
                         train_metrics = metrics;
                     }
                     Ok((None, metrics)) => train_metrics = metrics,
@@ -371,7 +428,13 @@ impl RoundDriver {
 
         let eval_started = Instant::now();
         let central = self.evaluate_centralized(round, global).await?;
-        let federated = self.federated_evaluate(round, global).await?;
+        let federated = match self.federated_evaluate(round, global).await {
+            Err(DriverError::Store(e)) => {
+                tracing::warn!("round {round}: federated evaluation skipped: {e}");
+                None
+            }
+            other => other?,
+        };
         let evaluate_seconds = eval_started.elapsed().as_secs_f64();
         let shown = central.as_ref().or(federated.as_ref());
 
@@ -419,7 +482,7 @@ impl RoundDriver {
         .with_counters(&delta);
         if let Some(run) = self.run.clone() {
             let model = match record.status {
-                RoundStatus::Ok => Some(self.encode(global).await?),
+                RoundStatus::Ok => Some(self.encode(global).await?.0),
                 RoundStatus::Failed => None,
             };
             let rec = record.clone();
@@ -432,16 +495,45 @@ impl RoundDriver {
     }
 
     /// The safetensors encoding of `global`, computed once per model (off the async threads).
-    async fn encode(&mut self, global: &Arc<Parameters>) -> Result<EncodedBlob, DriverError> {
-        if let Some((model, blob)) = &self.encoded
+    async fn encode(
+        &mut self,
+        global: &Arc<Parameters>,
+    ) -> Result<(EncodedBlob, Option<String>), DriverError> {
+        if let Some((model, blob, key)) = &self.encoded
             && Arc::ptr_eq(model, global)
         {
-            return Ok(blob.clone());
+            return Ok((blob.clone(), key.clone()));
         }
         let params = global.clone();
         let blob = tokio::task::spawn_blocking(move || params.encode()).await?;
-        self.encoded = Some((global.clone(), blob.clone()));
-        Ok(blob)
+        self.encoded = Some((global.clone(), blob.clone(), None));
+        Ok((blob, None))
+    }
+
+    /// The global model as instructions carry it: inline, or written to the store once and
+    /// named by a presigned GET URL that every device of this fan-out shares.
+    async fn global_weights(
+        &mut self,
+        global: &Arc<Parameters>,
+    ) -> Result<(EncodedBlob, Weights), DriverError> {
+        let (blob, stored) = self.encode(global).await?;
+        let Some(store) = self.store.clone() else {
+            return Ok((blob.clone(), blob.to_inline()));
+        };
+        let key = match stored {
+            Some(key) => key,
+            None => {
+                let key = store.global_key(&self.run_id, self.global_round);
+                store.put(&key, blob.bytes.clone()).await?;
+                if let Some(entry) = self.encoded.as_mut() {
+                    entry.2 = Some(key.clone());
+                }
+                key
+            }
+        };
+        let url = store.presign_get(&key, self.presign_ttl()).await?;
+        let weights = blob.to_reference(key, url);
+        Ok((blob, weights))
     }
 
     /// Sends one instruction per sampled client, all sharing one encoding of the global model.
@@ -450,15 +542,25 @@ impl RoundDriver {
         &self,
         round: u64,
         instructions: Vec<Instruction>,
-        blob: &EncodedBlob,
+        (blob, weights): (&EncodedBlob, &Weights),
         deadline_unix_ms: u64,
         phase: Phase,
-    ) -> (Vec<OpenRequest>, Vec<ClientFailure>) {
-        let weights = blob.to_inline();
+    ) -> Result<(Vec<OpenRequest>, Vec<ClientFailure>), DriverError> {
         let mut open = Vec::with_capacity(instructions.len());
         let mut failures = Vec::new();
         for Instruction { client_id, config } in instructions {
             let weights = Some(weights.clone());
+            // Each fit gets its own upload key, so a device can write nothing but its update.
+            let upload = match (&self.store, phase) {
+                (Some(store), Phase::Fit) => {
+                    let key = store.update_key(&self.run_id, round, &client_id);
+                    let url = store.presign_put(&key, self.presign_ttl()).await?;
+                    Some(Upload { location: key, url })
+                }
+                _ => None,
+            };
+            let location = upload.as_ref().map(|u| u.location.clone());
+            let run_id = self.run_id.clone();
             let build = move |request_id| {
                 let msg = match phase {
                     Phase::Fit => ServerMsg::Fit(FitIns {
@@ -467,6 +569,8 @@ impl RoundDriver {
                         weights,
                         config,
                         deadline_unix_ms,
+                        upload,
+                        run_id,
                     }),
                     Phase::Evaluate => ServerMsg::Evaluate(EvaluateIns {
                         request_id,
@@ -474,6 +578,7 @@ impl RoundDriver {
                         weights,
                         config,
                         deadline_unix_ms,
+                        run_id,
                     }),
                 };
                 ServerMessage { msg: Some(msg) }
@@ -484,7 +589,12 @@ impl RoundDriver {
                         &self.registry.counters().bytes_sent,
                         blob.bytes.len() as u64,
                     );
-                    open.push((client_id, request_id, rx));
+                    open.push(OpenRequest {
+                        client_id,
+                        request_id,
+                        rx,
+                        upload_location: location,
+                    });
                 }
                 Err(e) => failures.push(failure(
                     &client_id,
@@ -493,7 +603,7 @@ impl RoundDriver {
                 )),
             }
         }
-        (open, failures)
+        Ok((open, failures))
     }
 
     /// The fit phase: fan out, fold replies as they arrive, cut off at the deadline.
@@ -511,23 +621,31 @@ impl RoundDriver {
         ),
         DriverError,
     > {
-        // Every instruction shares these bytes.
-        let blob = self.encode(global).await?;
+        // Every instruction shares these bytes (or this one stored object).
+        let (blob, weights) = self.global_weights(global).await?;
         let deadline = tokio::time::Instant::now() + self.config.round_timeout;
         let deadline_unix_ms = unix_ms(SystemTime::now() + self.config.round_timeout);
         let (open, mut failures) = self
-            .send_all(round, instructions, &blob, deadline_unix_ms, Phase::Fit)
-            .await;
+            .send_all(
+                round,
+                instructions,
+                (&blob, &weights),
+                deadline_unix_ms,
+                Phase::Fit,
+            )
+            .await?;
+        // An update is the global model's shapes again; anything much larger is not one.
+        let limit = 2 * blob.bytes.len() as u64 + 64 * 1024;
         let mut tasks = JoinSet::new();
-        for (client_id, request_id, rx) in open {
+        for request in open {
             tasks.spawn(await_fit(
                 self.registry.clone(),
-                client_id,
+                self.store.clone(),
+                request,
                 round,
-                request_id,
-                rx,
                 deadline,
                 specs.clone(),
+                limit,
             ));
         }
 
@@ -584,20 +702,26 @@ impl RoundDriver {
         if instructions.is_empty() {
             return Ok(None);
         }
-        let blob = self.encode(global).await?;
+        let (blob, weights) = self.global_weights(global).await?;
         let deadline = tokio::time::Instant::now() + self.config.round_timeout;
         let deadline_unix_ms = unix_ms(SystemTime::now() + self.config.round_timeout);
         let (open, mut failures) = self
             .send_all(
                 round,
                 instructions,
-                &blob,
+                (&blob, &weights),
                 deadline_unix_ms,
                 Phase::Evaluate,
             )
-            .await;
+            .await?;
         let mut tasks = JoinSet::new();
-        for (client_id, request_id, rx) in open {
+        for OpenRequest {
+            client_id,
+            request_id,
+            rx,
+            ..
+        } in open
+        {
             let registry = self.registry.clone();
             tasks.spawn(async move {
                 match await_reply(&registry, request_id, rx, deadline).await {
@@ -673,13 +797,19 @@ async fn await_reply(
 
 async fn await_fit(
     registry: Arc<Registry>,
-    client_id: String,
+    store: Option<Arc<BlobStore>>,
+    request: OpenRequest,
     round: u64,
-    request_id: u64,
-    rx: oneshot::Receiver<Reply>,
     deadline: tokio::time::Instant,
     specs: Arc<Vec<TensorSpec>>,
+    limit: u64,
 ) -> FitOutcome {
+    let OpenRequest {
+        client_id,
+        request_id,
+        rx,
+        upload_location,
+    } = request;
     let reply = match await_reply(&registry, request_id, rx, deadline).await {
         Ok(r) => r,
         Err((reason, message)) => return FitOutcome::Failed(failure(&client_id, reason, message)),
@@ -703,22 +833,90 @@ async fn await_fit(
     let Some(weights) = res.weights else {
         return reject("fit result carries no weights".into());
     };
-    let bytes = match &weights.body {
-        Some(pollen_proto::fleet::weights::Body::Inline(b)) => b.data.len() as u64,
-        _ => 0,
-    };
-    // Digest, decoding and NaN checks touch every byte: keep them off the async threads.
-    let decoded =
-        tokio::task::spawn_blocking(move || Parameters::from_wire(&weights, Some(&specs))).await;
-    match decoded {
-        Ok(Ok(parameters)) => FitOutcome::Update {
+    let resolved = resolve_weights(
+        weights,
+        upload_location.as_deref(),
+        store.as_deref(),
+        Some(specs),
+        limit,
+    )
+    .await;
+    // The update is folded or rejected now; its object is not needed either way.
+    if let (Some(store), Some(key)) = (store, upload_location) {
+        tokio::spawn(async move {
+            if let Err(e) = store.delete(&key).await {
+                tracing::debug!("could not delete a folded update: {e}");
+            }
+        });
+    }
+    match resolved {
+        Ok((parameters, bytes)) => FitOutcome::Update {
             client_id: client_id.clone(),
             parameters,
             num_examples: res.num_examples,
             metrics: numeric(&res.metrics),
             bytes,
         },
-        Ok(Err(e)) => reject(e.to_string()),
-        Err(e) => reject(format!("decoding task failed: {e}")),
+        Err(message) => reject(message),
+    }
+}
+
+/// Turns wire weights into parameters: inline bytes as they are, references by reading the one
+/// object key this request allowed. Digest, size, codec, shapes and finiteness are all checked;
+/// the byte work runs off the async threads. Returns the parameters and the blob size.
+async fn resolve_weights(
+    weights: Weights,
+    expected_location: Option<&str>,
+    store: Option<&BlobStore>,
+    specs: Option<Arc<Vec<TensorSpec>>>,
+    limit: u64,
+) -> Result<(Parameters, u64), String> {
+    let decode = |bytes: bytes::Bytes, sha256: String, codec: i32| async move {
+        let size = bytes.len() as u64;
+        tokio::task::spawn_blocking(move || {
+            pollen_proto::blob::verify(&bytes, &sha256, codec)?;
+            Parameters::decode(&bytes, specs.as_deref().map(|s| s.as_slice()))
+        })
+        .await
+        .map_err(|e| format!("decoding task failed: {e}"))?
+        .map(|p| (p, size))
+        .map_err(|e| e.to_string())
+    };
+    match weights.body {
+        None => Err(pollen_proto::BlobError::Empty.to_string()),
+        Some(Body::Inline(b)) => decode(b.data, b.sha256, b.codec).await,
+        Some(Body::Reference(r)) => {
+            let Some(store) = store else {
+                return Err(format!(
+                    "weights by reference ({:?}) but this coordinator has no object storage",
+                    r.location
+                ));
+            };
+            let Some(expected) = expected_location else {
+                return Err(format!(
+                    "weights by reference ({:?}) where none was asked for",
+                    r.location
+                ));
+            };
+            if r.location != expected {
+                return Err(format!(
+                    "answer names object {:?}, but this request's upload key is {expected:?}",
+                    r.location
+                ));
+            }
+            let bytes = store
+                .get(&r.location, limit.min(r.size_bytes.max(1)))
+                .await
+                .map_err(|e| e.to_string())?;
+            if bytes.len() as u64 != r.size_bytes {
+                return Err(format!(
+                    "object {:?} is {} bytes, the answer says {}",
+                    r.location,
+                    bytes.len(),
+                    r.size_bytes
+                ));
+            }
+            decode(bytes, r.sha256, r.codec).await
+        }
     }
 }

@@ -13,6 +13,8 @@
 //! - [`records`]: run directories, `metrics.jsonl`, checkpoints, the SQLite run database.
 //! - [`counters`]: what was rejected, dropped, sent and received.
 //! - [`server`]: binds the service to a listener and wires shutdown.
+//! - [`storage`]: weight blobs in object storage (S3 API, presigned URLs) and the embedded
+//!   S3 server used when nothing else is configured.
 
 pub mod counters;
 pub mod driver;
@@ -21,6 +23,7 @@ pub mod records;
 pub mod registry;
 pub mod server;
 pub mod service;
+pub mod storage;
 pub mod strategy;
 
 pub use counters::Counters;
@@ -29,4 +32,5 @@ pub use fedavg::{FedAvg, FedAvgConfig};
 pub use records::{RoundRecord, RunStore};
 pub use registry::Registry;
 pub use service::FleetService;
+pub use storage::{BlobStore, StoreConfig};
 pub use strategy::Strategy;

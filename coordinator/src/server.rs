@@ -30,6 +30,9 @@ pub async fn serve(addr: SocketAddr, shutdown: CancellationToken) -> std::io::Re
             // Many clients multiplex little traffic; small pings keep idle NAT paths open.
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
             .tcp_nodelay(true)
+            // A proxy multiplexes one Join stream per device over a single connection; thousands
+            // of devices means thousands of concurrent streams.
+            .max_concurrent_streams(Some(1 << 20))
             .add_service(service.into_server())
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
                 shutdown.cancelled().await

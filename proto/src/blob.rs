@@ -89,6 +89,20 @@ pub struct EncodedBlob {
 }
 
 impl EncodedBlob {
+    /// Wire weights naming this blob by reference: `location` is its object key, `url` a
+    /// presigned GET for it (empty when the receiver reads the store itself).
+    pub fn to_reference(&self, location: impl Into<String>, url: impl Into<String>) -> Weights {
+        Weights {
+            body: Some(Body::Reference(crate::fleet::BlobRef {
+                location: location.into(),
+                sha256: self.sha256.clone(),
+                size_bytes: self.bytes.len() as u64,
+                codec: Codec::SafetensorsF32 as i32,
+                url: url.into(),
+            })),
+        }
+    }
+
     /// The blob as inline wire weights.
     pub fn to_inline(&self) -> Weights {
         Weights {

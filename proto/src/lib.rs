@@ -9,9 +9,13 @@
 //! - [`blob`]: the weight-blob format (safetensors of named f32 tensors + SHA-256) and
 //!   [`blob::Parameters`], the model-agnostic weights every component exchanges.
 //! - [`scalar`]: conversions between wire [`fleet::Scalar`] maps and Rust values.
+//! - `mqtt` (feature `mqtt`): broker URLs (`mqtt://`, `mqtts://` + X.509 files) to `rumqttc`
+//!   options with Pollen's packet limits.
 //! - [`limits`]: message-size limits chosen deliberately (tonic defaults to 4 MiB).
 
 pub mod blob;
+#[cfg(feature = "mqtt")]
+pub mod mqtt;
 pub mod scalar;
 pub mod topics;
 

@@ -1,25 +1,88 @@
-//! Whole simulations: real models, real data, real gRPC on loopback.
+//! Whole simulations: real models, real data, over the device path (proxy, MQTT, S3) and over
+//! direct gRPC.
 
 use pollen_client::ModelKind;
+use pollen_proto::mqtt::BrokerConfig;
 use pollen_workflows::RunSpec;
-use pollen_workflows::simulate::{SimulateOptions, simulate};
+use pollen_workflows::simulate::{SimulateOptions, Transport, simulate};
 use pollen_workflows::spec::StrategySpec;
 use tokio_util::sync::CancellationToken;
 
-async fn run(spec: RunSpec) -> (pollen_workflows::simulate::Simulation, tempfile::TempDir) {
+async fn run_with(
+    spec: RunSpec,
+    transport: Transport,
+    broker: Option<BrokerConfig>,
+) -> (pollen_workflows::simulate::Simulation, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let sim = simulate(
-        &spec,
-        &SimulateOptions {
-            runs_dir: dir.path().to_path_buf(),
-            parallelism: None,
-        },
-        CancellationToken::new(),
-        |_| {},
-    )
-    .await
-    .expect("simulation runs");
+    let mut options = SimulateOptions::new(dir.path());
+    options.transport = transport;
+    options.broker = broker;
+    let sim = simulate(&spec, &options, CancellationToken::new(), |_| {})
+        .await
+        .expect("simulation runs");
     (sim, dir)
+}
+
+async fn run(spec: RunSpec) -> (pollen_workflows::simulate::Simulation, tempfile::TempDir) {
+    run_with(spec, Transport::Grpc, None).await
+}
+
+/// 6 devices with 10,000 examples each, all sampled, 3 rounds, evaluated on 2,000 test images.
+fn small_2nn() -> RunSpec {
+    let mut spec = RunSpec::default_spec();
+    spec.rounds = 3;
+    spec.data.clients = 6;
+    let StrategySpec::Fedavg(f) = &mut spec.strategy;
+    f.fraction_fit = 0.5;
+    f.min_available_clients = 6;
+    spec.round_timeout = std::time::Duration::from_secs(60);
+    spec.evaluate.test_examples = Some(2000);
+    spec
+}
+
+fn assert_learns(sim: &pollen_workflows::simulate::Simulation) {
+    let initial = sim.summary.initial_evaluation.as_ref().expect("round 0");
+    let accs: Vec<f64> = sim
+        .summary
+        .rounds
+        .iter()
+        .map(|r| r.accuracy.expect("evaluated"))
+        .collect();
+    assert!(initial.metrics["accuracy"] < 0.3, "{initial:?}");
+    assert!(accs[2] > 0.88, "after 3 rounds: {accs:?}");
+    for r in &sim.summary.rounds {
+        assert_eq!(
+            (r.sampled, r.succeeded, r.failed),
+            (3, 3, 0),
+            "{:?}",
+            r.failures
+        );
+        assert!(r.bytes_received > 0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_3_round_run_over_mosquitto_and_embedded_s3_improves_accuracy() {
+    let addr: std::net::SocketAddr = "127.0.0.1:1883".parse().expect("addr");
+    std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2)).unwrap_or_else(
+        |e| panic!("Mosquitto is not reachable on {addr} ({e}); start it with `mosquitto -d`"),
+    );
+    let broker = BrokerConfig::new("mqtt://127.0.0.1:1883");
+    let (sim, dir) = run_with(small_2nn(), Transport::Device, Some(broker)).await;
+    assert_learns(&sim);
+    // The global models went through the S3 folder, once per round.
+    let objects = dir.path().join("s3/pollen/runs").join(&sim.run_id);
+    assert!(
+        objects.join("round-0000/global.safetensors").exists(),
+        "{objects:?}"
+    );
+    assert!(objects.join("round-0002/global.safetensors").exists());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_default_simulation_uses_the_embedded_broker_and_s3() {
+    let (sim, _dir) = run_with(small_2nn(), Transport::Device, None).await;
+    assert_learns(&sim);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -66,7 +129,8 @@ async fn the_cnn_learns_in_a_two_round_federated_run() {
     spec.train.learning_rate = 0.05;
     spec.evaluate.test_examples = Some(1000);
     spec.evaluate.batch_size = 250;
-    let (sim, _dir) = run(spec).await;
+    // Over the device path: 6.65 MB blobs through S3, only URLs over MQTT.
+    let (sim, _dir) = run_with(spec, Transport::Device, None).await;
     let acc = sim.summary.rounds[1].accuracy.expect("evaluated");
     assert_eq!(sim.summary.rounds[1].succeeded, 6);
     assert!(acc > 0.85, "CNN accuracy after 2 rounds: {acc}");

@@ -2,9 +2,15 @@
 //!
 //! # Layout
 //! - [`spec`]: run specs (TOML), validated, saved with every run.
-//! - [`simulate`]: coordinator + simulated clients in one process over loopback gRPC.
+//! - [`simulate`]: coordinator + simulated clients in one process, over the device path
+//!   (proxy, MQTT, S3) or direct gRPC.
+//! - [`run`]: storage, strategy and driver wiring shared by every command; `pollen run` on a
+//!   real fleet (discover, select, bridge, train).
+//! - [`broker`]: the embedded MQTT broker (rumqttd).
 //! - `bin/pollen.rs`: the CLI (argument parsing, tracing, output).
 
+pub mod broker;
+pub mod run;
 pub mod simulate;
 pub mod spec;
 

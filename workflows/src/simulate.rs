@@ -1,21 +1,42 @@
-//! `pollen simulate`: a coordinator and N simulated clients in one process, talking real gRPC
-//! over loopback, training real models.
+//! `pollen simulate`: a coordinator and N simulated clients in one process, training real
+//! models over the real protocols.
+//!
+//! By default the clients are edge agents behind the device path, exactly as in production:
+//! coordinator --gRPC--> proxy bridges --MQTT (embedded broker)--> agents, with weights through
+//! the embedded S3 server and presigned URLs. `Transport::Grpc` keeps the direct gRPC clients
+//! with inline weights (the algorithm fast path).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
+use pollen_client::TrainerClient;
+use pollen_client::agent::{Agent, AgentOptions};
 use pollen_client::fleet::ClientOptions;
 use pollen_client::mnist::{Mnist, MnistSplit};
 use pollen_client::trainer::{self, LocalData};
-use pollen_client::{TrainerClient, model};
 use pollen_coordinator::strategy::Evaluation;
-use pollen_coordinator::{DriverConfig, FedAvg, RoundDriver, RoundRecord, RunStore, RunSummary};
+use pollen_coordinator::{RoundRecord, RunSummary, StoreConfig};
+use pollen_proto::mqtt::BrokerConfig;
+use pollen_proxy::{Proxy, ProxyConfig, Selection};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::spec::{RunSpec, StrategySpec};
+use crate::broker::start_embedded_broker;
+use crate::run::{DriveOptions, Storage, open_storage};
+use crate::spec::RunSpec;
+
+/// How simulated clients reach the coordinator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Transport {
+    /// The production device path: proxy bridges + MQTT agents + weights through S3.
+    #[default]
+    Device,
+    /// Direct gRPC Fleet clients, weights inline (the algorithm fast path).
+    Grpc,
+}
 
 /// Where and how a simulation runs.
 pub struct SimulateOptions {
@@ -23,6 +44,24 @@ pub struct SimulateOptions {
     pub runs_dir: PathBuf,
     /// Clients training at once; defaults to the number of cores.
     pub parallelism: Option<usize>,
+    pub transport: Transport,
+    /// External broker for the device path; `None` starts the embedded one.
+    pub broker: Option<BrokerConfig>,
+    /// External object storage for the device path; `None` starts the embedded S3 server over
+    /// `<runs_dir>/s3`.
+    pub s3: Option<StoreConfig>,
+}
+
+impl SimulateOptions {
+    pub fn new(runs_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            runs_dir: runs_dir.into(),
+            parallelism: None,
+            transport: Transport::Device,
+            broker: None,
+            s3: None,
+        }
+    }
 }
 
 /// What a simulation returns.
@@ -76,33 +115,34 @@ pub async fn simulate(
         .split(&train.labels, spec.data.clients, spec.seed)
         .context("partitioning the training set")?;
 
-    let store = RunStore::open(&options.runs_dir)
-        .with_context(|| format!("opening {}", options.runs_dir.display()))?;
-    let run = Arc::new(store.create_run(&spec.name, &spec.to_toml(), spec.seed, spec.rounds)?);
+    let run = crate::run::create_run(spec, &options.runs_dir)?;
     let run_id = run.id().to_string();
     let run_dir = run.dir().to_path_buf();
 
     let stop_all = CancellationToken::new();
+    let storage = match options.transport {
+        Transport::Grpc => Storage::Inline,
+        Transport::Device => match &options.s3 {
+            Some(config) => Storage::External(config.clone()),
+            None => Storage::Embedded {
+                root: options.runs_dir.join("s3"),
+                listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            },
+        },
+    };
+    let storage = open_storage(&storage, stop_all.clone()).await?;
     let server =
         pollen_coordinator::server::serve(SocketAddr::from(([127, 0, 0, 1], 0)), stop_all.clone())
             .await
             .context("binding the coordinator on 127.0.0.1")?;
     let endpoint = format!("http://{}", server.addr);
 
-    let StrategySpec::Fedavg(fedavg) = &spec.strategy;
-    let initial = model::initial_parameters(spec.model, spec.seed)?;
-    let mut strategy = FedAvg::new(fedavg.clone())
-        .with_initial_parameters(initial)
-        .with_fit_config(spec.fit_config());
-    if spec.evaluate.centralized {
-        strategy = strategy.with_evaluate_fn(centralized_evaluator(spec, test.clone()));
-    }
-
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let slots = Arc::new(Semaphore::new(options.parallelism.unwrap_or(cores).max(1)));
-    let mut clients = tokio::task::JoinSet::new();
-    for (i, indices) in parts.into_iter().enumerate() {
-        let client = TrainerClient {
+    let clients: Vec<TrainerClient> = parts
+        .into_iter()
+        .enumerate()
+        .map(|(i, indices)| TrainerClient {
             model: spec.model,
             train: LocalData {
                 split: train.clone(),
@@ -110,36 +150,108 @@ pub async fn simulate(
             },
             test: None,
             seed: spec.seed.wrapping_add(i as u64 + 1),
-        };
-        let (endpoint, stop) = (endpoint.clone(), stop_all.clone());
-        let opts = ClientOptions {
-            compute_slots: Some(slots.clone()),
-            ..Default::default()
-        };
-        let id = format!("sim-{i:04}");
-        clients.spawn(async move {
-            if let Err(e) = pollen_client::run_client(&endpoint, &id, client, opts, stop).await {
-                tracing::warn!(client = %id, "client ended: {e}");
+        })
+        .collect();
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut proxy = None;
+    match options.transport {
+        Transport::Grpc => {
+            for (i, client) in clients.into_iter().enumerate() {
+                let (endpoint, stop) = (endpoint.clone(), stop_all.clone());
+                let opts = ClientOptions {
+                    compute_slots: Some(slots.clone()),
+                    ..Default::default()
+                };
+                let id = format!("sim-{i:04}");
+                tasks.spawn(async move {
+                    if let Err(e) =
+                        pollen_client::run_client(&endpoint, &id, client, opts, stop).await
+                    {
+                        tracing::warn!(client = %id, "client ended: {e}");
+                    }
+                });
             }
-        });
+        }
+        Transport::Device => {
+            let broker = match &options.broker {
+                Some(b) => b.clone(),
+                None => {
+                    let n = spec.data.clients;
+                    let embedded =
+                        tokio::task::spawn_blocking(move || start_embedded_broker(n + 8)).await??;
+                    BrokerConfig::new(embedded.url)
+                }
+            };
+            // A fleet of its own per run, so runs sharing a broker never see each other.
+            let fleet = format!("sim-{run_id}");
+            // One HTTP connection pool for all simulated devices, as one host has.
+            let http = pollen_client::agent::transfer::http_client()
+                .context("building the HTTP client for weight transfers")?;
+            for (i, client) in clients.into_iter().enumerate() {
+                let agent = Agent::new(
+                    AgentOptions {
+                        device_id: format!("sim-{i:04}"),
+                        fleet: fleet.clone(),
+                        broker: broker.clone(),
+                        heartbeat: Duration::from_secs(10),
+                        keep_alive: Duration::from_secs(30),
+                        work_dir: None,
+                        model: spec.model.name().to_string(),
+                        compute_slots: Some(slots.clone()),
+                        properties: Default::default(),
+                    },
+                    client,
+                )?
+                .with_http_client(http.clone());
+                let stop = stop_all.clone();
+                tasks.spawn(async move {
+                    if let Err(e) = agent.run(stop).await {
+                        tracing::warn!("simulated agent ended: {e}");
+                    }
+                });
+            }
+            proxy = Some(
+                Proxy::start(
+                    ProxyConfig {
+                        fleet,
+                        proxy_id: "sim".into(),
+                        coordinator: endpoint.clone(),
+                        broker,
+                        selection: Selection::default(),
+                        stale_after: Duration::from_secs(60),
+                        keep_alive: Duration::from_secs(30),
+                    },
+                    stop_all.clone(),
+                )
+                .await
+                .context("starting the device proxy")?,
+            );
+        }
     }
 
-    let driver = RoundDriver::new(
-        server.registry.clone(),
-        Box::new(strategy),
-        DriverConfig {
-            num_rounds: spec.rounds,
-            round_timeout: spec.round_timeout,
-            wait_for_clients: std::time::Duration::from_secs(60),
-            seed: spec.seed,
+    let test = spec.evaluate.centralized.then_some(test);
+    let summary = crate::run::drive(
+        spec,
+        DriveOptions {
+            registry: server.registry.clone(),
+            run,
+            store: storage.store.clone(),
+            test,
+            wait_for_clients: Duration::from_secs(60),
         },
+        on_round,
+        shutdown,
     )
-    .with_run(run)
-    .on_round(on_round);
-    let summary = driver.run(shutdown).await;
+    .await;
     stop_all.cancel();
-    while clients.join_next().await.is_some() {}
+    while tasks.join_next().await.is_some() {}
+    if let Some(proxy) = proxy {
+        proxy.join().await;
+    }
     let _ = server.handle.await;
+    if let Some(e) = storage.embedded {
+        e.join().await;
+    }
     Ok(Simulation {
         run_id,
         run_dir,

@@ -25,6 +25,36 @@ pub struct RunSpec {
     pub strategy: StrategySpec,
     pub train: TrainSpec,
     pub evaluate: EvaluateSpec,
+    /// Which devices a run on a real fleet (`pollen run`) selects from the device registry.
+    #[serde(default)]
+    pub devices: DevicesSpec,
+}
+
+/// Device selection for runs on a fleet: the most recently seen online devices of `fleet` with
+/// at least `min_examples` local examples, up to `count` (all of them when absent).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DevicesSpec {
+    #[serde(default = "default_fleet")]
+    pub fleet: String,
+    #[serde(default)]
+    pub count: Option<usize>,
+    #[serde(default)]
+    pub min_examples: u64,
+}
+
+fn default_fleet() -> String {
+    "default".into()
+}
+
+impl Default for DevicesSpec {
+    fn default() -> Self {
+        Self {
+            fleet: default_fleet(),
+            count: None,
+            min_examples: 0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -114,6 +144,11 @@ impl RunSpec {
     /// Checks values that TOML types alone cannot; the message names the field.
     pub fn validate(&self) -> Result<(), String> {
         pollen_proto::topics::validate_id("name", &self.name).map_err(|e| e.to_string())?;
+        pollen_proto::topics::validate_id("devices.fleet", &self.devices.fleet)
+            .map_err(|e| e.to_string())?;
+        if self.devices.count == Some(0) {
+            return Err("devices.count must be at least 1 (or left out for all)".into());
+        }
         if self.rounds == 0 {
             return Err("rounds must be at least 1".into());
         }

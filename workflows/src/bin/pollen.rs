@@ -2,16 +2,16 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use pollen_client::mnist::Mnist;
-use pollen_client::model;
-use pollen_coordinator::{DriverConfig, FedAvg, RoundDriver, RoundRecord, RunStore};
-use pollen_workflows::simulate::{SimulateOptions, centralized_evaluator, simulate};
-use pollen_workflows::spec::{RunSpec, StrategySpec};
+use pollen_coordinator::{RoundRecord, StoreConfig};
+use pollen_proto::mqtt::BrokerConfig;
+use pollen_proxy::{DeviceRecord, Proxy, ProxyConfig, Selection};
+use pollen_workflows::run::{DriveOptions, FleetRunOptions, Storage, open_storage};
+use pollen_workflows::simulate::{SimulateOptions, Transport, simulate};
+use pollen_workflows::spec::RunSpec;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -25,10 +25,58 @@ struct Cli {
     command: Command,
 }
 
+/// Where weight blobs go (device path).
+#[derive(Args, Clone)]
+struct StorageArgs {
+    /// S3-compatible endpoint (MinIO, Ceph, AWS) instead of the embedded S3 server.
+    /// Credentials come from the AWS environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+    /// profiles, instance roles); devices never see them.
+    #[arg(long, env = "POLLEN_S3_ENDPOINT")]
+    s3_endpoint: Option<String>,
+    #[arg(long, env = "POLLEN_S3_BUCKET", default_value = "pollen")]
+    s3_bucket: String,
+    #[arg(long, env = "AWS_REGION", default_value = "us-east-1")]
+    s3_region: String,
+    /// Virtual-hosted-style addressing instead of path-style (AWS S3 without --s3-endpoint
+    /// works either way).
+    #[arg(long)]
+    s3_virtual_hosted: bool,
+    /// Where the embedded S3 server listens; devices download from and upload to this
+    /// address, so it must be reachable from them.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    s3_listen: SocketAddr,
+}
+
+impl StorageArgs {
+    fn storage(&self, runs_dir: &std::path::Path) -> Storage {
+        match &self.s3_endpoint {
+            Some(endpoint) => Storage::External(StoreConfig {
+                endpoint: Some(endpoint.clone()),
+                region: self.s3_region.clone(),
+                bucket: self.s3_bucket.clone(),
+                path_style: !self.s3_virtual_hosted,
+                ..StoreConfig::default()
+            }),
+            None => Storage::Embedded {
+                root: runs_dir.join("s3"),
+                listen: self.s3_listen,
+            },
+        }
+    }
+
+    fn external(&self) -> Option<StoreConfig> {
+        match self.storage(std::path::Path::new(".")) {
+            Storage::External(c) => Some(c),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
-    /// Run a federated training run with simulated clients in this process (real gRPC on
-    /// loopback). Without --config: MNIST 2NN, 100 IID clients, C=0.1, E=1, B=10, lr=0.1.
+    /// Run a federated training run with simulated devices in this process. By default over
+    /// the device path (proxy, embedded MQTT broker, embedded S3); --transport grpc uses direct
+    /// gRPC clients. Without --config: MNIST 2NN, 100 IID clients, C=0.1, E=1, B=10, lr=0.1.
     Simulate {
         /// Run spec (TOML); defaults to the built-in workflows/mnist-2nn.toml.
         #[arg(long)]
@@ -39,6 +87,13 @@ enum Command {
         /// Override the spec's number of clients.
         #[arg(long)]
         clients: Option<usize>,
+        #[arg(long, value_enum, default_value_t = Transport::Device)]
+        transport: Transport,
+        /// MQTT broker for the device path (e.g. mqtt://127.0.0.1:1883); embedded when absent.
+        #[arg(long)]
+        broker: Option<String>,
+        #[command(flatten)]
+        storage: StorageArgs,
         /// Print one JSON object per round on stdout, and nothing else there.
         #[arg(long)]
         json: bool,
@@ -46,8 +101,8 @@ enum Command {
         #[arg(long, default_value = "runs")]
         runs_dir: PathBuf,
     },
-    /// Serve the Fleet gRPC API and run a spec's rounds with the clients that connect
-    /// (e.g. `pollen-agent` processes).
+    /// Serve the Fleet gRPC API and run a spec's rounds with the clients that connect:
+    /// `pollen proxy` bridges for MQTT devices, or direct `pollen-agent --coordinator` clients.
     Coordinator {
         #[arg(long)]
         config: Option<PathBuf>,
@@ -58,12 +113,73 @@ enum Command {
         rounds: Option<u64>,
         #[arg(long, default_value = "runs")]
         runs_dir: PathBuf,
+        #[command(flatten)]
+        storage: StorageArgs,
+        /// No object storage: weights travel inline in gRPC (direct clients only).
+        #[arg(long, conflicts_with = "s3_endpoint")]
+        inline_weights: bool,
         /// Print one JSON object per round on stdout.
         #[arg(long)]
         json: bool,
         /// How long to wait for min_available_clients to connect, e.g. "90s" or "10m".
         #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
         wait_for_clients: std::time::Duration,
+    },
+    /// Bridge MQTT devices to a coordinator: one Fleet client per online device of the fleet.
+    Proxy {
+        /// Coordinator Fleet endpoint.
+        #[arg(long, default_value = "http://127.0.0.1:50051")]
+        coordinator: String,
+        #[arg(long, env = "POLLEN_BROKER", default_value = "mqtt://127.0.0.1:1883")]
+        broker: String,
+        #[arg(long, default_value = "default")]
+        fleet: String,
+        /// Names this proxy's persistent MQTT session; give each proxy of a fleet its own.
+        #[arg(long, default_value = "proxy-0")]
+        proxy_id: String,
+        /// Only these devices (comma-separated); all online devices when absent.
+        #[arg(long, value_delimiter = ',')]
+        devices: Option<Vec<String>>,
+        #[arg(long, default_value_t = 0)]
+        min_examples: u64,
+        #[arg(long)]
+        max_devices: Option<usize>,
+    },
+    /// List the devices of a fleet from their retained status messages.
+    Devices {
+        #[arg(long, env = "POLLEN_BROKER", default_value = "mqtt://127.0.0.1:1883")]
+        broker: String,
+        #[arg(long, default_value = "default")]
+        fleet: String,
+        /// How long to collect status messages.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        wait: std::time::Duration,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start a run on the devices the registry holds: discover the fleet's online devices,
+    /// select them by the spec's [devices] section, bridge them and train.
+    Run {
+        /// Run spec (TOML); the built-in MNIST 2NN spec when absent.
+        spec: Option<PathBuf>,
+        #[arg(long, env = "POLLEN_BROKER", default_value = "mqtt://127.0.0.1:1883")]
+        broker: String,
+        /// Override the spec's fleet.
+        #[arg(long)]
+        fleet: Option<String>,
+        /// Override the spec's device count.
+        #[arg(long)]
+        devices: Option<usize>,
+        #[arg(long)]
+        rounds: Option<u64>,
+        #[command(flatten)]
+        storage: StorageArgs,
+        #[arg(long, default_value = "runs")]
+        runs_dir: PathBuf,
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        discovery_wait: std::time::Duration,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -141,12 +257,37 @@ fn print_summary(run_id: &str, run_dir: &std::path::Path, rounds: &[RoundRecord]
     );
 }
 
+fn print_devices(devices: &[DeviceRecord]) {
+    eprintln!(
+        "{:<24} {:<8} {:>9} {:<12} {:<10} {:>10}",
+        "DEVICE", "STATE", "EXAMPLES", "MODEL", "AGENT", "LAST SEEN"
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    for d in devices {
+        let ago = now.saturating_sub(d.last_seen_unix_ms) as f64 / 1000.0;
+        eprintln!(
+            "{:<24} {:<8} {:>9} {:<12} {:<10} {:>9.1}s",
+            d.device_id,
+            if d.online { "online" } else { "offline" },
+            d.num_examples,
+            d.model,
+            d.agent_version,
+            ago
+        );
+    }
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Simulate {
             config,
             rounds,
             clients,
+            transport,
+            broker,
+            storage,
             json,
             runs_dir,
         } => {
@@ -160,16 +301,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             spec.validate()
                 .map_err(|e| anyhow::anyhow!("invalid run: {e}"))?;
             let (bar, report) = reporter(spec.rounds, json);
-            let sim = simulate(
-                &spec,
-                &SimulateOptions {
-                    runs_dir,
-                    parallelism: None,
-                },
-                shutdown_on_ctrl_c(),
-                report,
-            )
-            .await?;
+            let mut options = SimulateOptions::new(runs_dir);
+            options.transport = transport;
+            options.broker = broker.map(BrokerConfig::new);
+            options.s3 = storage.external();
+            let sim = simulate(&spec, &options, shutdown_on_ctrl_c(), report).await?;
             bar.finish_and_clear();
             print_summary(&sim.run_id, &sim.run_dir, &sim.summary.rounds);
         }
@@ -178,6 +314,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             listen,
             rounds,
             runs_dir,
+            storage,
+            inline_weights,
             json,
             wait_for_clients,
         } => {
@@ -186,43 +324,139 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 spec.rounds = r;
             }
             let shutdown = shutdown_on_ctrl_c();
-            let server = pollen_coordinator::server::serve(listen, shutdown.clone())
+            let stop_all = CancellationToken::new();
+            let server = pollen_coordinator::server::serve(listen, stop_all.clone())
                 .await
                 .with_context(|| format!("listening on {listen}"))?;
             eprintln!("Fleet gRPC API on http://{}", server.addr);
-            let StrategySpec::Fedavg(fedavg) = &spec.strategy;
-            let mut strategy = FedAvg::new(fedavg.clone())
-                .with_initial_parameters(model::initial_parameters(spec.model, spec.seed)?)
-                .with_fit_config(spec.fit_config());
-            if spec.evaluate.centralized {
-                let dir = spec.resolve_data_dir();
-                let mnist = tokio::task::spawn_blocking(move || Mnist::load(dir)).await??;
-                strategy =
-                    strategy.with_evaluate_fn(centralized_evaluator(&spec, Arc::new(mnist.test)));
-            }
-            let store = RunStore::open(&runs_dir)?;
-            let run =
-                Arc::new(store.create_run(&spec.name, &spec.to_toml(), spec.seed, spec.rounds)?);
+            let storage = if inline_weights {
+                Storage::Inline
+            } else {
+                storage.storage(&runs_dir)
+            };
+            let storage = open_storage(&storage, stop_all.clone()).await?;
+            eprintln!("object storage: {}", storage.describe());
+            let test = pollen_workflows::run::load_test_split(&spec).await?;
+            let run = pollen_workflows::run::create_run(&spec, &runs_dir)?;
             let (run_id, run_dir) = (run.id().to_string(), run.dir().to_path_buf());
             let (bar, report) = reporter(spec.rounds, json);
-            let summary = RoundDriver::new(
-                server.registry.clone(),
-                Box::new(strategy),
-                DriverConfig {
-                    num_rounds: spec.rounds,
-                    round_timeout: spec.round_timeout,
+            let summary = pollen_workflows::run::drive(
+                &spec,
+                DriveOptions {
+                    registry: server.registry.clone(),
+                    run,
+                    store: storage.store.clone(),
+                    test,
                     wait_for_clients,
-                    seed: spec.seed,
                 },
+                report,
+                shutdown,
             )
-            .with_run(run)
-            .on_round(report)
-            .run(shutdown.clone())
+            .await;
+            bar.finish_and_clear();
+            stop_all.cancel();
+            let _ = server.handle.await;
+            let summary = summary?;
+            print_summary(&run_id, &run_dir, &summary.rounds);
+        }
+        Command::Proxy {
+            coordinator,
+            broker,
+            fleet,
+            proxy_id,
+            devices,
+            min_examples,
+            max_devices,
+        } => {
+            let shutdown = shutdown_on_ctrl_c();
+            let proxy = Proxy::start(
+                ProxyConfig {
+                    fleet: fleet.clone(),
+                    proxy_id,
+                    coordinator: coordinator.clone(),
+                    broker: BrokerConfig::new(broker.clone()),
+                    selection: Selection {
+                        devices: devices.map(|d| d.into_iter().collect()),
+                        min_examples,
+                        max_devices,
+                    },
+                    stale_after: std::time::Duration::from_secs(30),
+                    keep_alive: std::time::Duration::from_secs(30),
+                },
+                shutdown.clone(),
+            )
+            .await?;
+            eprintln!(
+                "proxy for fleet {fleet:?}: broker {broker}, coordinator {coordinator}; Ctrl-C to stop"
+            );
+            shutdown.cancelled().await;
+            let stats = proxy.stats();
+            proxy.join().await;
+            eprintln!("proxy stopped: {stats:?}");
+        }
+        Command::Devices {
+            broker,
+            fleet,
+            wait,
+            json,
+        } => {
+            let devices = pollen_proxy::discover(&BrokerConfig::new(broker), &fleet, wait).await?;
+            if json {
+                for d in &devices {
+                    println!("{}", serde_json::to_string(d)?);
+                }
+            } else {
+                print_devices(&devices);
+                eprintln!("{} devices in fleet {fleet:?}", devices.len());
+            }
+        }
+        Command::Run {
+            spec: spec_path,
+            broker,
+            fleet,
+            devices,
+            rounds,
+            storage,
+            runs_dir,
+            discovery_wait,
+            json,
+        } => {
+            let mut spec = load_spec(spec_path.as_ref())?;
+            if let Some(f) = fleet {
+                spec.devices.fleet = f;
+            }
+            if devices.is_some() {
+                spec.devices.count = devices;
+            }
+            if let Some(r) = rounds {
+                spec.rounds = r;
+            }
+            spec.validate()
+                .map_err(|e| anyhow::anyhow!("invalid run: {e}"))?;
+            let options = FleetRunOptions {
+                broker: BrokerConfig::new(broker),
+                storage: storage.storage(&runs_dir),
+                runs_dir,
+                discovery_wait,
+                stale_after: std::time::Duration::from_secs(30),
+            };
+            let (bar, report) = reporter(spec.rounds, json);
+            let fleet_name = spec.devices.fleet.clone();
+            let done = pollen_workflows::run::run_on_fleet(
+                &spec,
+                &options,
+                shutdown_on_ctrl_c(),
+                |selected| {
+                    eprintln!("fleet {fleet_name:?}: {} devices selected", selected.len());
+                    if !json {
+                        print_devices(selected);
+                    }
+                },
+                report,
+            )
             .await?;
             bar.finish_and_clear();
-            print_summary(&run_id, &run_dir, &summary.rounds);
-            shutdown.cancel();
-            let _ = server.handle.await;
+            print_summary(&done.run_id, &done.run_dir, &done.summary.rounds);
         }
     }
     Ok(())
@@ -233,7 +467,7 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,rumqttd=error")),
         )
         .init();
     let cli = Cli::parse();

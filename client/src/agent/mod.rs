@@ -1,0 +1,391 @@
+//! The MQTT edge agent: a device's side of the proxy <-> device contract.
+//!
+//! The agent keeps a persistent MQTT session (`pollen-agent-<fleet>-<device>`), listens on
+//! `pollen/<fleet>/<device>/cmd`, works on one command at a time (download the global weights
+//! from a presigned URL, train or evaluate with a [`Client`], upload the update to a presigned
+//! URL) and answers on `.../reply`. It keeps a retained [`DeviceStatus`] on `.../status`
+//! (heartbeat), whose last-will says `online = false`.
+//!
+//! Delivery is at least once: finished replies wait in an outbox (on disk when a work directory
+//! is set) until their deadline and are republished after every reconnect; the proxy drops
+//! duplicates and late ones. A command delivered twice is worked on once.
+//!
+//! # Layout
+//! - [`config`]: the `pollen-agent` TOML file and its environment overrides.
+//! - [`transfer`]: presigned-URL download (verified) and upload of weight blobs.
+//! - `state`: the command state machine (queue, running, handled ids), without I/O.
+//! - `work`: one command's work and its reply.
+//! - `outbox`: replies kept for redelivery, and handled ids, persisted.
+//! - `runtime`: the MQTT connection and the event loop that ties it all together.
+//!
+//! [`DeviceStatus`]: pollen_proto::device::DeviceStatus
+
+pub mod config;
+mod outbox;
+mod runtime;
+mod state;
+pub mod transfer;
+mod work;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use pollen_proto::limits::MAX_MQTT_PAYLOAD_BYTES;
+use pollen_proto::mqtt::{BrokerConfig, BrokerError, mqtt_options};
+use pollen_proto::scalar::ScalarMap;
+use pollen_proto::topics::{self, TopicError};
+use prost::Message;
+use rumqttc::{AsyncClient, LastWill, MqttOptions, QoS};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+pub use config::{AgentConfig, ConfigError, DataConfig, Shard};
+
+use crate::fleet::Client;
+use outbox::Outbox;
+use runtime::{Runtime, StatusInfo};
+use state::Scheduler;
+use work::Worker;
+
+/// Longest device or fleet id accepted: ids travel in every reply and status, which must stay
+/// far below the MQTT payload limit.
+pub const MAX_ID_CHARS: usize = 128;
+
+/// How one agent connects and what it reports.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// This device's id (`[A-Za-z0-9_.-]`, at most [`MAX_ID_CHARS`]).
+    pub device_id: String,
+    /// The fleet the device belongs to (same alphabet).
+    pub fleet: String,
+    pub broker: BrokerConfig,
+    /// How often the retained online status is republished.
+    pub heartbeat: Duration,
+    /// MQTT keep-alive: whole seconds, at least 1 s.
+    pub keep_alive: Duration,
+    /// Where the outbox and the handled request ids are persisted; `None` keeps them in memory.
+    pub work_dir: Option<PathBuf>,
+    /// Model name reported in the status.
+    pub model: String,
+    /// Limits how many agents of this process compute at once (simulation); `None`: no limit.
+    pub compute_slots: Option<Arc<Semaphore>>,
+    /// Extra properties reported in the status.
+    pub properties: ScalarMap,
+}
+
+impl AgentOptions {
+    /// Options with the defaults of the agent's config file for everything but the ids and the
+    /// broker.
+    pub fn new(
+        device_id: impl Into<String>,
+        fleet: impl Into<String>,
+        broker: BrokerConfig,
+    ) -> Self {
+        Self {
+            device_id: device_id.into(),
+            fleet: fleet.into(),
+            broker,
+            heartbeat: config::DEFAULT_HEARTBEAT,
+            keep_alive: config::DEFAULT_KEEP_ALIVE,
+            work_dir: None,
+            model: String::new(),
+            compute_slots: None,
+            properties: ScalarMap::new(),
+        }
+    }
+
+    /// The MQTT client id of this device's session.
+    pub fn mqtt_client_id(&self) -> String {
+        format!("pollen-agent-{}-{}", self.fleet, self.device_id)
+    }
+}
+
+/// Counters of what an agent did, readable while it runs.
+#[derive(Debug, Default)]
+pub struct AgentStats {
+    /// Messages that arrived on the command topic, malformed ones included.
+    pub commands_received: AtomicU64,
+    /// Payloads that were not a usable `Command` (ignored).
+    pub commands_malformed: AtomicU64,
+    /// Redeliveries of a command already queued, running or handled.
+    pub commands_duplicate: AtomicU64,
+    /// Commands cancelled while queued or running.
+    pub commands_cancelled: AtomicU64,
+    /// Commands whose deadline passed before they could start.
+    pub commands_expired: AtomicU64,
+    pub fits_done: AtomicU64,
+    pub evaluations_done: AtomicU64,
+    pub parameters_done: AtomicU64,
+    /// Failure replies (any code).
+    pub failures_sent: AtomicU64,
+    /// Replies handed to the MQTT client (progress and republications included).
+    pub replies_published: AtomicU64,
+    /// Connections after the first.
+    pub reconnects: AtomicU64,
+    /// Failed connection attempts and lost connections.
+    pub connection_errors: AtomicU64,
+}
+
+/// A copy of [`AgentStats`] at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AgentStatsSnapshot {
+    pub commands_received: u64,
+    pub commands_malformed: u64,
+    pub commands_duplicate: u64,
+    pub commands_cancelled: u64,
+    pub commands_expired: u64,
+    pub fits_done: u64,
+    pub evaluations_done: u64,
+    pub parameters_done: u64,
+    pub failures_sent: u64,
+    pub replies_published: u64,
+    pub reconnects: u64,
+    pub connection_errors: u64,
+}
+
+impl AgentStats {
+    pub fn snapshot(&self) -> AgentStatsSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        AgentStatsSnapshot {
+            commands_received: get(&self.commands_received),
+            commands_malformed: get(&self.commands_malformed),
+            commands_duplicate: get(&self.commands_duplicate),
+            commands_cancelled: get(&self.commands_cancelled),
+            commands_expired: get(&self.commands_expired),
+            fits_done: get(&self.fits_done),
+            evaluations_done: get(&self.evaluations_done),
+            parameters_done: get(&self.parameters_done),
+            failures_sent: get(&self.failures_sent),
+            replies_published: get(&self.replies_published),
+            reconnects: get(&self.reconnects),
+            connection_errors: get(&self.connection_errors),
+        }
+    }
+}
+
+/// Why an agent cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Id(#[from] TopicError),
+    #[error("{what} {value:?} is {len} characters long; at most {MAX_ID_CHARS} are accepted")]
+    IdTooLong {
+        what: &'static str,
+        value: String,
+        len: usize,
+    },
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error("{field} = {value:?}: {reason}")]
+    Option {
+        field: &'static str,
+        value: String,
+        reason: &'static str,
+    },
+    #[error("work_dir {path:?} cannot be used: {source}")]
+    WorkDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot build the HTTP client for presigned URLs: {0}")]
+    Http(#[from] reqwest::Error),
+}
+
+/// A device's edge agent. Build it with [`Agent::new`], then [`Agent::run`] it.
+pub struct Agent {
+    options: AgentOptions,
+    mqtt: MqttOptions,
+    client: Box<dyn Client>,
+    num_examples: u64,
+    http: reqwest::Client,
+    outbox: Outbox,
+    scheduler: Scheduler,
+    handled_path: Option<PathBuf>,
+    stats: Arc<AgentStats>,
+}
+
+fn check_id(what: &'static str, value: &str) -> Result<(), AgentError> {
+    topics::validate_id(what, value)?;
+    let len = value.chars().count();
+    if len > MAX_ID_CHARS {
+        return Err(AgentError::IdTooLong {
+            what,
+            value: value.to_string(),
+            len,
+        });
+    }
+    Ok(())
+}
+
+impl Agent {
+    /// Checks the options (ids, broker, durations, status size), prepares the work directory
+    /// and loads what a previous run left in it.
+    pub fn new(options: AgentOptions, client: impl Client) -> Result<Self, AgentError> {
+        check_id("device id", &options.device_id)?;
+        check_id("fleet", &options.fleet)?;
+        if options.heartbeat.is_zero() {
+            return Err(AgentError::Option {
+                field: "heartbeat",
+                value: format!("{:?}", options.heartbeat),
+                reason: "must be longer than zero",
+            });
+        }
+        if options.keep_alive < Duration::from_secs(1)
+            || options.keep_alive > Duration::from_secs(u64::from(u16::MAX))
+        {
+            return Err(AgentError::Option {
+                field: "keep_alive",
+                value: format!("{:?}", options.keep_alive),
+                reason: "MQTT keep-alive must be between 1 s and 65535 s",
+            });
+        }
+        let num_examples = client.num_examples();
+        let info = StatusInfo {
+            device_id: options.device_id.clone(),
+            fleet: options.fleet.clone(),
+            model: options.model.clone(),
+            num_examples,
+            work_dir: options.work_dir.clone(),
+            properties: options.properties.clone(),
+        };
+        // The last-will is fixed at connect time; its timestamp is when the agent started.
+        let will = info.status(false, ScalarMap::new()).encode_to_vec();
+        if will.len() > MAX_MQTT_PAYLOAD_BYTES / 2 {
+            return Err(AgentError::Option {
+                field: "properties",
+                value: format!("{} entries", options.properties.len()),
+                reason: "the status would not fit comfortably in one MQTT payload; report fewer or shorter properties",
+            });
+        }
+
+        let mut mqtt = mqtt_options(&options.broker, &options.mqtt_client_id())?;
+        mqtt.set_clean_session(false);
+        // Keep-alive is whole seconds on the wire.
+        mqtt.set_keep_alive(Duration::from_secs(options.keep_alive.as_secs()));
+        mqtt.set_last_will(LastWill::new(
+            topics::status(&options.fleet, &options.device_id),
+            will,
+            QoS::AtLeastOnce,
+            true,
+        ));
+
+        let now = runtime::now_unix_ms();
+        let mut scheduler = Scheduler::default();
+        let (outbox, handled_path) = match &options.work_dir {
+            None => (Outbox::in_memory(), None),
+            Some(dir) => {
+                let work_dir_error = |source| AgentError::WorkDir {
+                    path: dir.clone(),
+                    source,
+                };
+                std::fs::create_dir_all(dir).map_err(work_dir_error)?;
+                let outbox = Outbox::open(dir.join("outbox"), now).map_err(work_dir_error)?;
+                let handled_path = dir.join("handled.json");
+                let handled = outbox::load_handled(&handled_path, now);
+                runtime::restore(&mut scheduler, &outbox, handled);
+                if !outbox.is_empty() {
+                    tracing::info!(
+                        replies = outbox.len(),
+                        "replies left by a previous run will be delivered"
+                    );
+                }
+                (outbox, Some(handled_path))
+            }
+        };
+        Ok(Self {
+            http: transfer::http_client()?,
+            options,
+            mqtt,
+            client: Box::new(client),
+            num_examples,
+            outbox,
+            scheduler,
+            handled_path,
+            stats: Arc::default(),
+        })
+    }
+
+    /// Uses `http` for presigned URLs instead of the agent's own client, so that many agents
+    /// simulated in one process share one connection pool.
+    pub fn with_http_client(mut self, http: reqwest::Client) -> Self {
+        self.http = http;
+        self
+    }
+
+    /// The agent's counters; they keep counting while [`Agent::run`] runs.
+    pub fn stats(&self) -> Arc<AgentStats> {
+        self.stats.clone()
+    }
+
+    /// Serves commands until `shutdown` fires, then publishes the retained offline status and
+    /// disconnects. Connection problems are retried forever (with backoff), never returned.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), AgentError> {
+        let Agent {
+            options,
+            mqtt,
+            client,
+            num_examples,
+            http,
+            outbox,
+            scheduler,
+            handled_path,
+            stats,
+        } = self;
+        // Room for a reconnect's worth of outbox republications; beyond it `try_publish`
+        // refuses and the outbox retries on the next heartbeat.
+        let (mqtt_client, eventloop) = AsyncClient::new(mqtt, 256);
+        let (net_tx, net_rx) = mpsc::channel(256);
+        let (progress_tx, progress_rx) = mpsc::channel(16);
+        let stop_connection = CancellationToken::new();
+
+        let fleet = options.fleet.clone();
+        let device = options.device_id.clone();
+        let runtime = Runtime {
+            info: StatusInfo {
+                device_id: device.clone(),
+                fleet: fleet.clone(),
+                model: options.model.clone(),
+                num_examples,
+                work_dir: options.work_dir.clone(),
+                properties: options.properties.clone(),
+            },
+            heartbeat: options.heartbeat,
+            mqtt: mqtt_client,
+            cmd_topic: topics::command(&fleet, &device),
+            reply_topic: topics::reply(&fleet, &device),
+            status_topic: topics::status(&fleet, &device),
+            scheduler,
+            outbox,
+            handled_path,
+            stats,
+            worker: Arc::new(Worker {
+                device_id: device.clone(),
+                http,
+                client: Arc::new(Mutex::new(client)),
+                compute_slots: options.compute_slots.clone(),
+                num_examples,
+                progress: progress_tx,
+            }),
+            workers: JoinSet::new(),
+            running: None,
+            connected: false,
+            subscribed: false,
+            connections: 0,
+            commands_done: 0,
+        };
+        let state_side = async {
+            // However the state side ends, the connection side ends with it.
+            let _stop = stop_connection.clone().drop_guard();
+            runtime.run(net_rx, progress_rx, shutdown).await;
+        };
+        tokio::join!(
+            runtime::drive(eventloop, net_tx, stop_connection.clone()),
+            state_side
+        );
+        tracing::info!(device = %device, fleet = %fleet, "agent stopped");
+        Ok(())
+    }
+}

@@ -1,0 +1,640 @@
+//! The agent's event loop: one future drives the `rumqttc` connection (reconnecting with
+//! backoff) and forwards what matters; another owns the agent's state and reacts to broker
+//! events, finished work and heartbeat ticks. Both run inside [`super::Agent::run`]'s future,
+//! so dropping it (or aborting its task) closes the connection and the broker publishes the
+//! last-will.
+//!
+//! The state side never awaits the MQTT client (it uses `try_publish`): the connection side
+//! may be blocked forwarding an event to it, and the two waiting on each other would deadlock.
+//! A reply the client could not take stays unsent in the outbox and is retried on the next
+//! heartbeat.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use pollen_proto::device::{Command, CommandKind, DeviceStatus, Reply, reply::Body};
+use pollen_proto::fleet::FailureCode;
+use pollen_proto::limits::MAX_MQTT_PAYLOAD_BYTES;
+use pollen_proto::scalar::{self, ScalarMap};
+use prost::Message;
+use rumqttc::{AsyncClient, Event, EventLoop, Outgoing, Packet, QoS};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::AgentStats;
+use super::outbox::{self, Outbox};
+use super::state::{Intake, Next, Scheduler};
+use super::work::{self, Done, Worker};
+
+/// First pause after a failed connection attempt; doubles up to [`BACKOFF_MAX`].
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// A reply without a deadline is kept this long for redelivery.
+const KEEP_WITHOUT_DEADLINE_MS: u64 = 10 * 60 * 1000;
+
+/// How long shutdown waits for the broker to take the offline status and the disconnect.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Longest failure or progress message kept when a reply must shrink to fit the payload limit.
+const MAX_MESSAGE_BYTES: usize = 1024;
+
+pub fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// What the connection side forwards.
+#[derive(Debug)]
+pub enum NetEvent {
+    Connected {
+        session_present: bool,
+    },
+    Lost(String),
+    Message {
+        topic: String,
+        payload: Bytes,
+    },
+    /// Our own DISCONNECT went out.
+    Closed,
+}
+
+/// Polls the MQTT event loop until `stop` fires or our DISCONNECT is sent, forwarding
+/// connection changes and incoming messages. On an error it waits (exponential backoff) and
+/// polls again, which reconnects.
+pub async fn drive(
+    mut eventloop: EventLoop,
+    events: mpsc::Sender<NetEvent>,
+    stop: CancellationToken,
+) {
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let polled = tokio::select! {
+            biased;
+            () = stop.cancelled() => return,
+            polled = eventloop.poll() => polled,
+        };
+        let event = match polled {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                backoff = BACKOFF_MIN;
+                NetEvent::Connected {
+                    session_present: ack.session_present,
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(publish))) => NetEvent::Message {
+                topic: publish.topic,
+                payload: publish.payload,
+            },
+            Ok(Event::Outgoing(Outgoing::Disconnect)) => {
+                let _ = events.send(NetEvent::Closed).await;
+                return;
+            }
+            Ok(_) => continue,
+            Err(e) => {
+                if events.send(NetEvent::Lost(e.to_string())).await.is_err() {
+                    return;
+                }
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+        };
+        if events.send(event).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Cuts `text` to at most `max` bytes on a character boundary.
+fn truncate(text: &mut String, max: usize) {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push_str(" [truncated]");
+    }
+}
+
+/// Encodes a reply, shrinking it (metrics dropped, messages cut) if it would exceed the MQTT
+/// payload limit.
+pub fn encode_reply(mut reply: Reply) -> Bytes {
+    let encoded = reply.encode_to_vec();
+    if encoded.len() <= MAX_MQTT_PAYLOAD_BYTES {
+        return encoded.into();
+    }
+    tracing::warn!(
+        request_id = %reply.request_id,
+        bytes = encoded.len(),
+        "reply exceeds the {MAX_MQTT_PAYLOAD_BYTES}-byte MQTT payload limit; dropping its metrics and cutting its message"
+    );
+    match reply.body.as_mut() {
+        Some(Body::Fit(fit)) => fit.metrics.clear(),
+        Some(Body::Evaluate(evaluation)) => evaluation.metrics.clear(),
+        Some(Body::Failure(failure)) => truncate(&mut failure.message, MAX_MESSAGE_BYTES),
+        Some(Body::Progress(progress)) => truncate(&mut progress.message, MAX_MESSAGE_BYTES),
+        None => {}
+    }
+    let encoded = reply.encode_to_vec();
+    // Request and device ids are bounded when they are accepted, so a shrunk reply fits.
+    debug_assert!(encoded.len() <= MAX_MQTT_PAYLOAD_BYTES);
+    encoded.into()
+}
+
+/// Everything about the device's status that does not change.
+pub struct StatusInfo {
+    pub device_id: String,
+    pub fleet: String,
+    pub model: String,
+    pub num_examples: u64,
+    pub work_dir: Option<PathBuf>,
+    pub properties: ScalarMap,
+}
+
+impl StatusInfo {
+    pub fn status(&self, online: bool, properties: ScalarMap) -> DeviceStatus {
+        let free_disk_bytes = self
+            .work_dir
+            .as_deref()
+            .and_then(|dir| fs2::available_space(dir).ok())
+            .unwrap_or(0);
+        let mut all = self.properties.clone();
+        all.extend(properties);
+        DeviceStatus {
+            device_id: self.device_id.clone(),
+            online,
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            num_examples: self.num_examples,
+            model: self.model.clone(),
+            free_disk_bytes,
+            timestamp_unix_ms: now_unix_ms(),
+            properties: all,
+        }
+    }
+}
+
+/// The state side of the agent.
+pub struct Runtime {
+    pub info: StatusInfo,
+    pub heartbeat: Duration,
+    pub mqtt: AsyncClient,
+    pub cmd_topic: String,
+    pub reply_topic: String,
+    pub status_topic: String,
+    pub scheduler: Scheduler,
+    pub outbox: Outbox,
+    pub handled_path: Option<PathBuf>,
+    pub stats: Arc<AgentStats>,
+    pub worker: Arc<Worker>,
+    pub workers: JoinSet<Done>,
+    /// The running command's request id, worker task and cancel token.
+    pub running: Option<(String, tokio::task::Id, CancellationToken)>,
+    pub connected: bool,
+    pub subscribed: bool,
+    pub connections: u64,
+    pub commands_done: u64,
+}
+
+impl Runtime {
+    pub async fn run(
+        mut self,
+        mut net: mpsc::Receiver<NetEvent>,
+        mut progress: mpsc::Receiver<Reply>,
+        shutdown: CancellationToken,
+    ) {
+        let mut heartbeat = tokio::time::interval(self.heartbeat);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            self.start_next();
+            // Biased: progress a worker sent before finishing is published before its final
+            // reply, and work results are taken before new commands.
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                Some(update) = progress.recv() => {
+                    if self.connected {
+                        self.publish_reply(&update.request_id.clone(), encode_reply(update));
+                    }
+                }
+                Some(joined) = self.workers.join_next_with_id(), if !self.workers.is_empty() => {
+                    self.on_joined(joined);
+                }
+                event = net.recv() => match event {
+                    Some(event) => self.on_net(event),
+                    None => {
+                        tracing::error!("the MQTT connection task ended unexpectedly");
+                        break;
+                    }
+                },
+                _ = heartbeat.tick() => self.on_tick(),
+            }
+        }
+        self.shut_down(&mut net).await;
+    }
+
+    fn on_net(&mut self, event: NetEvent) {
+        match event {
+            NetEvent::Connected { session_present } => {
+                self.connections += 1;
+                if self.connections > 1 {
+                    self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(session_present, "reconnected to the broker");
+                } else {
+                    tracing::info!(session_present, "connected to the broker");
+                }
+                self.connected = true;
+                // A restarted broker may have forgotten the subscription: always renew it.
+                self.subscribe();
+                self.publish_status();
+                for (id, payload) in self.outbox.all() {
+                    self.publish_reply(&id, payload);
+                }
+            }
+            NetEvent::Lost(error) => {
+                if self.connected {
+                    tracing::warn!("lost the broker connection: {error}");
+                } else {
+                    tracing::warn!("cannot reach the broker: {error}");
+                }
+                self.stats.connection_errors.fetch_add(1, Ordering::Relaxed);
+                self.connected = false;
+                self.subscribed = false;
+            }
+            NetEvent::Message { topic, payload } => self.on_message(&topic, &payload),
+            NetEvent::Closed => {}
+        }
+    }
+
+    fn on_message(&mut self, topic: &str, payload: &[u8]) {
+        if topic != self.cmd_topic {
+            tracing::debug!(
+                topic,
+                "ignoring a message on a topic this agent does not serve"
+            );
+            return;
+        }
+        self.stats.commands_received.fetch_add(1, Ordering::Relaxed);
+        let command = match super::state::parse_command(payload) {
+            Ok(command) => command,
+            Err(e) => {
+                self.stats
+                    .commands_malformed
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    topic,
+                    bytes = payload.len(),
+                    "ignoring a malformed command: {e}"
+                );
+                return;
+            }
+        };
+        let kind = CommandKind::try_from(command.kind).map_or_else(
+            |_| format!("UNKNOWN({})", command.kind),
+            |k| k.as_str_name().into(),
+        );
+        tracing::info!(
+            request_id = %command.request_id,
+            kind,
+            round = command.round,
+            run_id = %command.run_id,
+            "command"
+        );
+        let now = now_unix_ms();
+        let request_id = command.request_id.clone();
+        match self.scheduler.receive(command, now) {
+            Intake::Queued => {}
+            Intake::Duplicate => {
+                self.stats
+                    .commands_duplicate
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::info!(%request_id, "duplicate command ignored");
+                if let Some(payload) = self.outbox.get(&request_id).cloned() {
+                    self.publish_reply(&request_id, payload);
+                }
+            }
+            Intake::Refused(command, e) => {
+                let reply = work::failure(&self.info.device_id, &command, e.code, e.message);
+                self.deliver(reply, command.deadline_unix_ms, now);
+            }
+            Intake::CancelledQueued => {
+                self.stats
+                    .commands_cancelled
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::info!(%request_id, "queued command cancelled");
+            }
+            Intake::CancelledRunning => {
+                self.stats
+                    .commands_cancelled
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::info!(%request_id, "running command cancelled");
+                if let Some((_, _, cancel)) = self.running.take() {
+                    cancel.cancel();
+                }
+            }
+            Intake::CancelTooLate | Intake::CancelUnknown => {
+                tracing::info!(%request_id, "cancel for a command that is not queued or running");
+            }
+        }
+        self.save_handled();
+    }
+
+    /// Starts the next queued command if none runs; answers expired ones with `TIMEOUT`.
+    fn start_next(&mut self) {
+        let now = now_unix_ms();
+        while let Some(next) = self.scheduler.next(now) {
+            match next {
+                Next::Expired(command) => {
+                    self.stats.commands_expired.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        request_id = %command.request_id,
+                        deadline_unix_ms = command.deadline_unix_ms,
+                        "deadline passed before the command could start; not working on it"
+                    );
+                    let message = format!(
+                        "deadline {} (Unix ms) passed before the device could start; it was {} ms late",
+                        command.deadline_unix_ms,
+                        now.saturating_sub(command.deadline_unix_ms)
+                    );
+                    let reply = work::failure(
+                        &self.info.device_id,
+                        &command,
+                        FailureCode::Timeout,
+                        message,
+                    );
+                    self.deliver(reply, command.deadline_unix_ms, now);
+                    self.save_handled();
+                }
+                Next::Start(command) => {
+                    self.start(command);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn start(&mut self, command: Command) {
+        let cancel = CancellationToken::new();
+        let request_id = command.request_id.clone();
+        let handle = self
+            .workers
+            .spawn(self.worker.clone().execute(command, cancel.clone()));
+        self.running = Some((request_id, handle.id(), cancel));
+    }
+
+    fn on_joined(&mut self, joined: Result<(tokio::task::Id, Done), tokio::task::JoinError>) {
+        let done = match joined {
+            Ok((_, done)) => done,
+            Err(e) => {
+                // The worker catches the client's panics; this is a bug in the agent itself.
+                tracing::error!("a worker task failed: {e}");
+                let Some((request_id, _, _)) = self.running.take_if(|(_, id, _)| *id == e.id())
+                else {
+                    return;
+                };
+                Done {
+                    request_id,
+                    kind: None,
+                    reply: None,
+                }
+            }
+        };
+        let now = now_unix_ms();
+        let Some(deadline) = self.scheduler.finish(&done.request_id, now) else {
+            // Cancelled while it ran: its result is unwanted.
+            return;
+        };
+        self.running = None;
+        self.commands_done += 1;
+        if let Some(reply) = done.reply {
+            let counter = match (&reply.body, done.kind) {
+                (Some(Body::Fit(_)), Some(CommandKind::Fit)) => Some(&self.stats.fits_done),
+                (Some(Body::Fit(_)), _) => Some(&self.stats.parameters_done),
+                (Some(Body::Evaluate(_)), _) => Some(&self.stats.evaluations_done),
+                _ => None,
+            };
+            if let Some(counter) = counter {
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+            self.deliver(reply, deadline, now);
+        }
+        self.save_handled();
+    }
+
+    /// Puts a final reply in the outbox, then publishes it.
+    fn deliver(&mut self, reply: Reply, deadline_unix_ms: u64, now: u64) {
+        if matches!(reply.body, Some(Body::Failure(_))) {
+            self.stats.failures_sent.fetch_add(1, Ordering::Relaxed);
+        }
+        let request_id = reply.request_id.clone();
+        let payload = encode_reply(reply);
+        let expires = if deadline_unix_ms == 0 {
+            now + KEEP_WITHOUT_DEADLINE_MS
+        } else {
+            deadline_unix_ms
+        };
+        self.outbox.put(&request_id, payload.clone(), expires);
+        self.publish_reply(&request_id, payload);
+    }
+
+    fn publish_reply(&mut self, request_id: &str, payload: Bytes) {
+        if !self.connected {
+            // Delivered from the outbox on the next connect.
+            return;
+        }
+        debug_assert!(payload.len() <= MAX_MQTT_PAYLOAD_BYTES);
+        match self
+            .mqtt
+            .try_publish(&self.reply_topic, QoS::AtLeastOnce, false, payload)
+        {
+            Ok(()) => {
+                self.stats.replies_published.fetch_add(1, Ordering::Relaxed);
+                self.outbox.mark_sent(request_id);
+            }
+            Err(e) => tracing::warn!(request_id, "reply not handed to the MQTT client yet: {e}"),
+        }
+    }
+
+    fn subscribe(&mut self) {
+        match self.mqtt.try_subscribe(&self.cmd_topic, QoS::AtLeastOnce) {
+            Ok(()) => self.subscribed = true,
+            Err(e) => tracing::warn!("cannot subscribe yet (retried on the next heartbeat): {e}"),
+        }
+    }
+
+    fn status(&self, online: bool) -> Bytes {
+        let mut properties = ScalarMap::new();
+        properties.insert("busy".into(), scalar::bool(self.running.is_some()));
+        properties.insert("queued".into(), scalar::int(self.scheduler.queued() as i64));
+        properties.insert(
+            "commands_done".into(),
+            scalar::int(self.commands_done as i64),
+        );
+        properties.insert("fleet".into(), scalar::string(self.info.fleet.clone()));
+        let encoded = self.info.status(online, properties).encode_to_vec();
+        debug_assert!(encoded.len() <= MAX_MQTT_PAYLOAD_BYTES);
+        encoded.into()
+    }
+
+    fn publish_status(&mut self) {
+        let payload = self.status(true);
+        if let Err(e) = self
+            .mqtt
+            .try_publish(&self.status_topic, QoS::AtLeastOnce, true, payload)
+        {
+            tracing::debug!("status not published: {e}");
+        }
+    }
+
+    fn on_tick(&mut self) {
+        let now = now_unix_ms();
+        self.outbox.expire(now);
+        self.scheduler.expire(now);
+        self.save_handled();
+        if !self.connected {
+            return;
+        }
+        if !self.subscribed {
+            self.subscribe();
+        }
+        self.publish_status();
+        for (id, payload) in self.outbox.unsent() {
+            self.publish_reply(&id, payload);
+        }
+    }
+
+    fn save_handled(&mut self) {
+        if let (Some(path), Some(ids)) = (&self.handled_path, self.scheduler.take_changed()) {
+            outbox::save_handled(path, ids);
+        }
+    }
+
+    /// Stops work, says goodbye (retained offline status) and disconnects cleanly.
+    async fn shut_down(mut self, net: &mut mpsc::Receiver<NetEvent>) {
+        if let Some((request_id, _, cancel)) = self.running.take() {
+            tracing::info!(%request_id, "shutting down: the running command is abandoned");
+            cancel.cancel();
+        }
+        self.workers.abort_all();
+        while self.workers.join_next().await.is_some() {}
+        self.save_handled();
+        if !self.connected {
+            // The broker has published (or will publish) the last-will.
+            return;
+        }
+        let offline = self.status(false);
+        let sent = self
+            .mqtt
+            .try_publish(&self.status_topic, QoS::AtLeastOnce, true, offline)
+            .and_then(|()| self.mqtt.try_disconnect());
+        if let Err(e) = sent {
+            tracing::warn!("cannot disconnect cleanly; the broker will publish the last-will: {e}");
+            return;
+        }
+        let closed = tokio::time::timeout(SHUTDOWN_GRACE, async {
+            while let Some(event) = net.recv().await {
+                if matches!(event, NetEvent::Closed | NetEvent::Lost(_)) {
+                    break;
+                }
+            }
+        })
+        .await;
+        if closed.is_err() {
+            tracing::warn!("the broker did not take the disconnect in time");
+        }
+    }
+}
+
+/// Handled ids loaded from disk plus the ids of replies still in the outbox.
+pub fn restore(scheduler: &mut Scheduler, outbox: &Outbox, handled: HashMap<String, u64>) {
+    for (id, forget_at) in handled {
+        scheduler.remember(id, forget_at);
+    }
+    for (id, expires) in outbox.request_ids() {
+        if !scheduler.knows(id) {
+            scheduler.remember(
+                id.to_string(),
+                expires.saturating_add(super::state::REMEMBER_MS),
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use pollen_proto::device::{EvaluateReply, FitReply};
+    use pollen_proto::fleet::Failure;
+
+    use super::*;
+
+    fn reply(body: Body) -> Reply {
+        Reply {
+            request_id: "r".repeat(256),
+            device_id: "d".repeat(128),
+            round: 1,
+            body: Some(body),
+        }
+    }
+
+    #[test]
+    fn oversized_replies_lose_their_metrics_but_keep_their_result() {
+        let mut metrics = ScalarMap::new();
+        for i in 0..2000 {
+            metrics.insert(format!("metric_{i}"), scalar::f64(i as f64));
+        }
+        let fit = reply(Body::Fit(FitReply {
+            sha256: "ab".repeat(32),
+            size_bytes: 10,
+            num_examples: 600,
+            metrics: metrics.clone(),
+            ..Default::default()
+        }));
+        let payload = encode_reply(fit);
+        assert!(payload.len() <= MAX_MQTT_PAYLOAD_BYTES);
+        let back = Reply::decode(payload.as_ref()).expect("decodes");
+        match back.body {
+            Some(Body::Fit(f)) => {
+                assert!(f.metrics.is_empty());
+                assert_eq!(f.num_examples, 600);
+            }
+            other => panic!("{other:?}"),
+        }
+        let evaluation = encode_reply(reply(Body::Evaluate(EvaluateReply {
+            loss: 0.5,
+            num_examples: 1,
+            metrics,
+        })));
+        assert!(evaluation.len() <= MAX_MQTT_PAYLOAD_BYTES);
+    }
+
+    #[test]
+    fn oversized_failure_messages_are_cut_on_a_character_boundary() {
+        let failure = reply(Body::Failure(Failure {
+            message: "é".repeat(20_000),
+            ..Default::default()
+        }));
+        let back = Reply::decode(encode_reply(failure).as_ref()).expect("decodes");
+        match back.body {
+            Some(Body::Failure(f)) => assert!(f.message.ends_with("[truncated]")),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn small_replies_are_sent_as_they_are() {
+        let small = Reply {
+            request_id: "r-1".into(),
+            ..Default::default()
+        };
+        assert_eq!(encode_reply(small.clone()), small.encode_to_vec());
+    }
+}

@@ -1,0 +1,296 @@
+//! Weight blobs over presigned object-storage URLs: download and verify the global model,
+//! upload an update.
+//!
+//! A presigned URL's query string is a credential (it carries the signature), so nothing here
+//! ever prints one: errors name the URL through [`redact`], and `reqwest` errors are stripped of
+//! the URL they carry.
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use pollen_proto::blob::{self, BlobError, Parameters};
+use pollen_proto::device::BlobGet;
+use pollen_proto::fleet::{Codec, FailureCode};
+
+use crate::fleet::ClientError;
+
+/// How many bytes of an error answer's body are quoted in the error.
+const BODY_SNIPPET_BYTES: usize = 200;
+
+/// Never reserve more than this up front, whatever size a command announces: the buffer grows
+/// as bytes actually arrive.
+const MAX_PREALLOCATION: usize = 64 * 1024 * 1024;
+
+/// Why a blob could not be moved.
+#[derive(Debug, thiserror::Error)]
+pub enum TransferError {
+    #[error("{method} {url}: not a usable URL ({reason})")]
+    BadUrl {
+        method: &'static str,
+        url: String,
+        reason: String,
+    },
+    #[error("{method} {url}: {source}")]
+    Http {
+        method: &'static str,
+        url: String,
+        source: reqwest::Error,
+    },
+    #[error("{method} {url}: HTTP {status}: {body:?}")]
+    Status {
+        method: &'static str,
+        url: String,
+        status: u16,
+        /// The first bytes of the answer's body (often the storage service's error document).
+        body: String,
+    },
+    #[error(
+        "GET {url}: the blob is larger than the {announced} bytes the command announced ({seen})"
+    )]
+    TooLarge {
+        url: String,
+        announced: u64,
+        seen: String,
+    },
+    #[error("GET {url}: received {received} bytes, the command announced {announced}")]
+    Size {
+        url: String,
+        announced: u64,
+        received: u64,
+    },
+    #[error("GET {url}: {source}")]
+    Blob { url: String, source: BlobError },
+}
+
+impl TransferError {
+    /// How the failure is reported to the proxy: a blob in a codec this build cannot read is a
+    /// bad instruction, everything else is a transfer problem.
+    pub fn failure_code(&self) -> FailureCode {
+        match self {
+            TransferError::Blob {
+                source: BlobError::UnsupportedCodec(_),
+                ..
+            } => FailureCode::BadInstruction,
+            _ => FailureCode::BlobTransfer,
+        }
+    }
+}
+
+impl From<TransferError> for ClientError {
+    fn from(e: TransferError) -> Self {
+        ClientError {
+            code: e.failure_code(),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// `url` without its query string, fragment and password: safe to log.
+pub fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) => {
+            parsed.set_query(None);
+            parsed.set_fragment(None);
+            // Only fails for URLs that cannot have a password; then there is none to hide.
+            let _ = parsed.set_password(None);
+            parsed.to_string()
+        }
+        Err(_) => {
+            let end = url.find(['?', '#']).unwrap_or(url.len());
+            url[..end].to_string()
+        }
+    }
+}
+
+/// An HTTP client for presigned URLs: bounded connect and read stalls, no overall timeout (a
+/// large model on a slow link may legitimately take minutes).
+pub fn http_client() -> Result<reqwest::Client, reqwest::Error> {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .read_timeout(Duration::from_secs(60))
+        .user_agent(concat!("pollen-agent/", env!("CARGO_PKG_VERSION")))
+        .build()
+}
+
+fn parse_url(method: &'static str, url: &str) -> Result<reqwest::Url, TransferError> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| TransferError::BadUrl {
+        method,
+        url: redact(url),
+        reason: e.to_string(),
+    })?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(TransferError::BadUrl {
+            method,
+            url: redact(url),
+            reason: format!("scheme {:?}; expected http or https", parsed.scheme()),
+        });
+    }
+    Ok(parsed)
+}
+
+/// Reads at most [`BODY_SNIPPET_BYTES`] of an error answer, as printable text.
+async fn body_snippet(mut response: reqwest::Response) -> String {
+    let mut bytes = Vec::new();
+    while bytes.len() < BODY_SNIPPET_BYTES {
+        match response.chunk().await {
+            Ok(Some(chunk)) => bytes.extend_from_slice(&chunk),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    bytes.truncate(BODY_SNIPPET_BYTES);
+    String::from_utf8_lossy(&bytes)
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect::<String>()
+        .trim()
+        .to_string()
+}
+
+/// Downloads the blob `get` names, refusing more bytes than it announces, then verifies codec
+/// and digest and decodes it (on a blocking thread: the model may be megabytes).
+pub async fn download(http: &reqwest::Client, get: &BlobGet) -> Result<Parameters, TransferError> {
+    const GET: &str = "GET";
+    let shown = redact(&get.url);
+    if get.codec != Codec::SafetensorsF32 as i32 {
+        // No point fetching what cannot be read.
+        return Err(TransferError::Blob {
+            url: shown,
+            source: BlobError::UnsupportedCodec(get.codec),
+        });
+    }
+    let url = parse_url(GET, &get.url)?;
+    let http_error = |source: reqwest::Error| TransferError::Http {
+        method: GET,
+        url: shown.clone(),
+        source: source.without_url(),
+    };
+    let mut response = http.get(url).send().await.map_err(http_error)?;
+    let status = response.status();
+    if !status.is_success() {
+        return Err(TransferError::Status {
+            method: GET,
+            url: shown.clone(),
+            status: status.as_u16(),
+            body: body_snippet(response).await,
+        });
+    }
+    let announced = get.size_bytes;
+    if let Some(length) = response.content_length()
+        && length > announced
+    {
+        return Err(TransferError::TooLarge {
+            url: shown,
+            announced,
+            seen: format!("Content-Length {length}"),
+        });
+    }
+    let capacity = usize::try_from(announced)
+        .unwrap_or(usize::MAX)
+        .min(MAX_PREALLOCATION);
+    let mut body = BytesMut::with_capacity(capacity);
+    while let Some(chunk) = response.chunk().await.map_err(http_error)? {
+        if (body.len() + chunk.len()) as u64 > announced {
+            return Err(TransferError::TooLarge {
+                url: shown,
+                announced,
+                seen: format!("more than {announced} bytes received"),
+            });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    if body.len() as u64 != announced {
+        return Err(TransferError::Size {
+            url: shown,
+            announced,
+            received: body.len() as u64,
+        });
+    }
+    let body = body.freeze();
+    let (sha256, codec) = (get.sha256.clone(), get.codec);
+    let decoded = tokio::task::spawn_blocking(move || {
+        blob::verify(&body, &sha256, codec)?;
+        Parameters::decode(&body, None)
+    })
+    .await
+    .map_err(|e| TransferError::Blob {
+        url: shown.clone(),
+        source: BlobError::Malformed(format!("decoding stopped: {e}")),
+    })?;
+    decoded.map_err(|source| TransferError::Blob { url: shown, source })
+}
+
+/// PUTs `bytes` to a presigned `url` (Content-Length set). A non-2xx answer is an error that
+/// quotes the status and the start of the body.
+pub async fn upload(http: &reqwest::Client, url: &str, bytes: Bytes) -> Result<(), TransferError> {
+    const PUT: &str = "PUT";
+    let shown = redact(url);
+    let parsed = parse_url(PUT, url)?;
+    let response = http
+        .put(parsed)
+        .header(reqwest::header::CONTENT_LENGTH, bytes.len())
+        .body(bytes)
+        .send()
+        .await
+        .map_err(|source| TransferError::Http {
+            method: PUT,
+            url: shown.clone(),
+            source: source.without_url(),
+        })?;
+    let status = response.status();
+    if !status.is_success() {
+        return Err(TransferError::Status {
+            method: PUT,
+            url: shown,
+            status: status.as_u16(),
+            body: body_snippet(response).await,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacted_urls_keep_no_signature_or_password() {
+        assert_eq!(
+            redact("https://s3.example/bucket/key?X-Amz-Signature=abc&X-Amz-Credential=x#frag"),
+            "https://s3.example/bucket/key"
+        );
+        assert_eq!(
+            redact("mqtt://user:secret@broker.example:1883"),
+            "mqtt://user@broker.example:1883"
+        );
+        assert_eq!(redact("not a url?token=1"), "not a url");
+    }
+
+    #[test]
+    fn only_unreadable_codecs_are_bad_instructions() {
+        let codec = TransferError::Blob {
+            url: "u".into(),
+            source: BlobError::UnsupportedCodec(7),
+        };
+        assert_eq!(codec.failure_code(), FailureCode::BadInstruction);
+        let digest = TransferError::Blob {
+            url: "u".into(),
+            source: BlobError::DigestMismatch {
+                expected: "a".into(),
+                actual: "b".into(),
+            },
+        };
+        assert_eq!(digest.failure_code(), FailureCode::BlobTransfer);
+        let e = ClientError::from(digest);
+        assert!(e.message.contains("expected sha256 a"), "{}", e.message);
+    }
+
+    #[test]
+    fn a_non_http_url_is_refused_by_name_without_its_query() {
+        let e = parse_url("PUT", "ftp://host/key?sig=secret").expect_err("ftp");
+        let text = e.to_string();
+        assert!(
+            text.contains("ftp://host/key") && !text.contains("secret"),
+            "{text}"
+        );
+    }
+}

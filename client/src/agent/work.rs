@@ -1,0 +1,275 @@
+//! Working on one command: download the global weights, compute with the [`Client`] on a
+//! blocking thread (holding a compute slot), upload the result, and build the reply.
+//!
+//! A cancelled command stops at the next step boundary; computation already handed to the
+//! blocking thread runs to its end (it cannot be interrupted) and its result is dropped.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
+use pollen_proto::device::{
+    BlobGet, Command, CommandKind, EvaluateReply, FitReply, Reply, reply::Body,
+};
+use pollen_proto::fleet::{Codec, Failure, FailureCode, Progress};
+use pollen_proto::scalar::{self, ScalarMap};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use super::state;
+use super::transfer::{self, TransferError};
+use crate::fleet::{Client, ClientError};
+
+/// How a command ended.
+#[derive(Debug)]
+pub struct Done {
+    pub request_id: String,
+    pub kind: Option<CommandKind>,
+    /// `None` when the command was cancelled: nothing is uploaded or replied.
+    pub reply: Option<Reply>,
+}
+
+/// Why work stopped early.
+enum Halt {
+    Cancelled,
+    Failed(ClientError),
+}
+
+impl From<ClientError> for Halt {
+    fn from(e: ClientError) -> Self {
+        Halt::Failed(e)
+    }
+}
+
+impl From<TransferError> for Halt {
+    fn from(e: TransferError) -> Self {
+        Halt::Failed(e.into())
+    }
+}
+
+/// What every command's work needs; shared by the runtime and the worker tasks.
+pub struct Worker {
+    pub device_id: String,
+    pub http: reqwest::Client,
+    pub client: Arc<Mutex<Box<dyn Client>>>,
+    pub compute_slots: Option<Arc<Semaphore>>,
+    pub num_examples: u64,
+    /// Progress replies, published best effort by the runtime.
+    pub progress: mpsc::Sender<Reply>,
+}
+
+/// `future`, unless `cancel` fires first.
+async fn unless<T>(cancel: &CancellationToken, future: impl Future<Output = T>) -> Result<T, Halt> {
+    tokio::select! {
+        biased;
+        () = cancel.cancelled() => Err(Halt::Cancelled),
+        out = future => Ok(out),
+    }
+}
+
+/// A reply carrying `body` for `command`.
+pub fn reply(device_id: &str, command: &Command, body: Body) -> Reply {
+    Reply {
+        request_id: command.request_id.clone(),
+        device_id: device_id.to_string(),
+        round: command.round,
+        body: Some(body),
+    }
+}
+
+/// A failure reply.
+pub fn failure(device_id: &str, command: &Command, code: FailureCode, message: String) -> Reply {
+    reply(
+        device_id,
+        command,
+        Body::Failure(Failure {
+            // The MQTT reply names its command by `Reply::request_id`.
+            request_id: 0,
+            round: command.round,
+            code: code as i32,
+            message,
+        }),
+    )
+}
+
+impl Worker {
+    /// Works on `command` to its end. Never panics on anything in the command.
+    pub async fn execute(self: Arc<Self>, command: Command, cancel: CancellationToken) -> Done {
+        let kind = state::kind(&command);
+        let started = Instant::now();
+        let outcome = match kind {
+            Some(CommandKind::Fit) => self.fit(&command, &cancel).await,
+            Some(CommandKind::Evaluate) => self.evaluate(&command, &cancel).await,
+            Some(CommandKind::GetParameters) => self.get_parameters(&command, &cancel).await,
+            // The scheduler refuses these before they are queued.
+            Some(CommandKind::Cancel | CommandKind::Unspecified) | None => Err(Halt::Failed(
+                ClientError::bad_instruction(format!("command kind {} is not work", command.kind)),
+            )),
+        };
+        // A cancel that lands after the last await still wins: its result is unwanted.
+        let reply = match outcome {
+            _ if cancel.is_cancelled() => None,
+            Err(Halt::Cancelled) => None,
+            Ok(body) => Some(reply(&self.device_id, &command, body)),
+            Err(Halt::Failed(e)) => {
+                tracing::warn!(
+                    request_id = %command.request_id,
+                    round = command.round,
+                    code = e.code.as_str_name(),
+                    "command failed: {}",
+                    e.message
+                );
+                Some(failure(&self.device_id, &command, e.code, e.message))
+            }
+        };
+        let seconds = started.elapsed().as_secs_f64();
+        match reply.as_ref().and_then(|r| r.body.as_ref()) {
+            None => tracing::info!(request_id = %command.request_id, "cancelled; result dropped"),
+            Some(Body::Fit(fit)) if kind == Some(CommandKind::Fit) => tracing::info!(
+                request_id = %command.request_id,
+                round = command.round,
+                loss = fit.metrics.get("loss").and_then(scalar::as_f64).unwrap_or(f64::NAN),
+                seconds = format!("{seconds:.2}"),
+                num_examples = fit.num_examples,
+                "fit done"
+            ),
+            Some(Body::Evaluate(evaluation)) => tracing::info!(
+                request_id = %command.request_id,
+                round = command.round,
+                loss = evaluation.loss,
+                seconds = format!("{seconds:.2}"),
+                "evaluation done"
+            ),
+            Some(_) => {}
+        }
+        Done {
+            request_id: command.request_id,
+            kind,
+            reply,
+        }
+    }
+
+    fn progress(&self, command: &Command, fraction: f32, message: &str) {
+        let update = reply(
+            &self.device_id,
+            command,
+            Body::Progress(Progress {
+                request_id: 0,
+                round: command.round,
+                fraction,
+                message: message.to_string(),
+            }),
+        );
+        // Progress is advisory: if the runtime is behind, skip this one.
+        let _ = self.progress.try_send(update);
+    }
+
+    /// Downloads and decodes the command's global weights.
+    async fn fetch(
+        &self,
+        command: &Command,
+        cancel: &CancellationToken,
+    ) -> Result<pollen_proto::Parameters, Halt> {
+        let default = BlobGet::default();
+        let get = command.global_weights.as_ref().unwrap_or(&default);
+        Ok(unless(cancel, transfer::download(&self.http, get)).await??)
+    }
+
+    /// Runs `f` on the client on a blocking thread, holding a compute slot if slots are limited.
+    /// The slot and the client stay taken until `f` returns, even if the command is cancelled.
+    async fn compute<T: Send + 'static>(
+        &self,
+        cancel: &CancellationToken,
+        f: impl FnOnce(&mut dyn Client) -> Result<T, ClientError> + Send + 'static,
+    ) -> Result<T, Halt> {
+        let permit = match &self.compute_slots {
+            Some(slots) => Some(
+                unless(cancel, slots.clone().acquire_owned())
+                    .await?
+                    .map_err(|_| ClientError::training("the compute slots were closed"))?,
+            ),
+            None => None,
+        };
+        let client = self.client.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let mut client = client.lock().unwrap_or_else(PoisonError::into_inner);
+            f(client.as_mut())
+        });
+        let joined = unless(cancel, task).await?;
+        Ok(joined.map_err(|e| ClientError::training(format!("the client panicked: {e}")))??)
+    }
+
+    async fn upload(
+        &self,
+        command: &Command,
+        cancel: &CancellationToken,
+        blob: &pollen_proto::blob::EncodedBlob,
+    ) -> Result<(), Halt> {
+        self.progress(command, 0.9, "uploading");
+        unless(
+            cancel,
+            transfer::upload(&self.http, &command.upload_url, blob.bytes.clone()),
+        )
+        .await??;
+        Ok(())
+    }
+
+    async fn fit(&self, command: &Command, cancel: &CancellationToken) -> Result<Body, Halt> {
+        let parameters = self.fetch(command, cancel).await?;
+        self.progress(command, 0.1, "training");
+        let (round, config) = (command.round, command.config.clone());
+        let (fit, blob) = self
+            .compute(cancel, move |client| {
+                let fit = client.fit(round, parameters, &config)?;
+                let blob = fit.parameters.encode();
+                Ok((fit, blob))
+            })
+            .await?;
+        self.upload(command, cancel, &blob).await?;
+        Ok(Body::Fit(FitReply {
+            size_bytes: blob.bytes.len() as u64,
+            sha256: blob.sha256,
+            codec: Codec::SafetensorsF32 as i32,
+            num_examples: fit.num_examples,
+            metrics: fit.metrics,
+        }))
+    }
+
+    async fn evaluate(&self, command: &Command, cancel: &CancellationToken) -> Result<Body, Halt> {
+        let parameters = self.fetch(command, cancel).await?;
+        self.progress(command, 0.1, "evaluating");
+        let (round, config) = (command.round, command.config.clone());
+        let evaluation = self
+            .compute(cancel, move |client| {
+                client.evaluate(round, parameters, &config)
+            })
+            .await?;
+        Ok(Body::Evaluate(EvaluateReply {
+            loss: evaluation.loss,
+            num_examples: evaluation.num_examples,
+            metrics: evaluation.metrics,
+        }))
+    }
+
+    async fn get_parameters(
+        &self,
+        command: &Command,
+        cancel: &CancellationToken,
+    ) -> Result<Body, Halt> {
+        let config = command.config.clone();
+        let blob = self
+            .compute(cancel, move |client| {
+                Ok(client.get_parameters(&config)?.encode())
+            })
+            .await?;
+        self.upload(command, cancel, &blob).await?;
+        Ok(Body::Fit(FitReply {
+            size_bytes: blob.bytes.len() as u64,
+            sha256: blob.sha256,
+            codec: Codec::SafetensorsF32 as i32,
+            num_examples: self.num_examples,
+            metrics: ScalarMap::new(),
+        }))
+    }
+}

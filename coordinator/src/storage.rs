@@ -1,0 +1,317 @@
+//! Object storage for weight blobs, over the S3 API.
+//!
+//! The coordinator is the only component that holds storage credentials. It writes each global
+//! model once, reads each update once, and hands devices short-lived presigned URLs scoped to a
+//! single object: a GET for the global model, a PUT for the one key the device must upload to.
+//!
+//! Any S3-compatible store works (AWS S3, MinIO, Ceph RGW, Garage): set `endpoint` and keep
+//! `path_style` for the non-AWS ones. The embedded default ([`embedded`]) is an in-process
+//! S3 server over a local folder, so one machine needs nothing installed.
+//!
+//! # Key layout
+//! ```text
+//! <prefix>runs/<run>/round-0000/global.safetensors          initial model
+//! <prefix>runs/<run>/round-0003/global.safetensors          model produced by round 3
+//! <prefix>runs/<run>/round-0004/updates/<client>.safetensors  a client's round-4 update
+//! <prefix>runs/<run>/initial/<client>.safetensors           weights a client offered as initial
+//! ```
+
+pub mod embedded;
+
+use std::time::Duration;
+
+use aws_sdk_s3::Client;
+use aws_sdk_s3::config::{
+    BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+};
+use aws_sdk_s3::error::DisplayErrorContext;
+use aws_sdk_s3::presigning::PresigningConfig;
+use aws_sdk_s3::primitives::ByteStream;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+/// Where blobs are stored. Credentials come from `credentials` when given, else from the AWS
+/// default chain (environment, profile, instance role).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `http(s)://host:port` of an S3-compatible endpoint; `None` means AWS S3 itself.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    #[serde(default = "default_region")]
+    pub region: String,
+    #[serde(default = "default_bucket")]
+    pub bucket: String,
+    /// Prepended to every key, e.g. `"team-a/"`.
+    #[serde(default)]
+    pub prefix: String,
+    /// Path-style addressing (`endpoint/bucket/key`), needed by most non-AWS stores.
+    #[serde(default = "default_true")]
+    pub path_style: bool,
+    /// Create the bucket when it does not exist.
+    #[serde(default = "default_true")]
+    pub create_bucket: bool,
+    /// Static credentials (access key id, secret). Never sent to devices.
+    #[serde(skip)]
+    pub credentials: Option<(String, String)>,
+}
+
+fn default_region() -> String {
+    "us-east-1".into()
+}
+fn default_bucket() -> String {
+    "pollen".into()
+}
+fn default_true() -> bool {
+    true
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            endpoint: None,
+            region: default_region(),
+            bucket: default_bucket(),
+            prefix: String::new(),
+            path_style: true,
+            create_bucket: true,
+            credentials: None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("object storage at {endpoint}: bucket {bucket:?}: {message}")]
+    Bucket {
+        endpoint: String,
+        bucket: String,
+        message: String,
+    },
+    #[error("object storage: {op} {key:?}: {message}")]
+    Request {
+        op: &'static str,
+        key: String,
+        message: String,
+    },
+    #[error("object {key:?} is {size} bytes, more than the {limit} expected")]
+    TooLarge { key: String, size: u64, limit: u64 },
+    #[error("presigned URLs live at most 7 days (SigV4); asked for {0:?}")]
+    Ttl(Duration),
+}
+
+/// The coordinator's handle on object storage.
+#[derive(Clone)]
+pub struct BlobStore {
+    client: Client,
+    bucket: String,
+    prefix: String,
+    endpoint: String,
+}
+
+impl std::fmt::Debug for BlobStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlobStore")
+            .field("endpoint", &self.endpoint)
+            .field("bucket", &self.bucket)
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+fn sdk_message<E: std::error::Error>(e: E) -> String {
+    DisplayErrorContext(e).to_string()
+}
+
+impl BlobStore {
+    /// Builds the S3 client and makes sure the bucket exists.
+    pub async fn connect(config: &StoreConfig) -> Result<Self, StoreError> {
+        let mut builder = match &config.credentials {
+            Some((key, secret)) => aws_sdk_s3::config::Builder::new()
+                .behavior_version(BehaviorVersion::latest())
+                .credentials_provider(Credentials::new(key, secret, None, None, "pollen-config")),
+            None => {
+                let shared = aws_config::defaults(BehaviorVersion::latest()).load().await;
+                aws_sdk_s3::config::Builder::from(&shared)
+            }
+        };
+        builder = builder
+            .region(Region::new(config.region.clone()))
+            .force_path_style(config.path_style)
+            // Flexible checksums would put a checksum of the *empty* body into presigned PUT
+            // URLs, which then reject the device's upload; blobs carry their own SHA-256.
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
+        if let Some(endpoint) = &config.endpoint {
+            builder = builder.endpoint_url(endpoint);
+        }
+        let store = Self {
+            client: Client::from_conf(builder.build()),
+            bucket: config.bucket.clone(),
+            prefix: config.prefix.clone(),
+            endpoint: config
+                .endpoint
+                .clone()
+                .unwrap_or_else(|| format!("AWS S3 ({})", config.region)),
+        };
+        store.ensure_bucket(config.create_bucket).await?;
+        Ok(store)
+    }
+
+    async fn ensure_bucket(&self, create: bool) -> Result<(), StoreError> {
+        let bucket_error = |message: String| StoreError::Bucket {
+            endpoint: self.endpoint.clone(),
+            bucket: self.bucket.clone(),
+            message,
+        };
+        match self.client.head_bucket().bucket(&self.bucket).send().await {
+            Ok(_) => Ok(()),
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) && create => self
+                .client
+                .create_bucket()
+                .bucket(&self.bucket)
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| bucket_error(format!("cannot create it: {}", sdk_message(e)))),
+            Err(e) => Err(bucket_error(sdk_message(e))),
+        }
+    }
+
+    pub fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
+    /// Key of the global model that `round` produced (0 = the initial model).
+    pub fn global_key(&self, run_id: &str, round: u64) -> String {
+        format!(
+            "{}runs/{run_id}/round-{round:04}/global.safetensors",
+            self.prefix
+        )
+    }
+
+    /// Key a client uploads its `round` update to.
+    pub fn update_key(&self, run_id: &str, round: u64, client_id: &str) -> String {
+        format!(
+            "{}runs/{run_id}/round-{round:04}/updates/{client_id}.safetensors",
+            self.prefix
+        )
+    }
+
+    /// Key a client uploads its weights to when asked for initial parameters.
+    pub fn initial_key(&self, run_id: &str, client_id: &str) -> String {
+        format!(
+            "{}runs/{run_id}/initial/{client_id}.safetensors",
+            self.prefix
+        )
+    }
+
+    pub async fn put(&self, key: &str, bytes: Bytes) -> Result<(), StoreError> {
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .content_type("application/octet-stream")
+            .body(ByteStream::from(bytes))
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| StoreError::Request {
+                op: "PUT",
+                key: key.to_string(),
+                message: sdk_message(e),
+            })
+    }
+
+    /// Reads a whole object, refusing objects larger than `limit` bytes before reading them.
+    pub async fn get(&self, key: &str, limit: u64) -> Result<Bytes, StoreError> {
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| StoreError::Request {
+                op: "GET",
+                key: key.to_string(),
+                message: sdk_message(e),
+            })?;
+        let size = out.content_length().unwrap_or(0).max(0) as u64;
+        if size > limit {
+            return Err(StoreError::TooLarge {
+                key: key.to_string(),
+                size,
+                limit,
+            });
+        }
+        let body = out.body.collect().await.map_err(|e| StoreError::Request {
+            op: "GET",
+            key: key.to_string(),
+            message: e.to_string(),
+        })?;
+        let bytes = body.into_bytes();
+        if bytes.len() as u64 > limit {
+            return Err(StoreError::TooLarge {
+                key: key.to_string(),
+                size: bytes.len() as u64,
+                limit,
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// Deletes an object; used for updates once folded, so storage stays O(model) per round.
+    pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| StoreError::Request {
+                op: "DELETE",
+                key: key.to_string(),
+                message: sdk_message(e),
+            })
+    }
+
+    fn presigning(ttl: Duration) -> Result<PresigningConfig, StoreError> {
+        PresigningConfig::expires_in(ttl).map_err(|_| StoreError::Ttl(ttl))
+    }
+
+    /// A URL that lets its holder GET exactly `key` for `ttl`, and nothing else.
+    pub async fn presign_get(&self, key: &str, ttl: Duration) -> Result<String, StoreError> {
+        let req = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .presigned(Self::presigning(ttl)?)
+            .await
+            .map_err(|e| StoreError::Request {
+                op: "presign GET",
+                key: key.to_string(),
+                message: sdk_message(e),
+            })?;
+        Ok(req.uri().to_string())
+    }
+
+    /// A URL that lets its holder PUT exactly `key` for `ttl`, and nothing else.
+    pub async fn presign_put(&self, key: &str, ttl: Duration) -> Result<String, StoreError> {
+        let req = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .presigned(Self::presigning(ttl)?)
+            .await
+            .map_err(|e| StoreError::Request {
+                op: "presign PUT",
+                key: key.to_string(),
+                message: sdk_message(e),
+            })?;
+        Ok(req.uri().to_string())
+    }
+}

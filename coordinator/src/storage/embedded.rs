@@ -1,0 +1,158 @@
+//! The embedded object store: an S3-compatible HTTP server (s3s + s3s-fs) over a local folder.
+//!
+//! It speaks the real S3 API, SigV4 signatures and presigned URLs included, so the coordinator
+//! and the devices use exactly the code path they use against AWS S3 or MinIO. It listens on a
+//! loopback port chosen by the OS unless told otherwise, and generates a fresh access key and
+//! secret per start; both stay in this process (devices only ever see presigned URLs).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto::Builder as ConnBuilder;
+use rand::Rng;
+use rand::distr::Alphanumeric;
+use s3s::auth::SimpleAuth;
+use s3s::service::S3ServiceBuilder;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::StoreConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EmbeddedError {
+    #[error("embedded S3: cannot use folder {path:?}: {message}")]
+    Folder { path: PathBuf, message: String },
+    #[error("embedded S3: cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A running embedded S3 server.
+pub struct EmbeddedS3 {
+    /// `http://ip:port`, what clients use as their endpoint.
+    pub endpoint: String,
+    pub addr: SocketAddr,
+    pub root: PathBuf,
+    access_key: String,
+    secret_key: String,
+    handle: JoinHandle<()>,
+}
+
+impl std::fmt::Debug for EmbeddedS3 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedS3")
+            .field("endpoint", &self.endpoint)
+            .field("root", &self.root)
+            .finish_non_exhaustive()
+    }
+}
+
+fn random_token(len: usize) -> String {
+    rand::rng()
+        .sample_iter(&Alphanumeric)
+        .take(len)
+        .map(char::from)
+        .collect()
+}
+
+impl EmbeddedS3 {
+    /// Serves `root` (created if missing) on `listen` until `shutdown` fires.
+    pub async fn start(
+        root: &Path,
+        listen: SocketAddr,
+        shutdown: CancellationToken,
+    ) -> Result<Self, EmbeddedError> {
+        let folder = |message: String| EmbeddedError::Folder {
+            path: root.to_path_buf(),
+            message,
+        };
+        std::fs::create_dir_all(root).map_err(|e| folder(e.to_string()))?;
+        let fs = s3s_fs::FileSystem::new(root).map_err(|e| folder(format!("{e:?}")))?;
+        // AWS-shaped keys: 20-character id, 40-character secret.
+        let access_key = format!("PLN{}", random_token(17).to_uppercase());
+        let secret_key = random_token(40);
+        let service = {
+            let mut b = S3ServiceBuilder::new(fs);
+            b.set_auth(SimpleAuth::from_single(
+                access_key.clone(),
+                secret_key.clone(),
+            ));
+            b.build()
+        };
+        let listener = TcpListener::bind(listen)
+            .await
+            .map_err(|source| EmbeddedError::Listen {
+                addr: listen,
+                source,
+            })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| EmbeddedError::Listen {
+                addr: listen,
+                source,
+            })?;
+        let handle = tokio::spawn(async move {
+            let http = ConnBuilder::new(TokioExecutor::new());
+            let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+            loop {
+                let socket = tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok((socket, _)) => socket,
+                        Err(e) => {
+                            // Out of descriptors and the like: keep serving the others.
+                            tracing::warn!("embedded S3: accept failed: {e}");
+                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    },
+                    _ = shutdown.cancelled() => break,
+                };
+                let _ = socket.set_nodelay(true);
+                let conn = http.serve_connection(TokioIo::new(socket), service.clone());
+                let conn = graceful.watch(conn.into_owned());
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!("embedded S3 connection: {e}");
+                    }
+                });
+            }
+            tokio::select! {
+                () = graceful.shutdown() => {}
+                () = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+            }
+        });
+        tracing::info!(%addr, root = %root.display(), "embedded S3 server listening");
+        Ok(Self {
+            endpoint: format!("http://{addr}"),
+            addr,
+            root: root.to_path_buf(),
+            access_key,
+            secret_key,
+            handle,
+        })
+    }
+
+    /// The store configuration that reaches this server (credentials included).
+    pub fn store_config(&self, bucket: &str) -> StoreConfig {
+        StoreConfig {
+            endpoint: Some(self.endpoint.clone()),
+            bucket: bucket.to_string(),
+            credentials: Some((self.access_key.clone(), self.secret_key.clone())),
+            ..StoreConfig::default()
+        }
+    }
+
+    /// The secret half of the credentials, for tests proving it never reaches a device.
+    pub fn secret_key(&self) -> &str {
+        &self.secret_key
+    }
+
+    /// Waits for the server task after its shutdown token fired.
+    pub async fn join(self) {
+        let _ = self.handle.await;
+    }
+}

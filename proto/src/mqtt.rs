@@ -1,0 +1,222 @@
+//! Broker addresses shared by the proxy, the edge agent and the CLI.
+//!
+//! A broker is named by a URL: `mqtt://[user[:password]@]host[:port]` (port 1883 by default) or
+//! `mqtts://...` (port 8883) with an optional CA file and client certificate + key (X.509, as
+//! AWS IoT Core requires). [`mqtt_options`] turns one into `rumqttc` options with Pollen's
+//! packet-size limits set, so no component forgets them.
+
+use std::path::{Path, PathBuf};
+
+use rumqttc::{MqttOptions, TlsConfiguration, Transport};
+use serde::{Deserialize, Serialize};
+
+use crate::limits::MAX_MQTT_PAYLOAD_BYTES;
+
+/// Where a broker is and how to authenticate to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// `mqtt://host:port` or `mqtts://host:port`; user and password may be given in the URL.
+    pub url: String,
+    /// PEM file of the CA that signed the broker's certificate (mqtts only; the system roots
+    /// are not consulted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate, for brokers that authenticate devices by certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+}
+
+impl BrokerConfig {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+        }
+    }
+}
+
+/// Why a broker configuration cannot be used. Each variant names the field at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("broker url {url:?} is not a URL: {reason}")]
+    Url { url: String, reason: String },
+    #[error("broker url {url:?} has scheme {scheme:?}; use mqtt:// or mqtts://")]
+    Scheme { url: String, scheme: String },
+    #[error("broker url {url:?} has no host")]
+    Host { url: String },
+    #[error("broker {field} {path:?} could not be read: {source}")]
+    File {
+        field: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("broker {field} is set but the url {url:?} is not mqtts://")]
+    TlsWithoutMqtts { field: &'static str, url: String },
+    #[error("broker cert_file and key_file must be given together")]
+    HalfClientAuth,
+    #[error("broker url {url:?}: mqtts:// needs ca_file (the CA that signed the broker)")]
+    NoCa { url: String },
+}
+
+/// Largest MQTT packet a Pollen component sends: one payload plus room for the topic and header.
+pub const MAX_OUTGOING_PACKET_BYTES: usize = MAX_MQTT_PAYLOAD_BYTES + 1024;
+
+/// Largest packet accepted. Bigger than anything Pollen sends, so that a stray large message on
+/// a subscribed topic is read and discarded as malformed, but bounded so that a peer cannot make
+/// a component buffer megabytes.
+pub const MAX_INCOMING_PACKET_BYTES: usize = 256 * 1024;
+
+fn read(field: &'static str, path: &Path) -> Result<Vec<u8>, BrokerError> {
+    std::fs::read(path).map_err(|source| BrokerError::File {
+        field,
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// A broker URL, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerAddress {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    /// User and password from the URL, if any.
+    pub login: Option<(String, String)>,
+}
+
+/// Parses `mqtt://[user[:password]@]host[:port]` or `mqtts://...`.
+pub fn parse_url(url: &str) -> Result<BrokerAddress, BrokerError> {
+    let parsed = url::Url::parse(url).map_err(|e| BrokerError::Url {
+        url: url.to_string(),
+        reason: e.to_string(),
+    })?;
+    let tls = match parsed.scheme() {
+        "mqtt" | "tcp" => false,
+        "mqtts" | "ssl" => true,
+        other => {
+            return Err(BrokerError::Scheme {
+                url: url.to_string(),
+                scheme: other.to_string(),
+            });
+        }
+    };
+    let host = parsed
+        .host_str()
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| BrokerError::Host {
+            url: url.to_string(),
+        })?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let port = parsed.port().unwrap_or(if tls { 8883 } else { 1883 });
+    let login = (!parsed.username().is_empty()).then(|| {
+        (
+            parsed.username().to_string(),
+            parsed.password().unwrap_or_default().to_string(),
+        )
+    });
+    Ok(BrokerAddress {
+        tls,
+        host,
+        port,
+        login,
+    })
+}
+
+/// MQTT options for `client_id` on `broker`, with Pollen's packet limits. Callers set the
+/// session (clean or persistent), keep-alive and last-will.
+pub fn mqtt_options(broker: &BrokerConfig, client_id: &str) -> Result<MqttOptions, BrokerError> {
+    let BrokerAddress {
+        tls,
+        host,
+        port,
+        login,
+    } = parse_url(&broker.url)?;
+    let mut options = MqttOptions::new(client_id, host, port);
+    options.set_max_packet_size(MAX_INCOMING_PACKET_BYTES, MAX_OUTGOING_PACKET_BYTES);
+    if let Some((user, password)) = login {
+        options.set_credentials(user, password);
+    }
+    if tls {
+        let ca_file = broker.ca_file.as_deref().ok_or_else(|| BrokerError::NoCa {
+            url: broker.url.clone(),
+        })?;
+        let ca = read("ca_file", ca_file)?;
+        let client_auth = match (&broker.cert_file, &broker.key_file) {
+            (Some(cert), Some(key)) => Some((read("cert_file", cert)?, read("key_file", key)?)),
+            (None, None) => None,
+            _ => return Err(BrokerError::HalfClientAuth),
+        };
+        options.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
+            ca,
+            alpn: None,
+            client_auth,
+        }));
+    } else {
+        for (field, set) in [
+            ("ca_file", broker.ca_file.is_some()),
+            ("cert_file", broker.cert_file.is_some()),
+            ("key_file", broker.key_file.is_some()),
+        ] {
+            if set {
+                return Err(BrokerError::TlsWithoutMqtts {
+                    field,
+                    url: broker.url.clone(),
+                });
+            }
+        }
+    }
+    Ok(options)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_url_defaults_to_port_1883() {
+        let a = parse_url("mqtt://127.0.0.1").unwrap();
+        assert!(!a.tls);
+        assert_eq!((a.host.as_str(), a.port), ("127.0.0.1", 1883));
+        assert!(a.login.is_none());
+    }
+
+    #[test]
+    fn mqtts_defaults_to_8883_and_reads_credentials() {
+        let a = parse_url("mqtts://dev:s3cret@broker.example:8884").unwrap();
+        assert!(a.tls);
+        assert_eq!((a.host.as_str(), a.port), ("broker.example", 8884));
+        assert_eq!(a.login, Some(("dev".into(), "s3cret".into())));
+        assert_eq!(parse_url("mqtts://b.example").unwrap().port, 8883);
+    }
+
+    #[test]
+    fn bad_urls_name_what_is_wrong() {
+        let e = parse_url("http://x").unwrap_err().to_string();
+        assert!(e.contains("scheme \"http\""), "{e}");
+        let e = parse_url("not a url").unwrap_err().to_string();
+        assert!(e.contains("is not a URL"), "{e}");
+        let e = mqtt_options(&BrokerConfig::new("mqtts://x"), "c")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("needs ca_file"), "{e}");
+        let mut b = BrokerConfig::new("mqtt://x");
+        b.ca_file = Some("/ca.pem".into());
+        let e = mqtt_options(&b, "c").unwrap_err().to_string();
+        assert!(e.contains("ca_file") && e.contains("not mqtts"), "{e}");
+    }
+
+    #[test]
+    fn options_carry_pollens_packet_limits() {
+        let o = mqtt_options(&BrokerConfig::new("mqtt://127.0.0.1:1999"), "dev-1").unwrap();
+        assert_eq!(o.broker_address(), ("127.0.0.1".to_string(), 1999));
+        assert_eq!(o.max_packet_size(), MAX_INCOMING_PACKET_BYTES);
+    }
+}

@@ -1,0 +1,221 @@
+//! The proxy's single MQTT connection: options, and the dispatcher that drives the rumqttc
+//! event loop and routes what arrives (replies to bridges, statuses to the registry).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use pollen_proto::device::{DeviceStatus, Reply};
+use pollen_proto::topics;
+use prost::Message;
+use rumqttc::{
+    AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS, Request, Subscribe,
+    SubscribeFilter,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::ProxyConfig;
+use crate::proxy::Shared;
+use crate::stats::Stats;
+
+/// QoS 1 messages the proxy may have unacknowledged at once. Every bridge may publish a
+/// command in the same instant when a round starts; rumqttc's default (100) would serialise a
+/// thousand-device round behind broker round trips.
+const INFLIGHT: u16 = 1000;
+/// Requests (publishes) buffered between bridges and the event loop before publishers wait.
+pub(crate) const REQUEST_CAPACITY: usize = 4096;
+const BACKOFF_START: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Longest accepted device id, as the coordinator accepts client ids.
+const MAX_DEVICE_ID_LEN: usize = 128;
+
+/// The proxy's connection: a persistent session, so that replies published while the proxy
+/// is away are queued by the broker and delivered when it comes back.
+pub(crate) fn connect(config: &ProxyConfig) -> Result<(AsyncClient, EventLoop), crate::ProxyError> {
+    let mut options: MqttOptions =
+        pollen_proto::mqtt::mqtt_options(&config.broker, &config.client_id())?;
+    options
+        .set_clean_session(false)
+        .set_keep_alive(config.keep_alive)
+        .set_inflight(INFLIGHT);
+    Ok(AsyncClient::new(options, REQUEST_CAPACITY))
+}
+
+/// What a message on a status topic says.
+#[derive(Debug)]
+pub(crate) enum StatusUpdate {
+    /// An empty retained payload: the device's status was cleared.
+    Cleared,
+    Status(DeviceStatus),
+    /// Undecodable, or not about the topic's device; logged.
+    Malformed,
+}
+
+/// Decodes a status message of `device` received on `topic`, logging what is wrong with it.
+pub(crate) fn decode_status(topic: &str, device: &str, payload: &[u8]) -> StatusUpdate {
+    if payload.is_empty() {
+        return StatusUpdate::Cleared;
+    }
+    match DeviceStatus::decode(payload) {
+        Err(e) => {
+            tracing::warn!(%topic, "status message dropped: it does not decode as DeviceStatus: {e}");
+            StatusUpdate::Malformed
+        }
+        Ok(s) if s.device_id != device => {
+            tracing::warn!(%topic, device_id = %s.device_id, "status message dropped: it names another device");
+            StatusUpdate::Malformed
+        }
+        Ok(_)
+            if device.len() > MAX_DEVICE_ID_LEN
+                || topics::validate_id("device id", device).is_err() =>
+        {
+            tracing::warn!(%topic, "status message dropped: the device id cannot join a coordinator (at most 128 of [A-Za-z0-9_.-])");
+            StatusUpdate::Malformed
+        }
+        Ok(s) => StatusUpdate::Status(s),
+    }
+}
+
+/// Decodes a reply of `device` received on `topic`; `None` (logged) if it is malformed.
+fn decode_reply(topic: &str, device: &str, payload: &[u8]) -> Option<Reply> {
+    match Reply::decode(payload) {
+        Err(e) => {
+            tracing::warn!(%topic, "reply dropped: it does not decode as Reply: {e}");
+            None
+        }
+        Ok(r) if r.device_id != device => {
+            tracing::warn!(%topic, device_id = %r.device_id, request = %r.request_id, "reply dropped: it names another device than its topic");
+            None
+        }
+        Ok(r) => Some(r),
+    }
+}
+
+/// Drives the event loop until the proxy has disconnected (after shutdown) or `stop` fires.
+/// Polling never stops on errors: rumqttc reconnects on the next poll, and replies queued by
+/// the broker for the persistent session arrive then.
+pub(crate) async fn run_dispatcher(
+    mut eventloop: EventLoop,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) {
+    let filters = [
+        topics::all_replies(&shared.fleet),
+        topics::all_status(&shared.fleet),
+    ];
+    let mut backoff = BACKOFF_START;
+    let mut connected_before = false;
+    loop {
+        let event = tokio::select! {
+            e = eventloop.poll() => e,
+            _ = stop.cancelled() => break,
+        };
+        match event {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                backoff = BACKOFF_START;
+                if connected_before {
+                    Stats::bump(&shared.stats.reconnects);
+                }
+                connected_before = true;
+                tracing::info!(
+                    session_present = ack.session_present,
+                    "connected to the MQTT broker"
+                );
+                // A restarted broker may have forgotten the session's subscriptions. Queued
+                // straight into the event loop: the request channel is shared with every
+                // bridge's publishes and may be full, and only this task drains it.
+                let subscribe = Subscribe::new_many(
+                    filters
+                        .iter()
+                        .map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce)),
+                );
+                eventloop.pending.push_back(Request::Subscribe(subscribe));
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => route(&shared, &p),
+            Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
+            Ok(_) => {}
+            Err(e) => {
+                if shared.shutdown.is_cancelled() {
+                    break;
+                }
+                tracing::warn!(broker = %shared.broker_url, "MQTT connection: {e}; retrying in {backoff:?}");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.cancelled() => break,
+                    _ = shared.shutdown.cancelled() => break,
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+}
+
+fn route(shared: &Arc<Shared>, p: &rumqttc::Publish) {
+    let Some((fleet, device, channel)) = topics::parse(&p.topic) else {
+        return;
+    };
+    if fleet != shared.fleet {
+        return;
+    }
+    match channel {
+        "reply" => {
+            Stats::bump(&shared.stats.replies_received);
+            match decode_reply(&p.topic, device, &p.payload) {
+                Some(reply) => shared.route_reply(device, reply),
+                None => Stats::bump(&shared.stats.replies_malformed),
+            }
+        }
+        "status" => match decode_status(&p.topic, device, &p.payload) {
+            StatusUpdate::Malformed => Stats::bump(&shared.stats.status_malformed),
+            update => shared.on_status(device, update, p.retain),
+        },
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_are_checked_against_their_topic() {
+        let topic = "pollen/f/gw-1/status";
+        assert!(matches!(
+            decode_status(topic, "gw-1", b""),
+            StatusUpdate::Cleared
+        ));
+        assert!(matches!(
+            decode_status(topic, "gw-1", b"\xff\xff\xff"),
+            StatusUpdate::Malformed
+        ));
+        let other = DeviceStatus {
+            device_id: "gw-2".into(),
+            online: true,
+            ..DeviceStatus::default()
+        };
+        assert!(matches!(
+            decode_status(topic, "gw-1", &other.encode_to_vec()),
+            StatusUpdate::Malformed
+        ));
+        let own = DeviceStatus {
+            device_id: "gw-1".into(),
+            ..other
+        };
+        assert!(matches!(
+            decode_status(topic, "gw-1", &own.encode_to_vec()),
+            StatusUpdate::Status(_)
+        ));
+    }
+
+    #[test]
+    fn replies_naming_another_device_are_refused() {
+        let reply = Reply {
+            request_id: "x-1-1".into(),
+            device_id: "gw-2".into(),
+            ..Reply::default()
+        };
+        let topic = "pollen/f/gw-1/reply";
+        assert!(decode_reply(topic, "gw-1", &reply.encode_to_vec()).is_none());
+        assert!(decode_reply(topic, "gw-2", &reply.encode_to_vec()).is_some());
+        assert!(decode_reply(topic, "gw-1", b"\x0a\xff").is_none());
+    }
+}

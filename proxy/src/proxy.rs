@@ -1,0 +1,332 @@
+//! The proxy process: which devices get a bridge, and the lifecycle of the whole thing.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use pollen_proto::device::Reply;
+use rumqttc::AsyncClient;
+use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::devices::{DeviceRecord, DeviceRegistry, Selection};
+use crate::mqtt::StatusUpdate;
+use crate::stats::{ProxyStatsSnapshot, Stats};
+use crate::{ProxyConfig, ProxyError, bridge};
+
+/// Replies buffered per bridge. A device has a few requests open and answers each once (plus
+/// progress), so a full inbox means the bridge is stuck, not busy.
+const INBOX_CAPACITY: usize = 64;
+/// How long, after every bridge has ended, queued CANCELs may take to reach the broker.
+const DISCONNECT_GRACE: Duration = Duration::from_secs(2);
+
+struct BridgeEntry {
+    generation: u64,
+    inbox: mpsc::Sender<Reply>,
+    offline: CancellationToken,
+}
+
+#[derive(Default)]
+struct Bridges {
+    by_device: HashMap<String, BridgeEntry>,
+    next_generation: u64,
+}
+
+/// State shared by the dispatcher, the bridges and the handle.
+pub(crate) struct Shared {
+    pub fleet: String,
+    pub broker_url: String,
+    pub selection: Selection,
+    pub stats: Stats,
+    pub registry: Mutex<DeviceRegistry>,
+    bridges: Mutex<Bridges>,
+    pub mqtt: AsyncClient,
+    /// One HTTP/2 connection multiplexes every bridge's Join stream.
+    pub channel: tonic::transport::Channel,
+    /// Random per process, so that command ids never repeat across proxy restarts.
+    session: String,
+    next_join: AtomicU64,
+    tracker: TaskTracker,
+    pub shutdown: CancellationToken,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The guarded maps stay consistent even if a holder panicked (every update is a single
+    // insert or remove); keep the proxy serving rather than poison every device.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    /// A fresh command-id prefix for one Join session of one bridge.
+    pub fn next_prefix(&self) -> String {
+        format!("{}-{}", self.session, self.next_join.fetch_add(1, Relaxed))
+    }
+
+    /// The latest status of `device`, if it is still known.
+    pub fn status_of(&self, device: &str) -> Option<pollen_proto::device::DeviceStatus> {
+        lock(&self.registry).status(device).cloned()
+    }
+
+    /// Applies a status message and starts or stops the device's bridge accordingly.
+    pub fn on_status(self: &Arc<Self>, device: &str, update: StatusUpdate, retained: bool) {
+        let now = crate::now_unix_ms();
+        let online = {
+            let mut registry = lock(&self.registry);
+            match update {
+                StatusUpdate::Cleared => {
+                    registry.remove(device);
+                    false
+                }
+                StatusUpdate::Status(status) => {
+                    registry.update(status, retained, now);
+                    registry.is_online(device, now)
+                }
+                StatusUpdate::Malformed => return,
+            }
+        };
+        if online {
+            self.start_bridge(device, now);
+        } else {
+            self.leave(device, "went offline");
+        }
+    }
+
+    /// Hands a reply to its device's bridge without waiting: the dispatcher must keep polling
+    /// the MQTT connection whatever one bridge does.
+    pub fn route_reply(&self, device: &str, reply: Reply) {
+        let inbox = lock(&self.bridges)
+            .by_device
+            .get(device)
+            .map(|b| b.inbox.clone());
+        let Some(inbox) = inbox else {
+            Stats::bump(&self.stats.replies_unknown);
+            tracing::debug!(%device, request = %reply.request_id, "reply for a device without a bridge dropped");
+            return;
+        };
+        match inbox.try_send(reply) {
+            Ok(()) => {}
+            Err(TrySendError::Full(reply)) => {
+                Stats::bump(&self.stats.replies_dropped);
+                tracing::warn!(%device, request = %reply.request_id, "reply dropped: the bridge's inbox is full");
+            }
+            Err(TrySendError::Closed(_)) => Stats::bump(&self.stats.replies_unknown),
+        }
+    }
+
+    /// Starts a bridge for `device` if it passes the selection, has none yet, and there is
+    /// room under `max_devices`.
+    fn start_bridge(self: &Arc<Self>, device: &str, now: u64) {
+        if self.shutdown.is_cancelled() {
+            return;
+        }
+        let admitted = lock(&self.registry)
+            .get_at(device, now)
+            .is_some_and(|r| self.selection.admits(&r));
+        if !admitted {
+            return;
+        }
+        let (generation, inbox, offline) = {
+            let mut bridges = lock(&self.bridges);
+            let full = self
+                .selection
+                .max_devices
+                .is_some_and(|max| bridges.by_device.len() >= max);
+            if full || bridges.by_device.contains_key(device) {
+                return;
+            }
+            bridges.next_generation += 1;
+            let generation = bridges.next_generation;
+            let (tx, rx) = mpsc::channel(INBOX_CAPACITY);
+            let offline = CancellationToken::new();
+            bridges.by_device.insert(
+                device.to_string(),
+                BridgeEntry {
+                    generation,
+                    inbox: tx,
+                    offline: offline.clone(),
+                },
+            );
+            (generation, rx, offline)
+        };
+        tracing::info!(%device, "device online; starting its bridge");
+        let shared = self.clone();
+        let device = device.to_string();
+        self.tracker.spawn(async move {
+            bridge::run(&shared, &device, inbox, offline).await;
+            shared.bridge_ended(&device, generation);
+        });
+    }
+
+    /// Tells the bridge of `device`, if any, that the device is gone.
+    fn leave(&self, device: &str, why: &str) {
+        let entry = lock(&self.bridges).by_device.remove(device);
+        if let Some(entry) = entry {
+            tracing::info!(%device, "device {why}; its bridge leaves the coordinator");
+            entry.offline.cancel();
+        }
+    }
+
+    fn bridge_ended(&self, device: &str, generation: u64) {
+        let mut bridges = lock(&self.bridges);
+        if bridges
+            .by_device
+            .get(device)
+            .is_some_and(|b| b.generation == generation)
+        {
+            bridges.by_device.remove(device);
+        }
+    }
+
+    /// Retires bridges of devices that fell silent, and fills free places under
+    /// `max_devices` with online devices seen earlier.
+    fn sweep(self: &Arc<Self>) {
+        let now = crate::now_unix_ms();
+        let (stale, candidates) = {
+            let registry = lock(&self.registry);
+            (
+                registry.stale_at(now),
+                registry.select_at(&self.selection, now),
+            )
+        };
+        for device in stale {
+            self.leave(&device, "missed its heartbeats");
+        }
+        for record in candidates {
+            self.start_bridge(&record.device_id, now);
+        }
+    }
+}
+
+/// Starts proxies.
+pub struct Proxy;
+
+impl Proxy {
+    /// Validates `config`, starts the MQTT dispatcher and returns at once; bridges start as
+    /// device statuses arrive. Neither the broker nor the coordinator needs to be up yet: the
+    /// connection and every bridge retry with backoff. Everything stops when `shutdown` fires;
+    /// await [`ProxyHandle::join`] then.
+    pub async fn start(
+        config: ProxyConfig,
+        shutdown: CancellationToken,
+    ) -> Result<ProxyHandle, ProxyError> {
+        config.validate()?;
+        let coordinator_error = |reason: String| ProxyError::Coordinator {
+            endpoint: config.coordinator.clone(),
+            reason,
+        };
+        let channel = tonic::transport::Endpoint::from_shared(config.coordinator.clone())
+            .map_err(|e| coordinator_error(e.to_string()))?
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_while_idle(true)
+            .connect_lazy();
+        let (mqtt, eventloop) = crate::mqtt::connect(&config)?;
+        let shared = Arc::new(Shared {
+            fleet: config.fleet.clone(),
+            broker_url: config.broker.url.clone(),
+            selection: config.selection.clone(),
+            stats: Stats::default(),
+            registry: Mutex::new(DeviceRegistry::new(config.stale_after)),
+            bridges: Mutex::new(Bridges::default()),
+            mqtt,
+            channel,
+            session: crate::random_hex(6),
+            next_join: AtomicU64::new(1),
+            tracker: TaskTracker::new(),
+            shutdown,
+        });
+        tracing::info!(
+            fleet = %config.fleet,
+            client_id = %config.client_id(),
+            coordinator = %config.coordinator,
+            broker = %config.broker.url,
+            "proxy starting"
+        );
+        let stop = CancellationToken::new();
+        let dispatcher = tokio::spawn(crate::mqtt::run_dispatcher(
+            eventloop,
+            shared.clone(),
+            stop.clone(),
+        ));
+        let sweep_every =
+            (config.stale_after / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+        let supervisor = tokio::spawn(supervise(shared.clone(), dispatcher, stop, sweep_every));
+        Ok(ProxyHandle { shared, supervisor })
+    }
+}
+
+/// Sweeps stale devices until shutdown, then winds down in order: bridges first (they
+/// publish their CANCELs), then the MQTT connection.
+async fn supervise(
+    shared: Arc<Shared>,
+    mut dispatcher: JoinHandle<()>,
+    stop: CancellationToken,
+    sweep_every: Duration,
+) {
+    let mut ticker = tokio::time::interval(sweep_every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => shared.sweep(),
+            _ = shared.shutdown.cancelled() => break,
+        }
+    }
+    shared.tracker.close();
+    shared.tracker.wait().await;
+    let _ = shared.mqtt.try_disconnect();
+    if tokio::time::timeout(DISCONNECT_GRACE, &mut dispatcher)
+        .await
+        .is_err()
+    {
+        stop.cancel();
+        let _ = dispatcher.await;
+    }
+    tracing::info!(fleet = %shared.fleet, "proxy stopped");
+}
+
+/// A running proxy.
+pub struct ProxyHandle {
+    shared: Arc<Shared>,
+    supervisor: JoinHandle<()>,
+}
+
+impl ProxyHandle {
+    /// The proxy's counters now.
+    pub fn stats(&self) -> ProxyStatsSnapshot {
+        self.shared.stats.snapshot()
+    }
+
+    /// Every device the proxy has heard of, sorted by id.
+    pub fn devices(&self) -> Vec<DeviceRecord> {
+        lock(&self.shared.registry).records()
+    }
+
+    /// Waits until at least `n` bridges are joined to the coordinator; false if `timeout`
+    /// passes first.
+    pub async fn wait_for_bridges(&self, n: usize, timeout: Duration) -> bool {
+        let stats = &self.shared.stats;
+        let enough = || stats.bridges_open.load(Relaxed) >= n as u64;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let changed = stats.bridges_changed.notified();
+            if enough() {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return enough();
+            }
+        }
+    }
+
+    /// Waits for every task of the proxy to end. They end only after the shutdown token given
+    /// to [`Proxy::start`] fires.
+    pub async fn join(self) {
+        if let Err(e) = self.supervisor.await {
+            tracing::error!("proxy supervisor failed: {e}");
+        }
+    }
+}

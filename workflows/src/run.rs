@@ -1,0 +1,276 @@
+//! Running a spec: object storage, the strategy, records and the round driver, shared by
+//! `pollen simulate`, `pollen coordinator` and `pollen run`.
+//!
+//! `pollen run` is the whole workflow of a run on a real fleet (what Step Functions does in the
+//! AWS reference): discover devices from their retained MQTT status -> select the ones the spec
+//! asks for -> start the coordinator and one proxy bridge per selected device -> drive the
+//! rounds -> leave the model and the report in the run's records.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use pollen_client::mnist::{Mnist, MnistSplit};
+use pollen_client::model;
+use pollen_coordinator::records::RunHandle;
+use pollen_coordinator::registry::Registry;
+use pollen_coordinator::storage::embedded::EmbeddedS3;
+use pollen_coordinator::{
+    BlobStore, DriverConfig, FedAvg, RoundDriver, RoundRecord, RunStore, RunSummary, StoreConfig,
+};
+use pollen_proto::mqtt::BrokerConfig;
+use pollen_proxy::{DeviceRecord, Proxy, ProxyConfig, Selection};
+use tokio_util::sync::CancellationToken;
+
+use crate::simulate::centralized_evaluator;
+use crate::spec::{RunSpec, StrategySpec};
+
+/// Where weight blobs go.
+#[derive(Debug, Clone)]
+pub enum Storage {
+    /// The in-process S3 server over `root`, listening on `listen` (port 0: any free port).
+    /// Devices on other hosts need `listen` to be an address they can reach.
+    Embedded { root: PathBuf, listen: SocketAddr },
+    /// An S3-compatible service (AWS S3, MinIO, ...).
+    External(StoreConfig),
+    /// No object storage: weights travel inline in gRPC messages (direct clients only).
+    Inline,
+}
+
+/// Object storage opened for a run; dropping it does not stop the embedded server, the
+/// shutdown token given to [`open_storage`] does.
+pub struct OpenStorage {
+    pub store: Option<Arc<BlobStore>>,
+    pub embedded: Option<EmbeddedS3>,
+}
+
+impl OpenStorage {
+    /// Where blobs live, for the log line a person reads at start.
+    pub fn describe(&self) -> String {
+        match (&self.embedded, &self.store) {
+            (Some(e), _) => format!(
+                "embedded S3 at {} (folder {})",
+                e.endpoint,
+                e.root.display()
+            ),
+            (None, Some(s)) => format!("{s:?}"),
+            (None, None) => "none (weights inline)".into(),
+        }
+    }
+}
+
+pub async fn open_storage(
+    storage: &Storage,
+    shutdown: CancellationToken,
+) -> anyhow::Result<OpenStorage> {
+    match storage {
+        Storage::Inline => Ok(OpenStorage {
+            store: None,
+            embedded: None,
+        }),
+        Storage::External(config) => {
+            let store = BlobStore::connect(config).await?;
+            Ok(OpenStorage {
+                store: Some(Arc::new(store)),
+                embedded: None,
+            })
+        }
+        Storage::Embedded { root, listen } => {
+            let embedded = EmbeddedS3::start(root, *listen, shutdown).await?;
+            let store = BlobStore::connect(&embedded.store_config("pollen")).await?;
+            Ok(OpenStorage {
+                store: Some(Arc::new(store)),
+                embedded: Some(embedded),
+            })
+        }
+    }
+}
+
+/// Loads the test split when the spec evaluates centrally.
+pub async fn load_test_split(spec: &RunSpec) -> anyhow::Result<Option<Arc<MnistSplit>>> {
+    if !spec.evaluate.centralized {
+        return Ok(None);
+    }
+    let dir = spec.resolve_data_dir();
+    let mnist = tokio::task::spawn_blocking(move || Mnist::load(&dir))
+        .await?
+        .context("loading MNIST for centralized evaluation")?;
+    Ok(Some(Arc::new(mnist.test)))
+}
+
+/// The spec's strategy with its initial model, fit config and (optional) server-side test set.
+pub fn build_strategy(spec: &RunSpec, test: Option<Arc<MnistSplit>>) -> anyhow::Result<FedAvg> {
+    let StrategySpec::Fedavg(fedavg) = &spec.strategy;
+    let mut strategy = FedAvg::new(fedavg.clone())
+        .with_initial_parameters(model::initial_parameters(spec.model, spec.seed)?)
+        .with_fit_config(spec.fit_config());
+    if let Some(test) = test {
+        strategy = strategy.with_evaluate_fn(centralized_evaluator(spec, test));
+    }
+    Ok(strategy)
+}
+
+/// Opens the run database and creates this run's records.
+pub fn create_run(spec: &RunSpec, runs_dir: &std::path::Path) -> anyhow::Result<Arc<RunHandle>> {
+    let store = RunStore::open(runs_dir)
+        .with_context(|| format!("opening the run records in {}", runs_dir.display()))?;
+    Ok(Arc::new(store.create_run(
+        &spec.name,
+        &spec.to_toml(),
+        spec.seed,
+        spec.rounds,
+    )?))
+}
+
+/// What [`drive`] runs over.
+pub struct DriveOptions {
+    /// The clients (direct or proxy bridges) the coordinator's Fleet service registered.
+    pub registry: Arc<Registry>,
+    pub run: Arc<RunHandle>,
+    /// Weights by reference through this store; inline when `None`.
+    pub store: Option<Arc<BlobStore>>,
+    /// The test split for centralized evaluation.
+    pub test: Option<Arc<MnistSplit>>,
+    pub wait_for_clients: Duration,
+}
+
+/// Drives the spec's rounds over the clients in `options.registry`.
+pub async fn drive(
+    spec: &RunSpec,
+    options: DriveOptions,
+    on_round: impl FnMut(&RoundRecord) + Send + 'static,
+    shutdown: CancellationToken,
+) -> anyhow::Result<RunSummary> {
+    let DriveOptions {
+        registry,
+        run,
+        store,
+        test,
+        wait_for_clients,
+    } = options;
+    let strategy = build_strategy(spec, test)?;
+    let mut driver = RoundDriver::new(
+        registry,
+        Box::new(strategy),
+        DriverConfig {
+            num_rounds: spec.rounds,
+            round_timeout: spec.round_timeout,
+            wait_for_clients,
+            seed: spec.seed,
+        },
+    )
+    .with_run(run)
+    .on_round(on_round);
+    if let Some(store) = store {
+        driver = driver.with_store(store);
+    }
+    Ok(driver.run(shutdown).await?)
+}
+
+/// Options of [`run_on_fleet`].
+pub struct FleetRunOptions {
+    pub broker: BrokerConfig,
+    pub storage: Storage,
+    pub runs_dir: PathBuf,
+    /// How long to listen for retained device statuses before selecting.
+    pub discovery_wait: Duration,
+    /// Heartbeat staleness after which a device counts as offline.
+    pub stale_after: Duration,
+}
+
+/// What `pollen run` did.
+pub struct FleetRun {
+    pub run_id: String,
+    pub run_dir: PathBuf,
+    pub selected: Vec<DeviceRecord>,
+    pub summary: RunSummary,
+}
+
+/// `pollen run`: discover, select, bridge and train on the devices of `spec.devices.fleet`.
+pub async fn run_on_fleet(
+    spec: &RunSpec,
+    options: &FleetRunOptions,
+    shutdown: CancellationToken,
+    on_selected: impl FnOnce(&[DeviceRecord]),
+    on_round: impl FnMut(&RoundRecord) + Send + 'static,
+) -> anyhow::Result<FleetRun> {
+    let fleet = &spec.devices.fleet;
+    let found = pollen_proxy::discover(&options.broker, fleet, options.discovery_wait)
+        .await
+        .with_context(|| format!("discovering the devices of fleet {fleet:?}"))?;
+    let selection = Selection {
+        devices: None,
+        min_examples: spec.devices.min_examples,
+        max_devices: spec.devices.count,
+    };
+    let selected = selection.pick(found.iter().cloned());
+    let StrategySpec::Fedavg(fedavg) = &spec.strategy;
+    anyhow::ensure!(
+        selected.len() >= fedavg.min_available_clients,
+        "fleet {fleet:?}: {} devices online with at least {} examples ({} known), but the strategy needs min_available_clients = {}; start more agents or lower the minimum",
+        selected.len(),
+        spec.devices.min_examples,
+        found.len(),
+        fedavg.min_available_clients
+    );
+    on_selected(&selected);
+
+    let stop_all = CancellationToken::new();
+    let storage = open_storage(&options.storage, stop_all.clone()).await?;
+    anyhow::ensure!(
+        storage.store.is_some(),
+        "devices reached over MQTT need object storage; configure S3 or use the embedded store"
+    );
+    let test = load_test_split(spec).await?;
+    let run = create_run(spec, &options.runs_dir)?;
+    let (run_id, run_dir) = (run.id().to_string(), run.dir().to_path_buf());
+    let server =
+        pollen_coordinator::server::serve(SocketAddr::from(([127, 0, 0, 1], 0)), stop_all.clone())
+            .await
+            .context("binding the coordinator on 127.0.0.1")?;
+    let proxy = Proxy::start(
+        ProxyConfig {
+            fleet: fleet.clone(),
+            proxy_id: format!("run-{run_id}"),
+            coordinator: format!("http://{}", server.addr),
+            broker: options.broker.clone(),
+            selection: Selection {
+                devices: Some(selected.iter().map(|d| d.device_id.clone()).collect()),
+                min_examples: 0,
+                max_devices: None,
+            },
+            stale_after: options.stale_after,
+            keep_alive: Duration::from_secs(30),
+        },
+        stop_all.clone(),
+    )
+    .await
+    .context("starting the device proxy")?;
+    let summary = drive(
+        spec,
+        DriveOptions {
+            registry: server.registry.clone(),
+            run,
+            store: storage.store.clone(),
+            test,
+            wait_for_clients: Duration::from_secs(60),
+        },
+        on_round,
+        shutdown,
+    )
+    .await;
+    stop_all.cancel();
+    proxy.join().await;
+    let _ = server.handle.await;
+    if let Some(e) = storage.embedded {
+        e.join().await;
+    }
+    Ok(FleetRun {
+        run_id,
+        run_dir,
+        selected,
+        summary: summary?,
+    })
+}
