@@ -67,7 +67,7 @@ pub fn start_embedded_broker(max_connections: usize) -> anyhow::Result<EmbeddedB
         })
         .context("starting the embedded MQTT broker thread")?;
     let started = Instant::now();
-    while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+    while !answers_connect(addr) {
         anyhow::ensure!(
             started.elapsed() < Duration::from_secs(10),
             "the embedded MQTT broker did not start listening on {addr} within 10 s"
@@ -79,4 +79,28 @@ pub fn start_embedded_broker(max_connections: usize) -> anyhow::Result<EmbeddedB
         addr,
         url: format!("mqtt://{addr}"),
     })
+}
+
+/// Whether an MQTT 3.1.1 CONNECT on `addr` is answered with an accepting CONNACK. A full
+/// handshake (and a DISCONNECT) rather than a bare TCP probe, which the broker would log as a
+/// failed connection.
+fn answers_connect(addr: SocketAddr) -> bool {
+    use std::io::{Read, Write};
+    const CLIENT_ID: &[u8] = b"pollen-probe";
+    let Ok(mut stream) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200))
+    else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut packet = vec![0x10, (12 + CLIENT_ID.len()) as u8];
+    // Protocol "MQTT", level 4 (3.1.1), clean session, keep-alive 10 s, then the client id.
+    packet.extend_from_slice(&[0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 10]);
+    packet.extend_from_slice(&[0, CLIENT_ID.len() as u8]);
+    packet.extend_from_slice(CLIENT_ID);
+    let mut connack = [0u8; 4];
+    let accepted = stream.write_all(&packet).is_ok()
+        && stream.read_exact(&mut connack).is_ok()
+        && connack == [0x20, 0x02, 0x00, 0x00];
+    let _ = stream.write_all(&[0xE0, 0x00]);
+    accepted
 }

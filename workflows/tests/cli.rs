@@ -139,3 +139,106 @@ fn a_coordinator_and_agents_in_separate_processes_complete_a_run() {
         assert!(status.success());
     }
 }
+
+/// Kills and reaps the agent processes however the test ends.
+struct Agents(Vec<std::process::Child>);
+
+impl Drop for Agents {
+    fn drop(&mut self) {
+        for a in &mut self.0 {
+            let _ = a.kill();
+            let _ = a.wait();
+        }
+    }
+}
+
+/// The device path as separate processes, as the README runs it with Mosquitto:
+/// `pollen-agent` (MQTT mode) per device, `pollen devices`, then `pollen run`.
+#[test]
+fn pollen_run_trains_on_agent_processes_discovered_over_mosquitto() {
+    use std::process::Stdio;
+
+    let addr: std::net::SocketAddr = "127.0.0.1:1883".parse().expect("addr");
+    std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2)).unwrap_or_else(
+        |e| panic!("Mosquitto is not reachable on {addr} ({e}); start it with `mosquitto -d`"),
+    );
+    let pollen = std::path::Path::new(env!("CARGO_BIN_EXE_pollen"));
+    let agent = pollen.with_file_name("pollen-agent");
+    assert!(agent.exists(), "{} is missing", agent.display());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fleet = format!("cli-{:08x}", rand::random::<u32>());
+    let agents = Agents(
+        (0..3)
+            .map(|i| {
+                Command::new(&agent)
+                    .env("POLLEN_DEVICE_ID", format!("gw-{i}"))
+                    .env("POLLEN_FLEET", &fleet)
+                    .env("POLLEN_BROKER", "mqtt://127.0.0.1:1883")
+                    .env("POLLEN_SHARD", format!("{i}/3"))
+                    .env("POLLEN_WORK_DIR", dir.path().join(format!("gw-{i}")))
+                    .env(
+                        "POLLEN_DATA_DIR",
+                        concat!(env!("CARGO_MANIFEST_DIR"), "/../data/mnist"),
+                    )
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("agent starts")
+            })
+            .collect(),
+    );
+
+    // The fleet as `pollen devices --json` sees it, once every agent has said it is online.
+    let mut listed = Vec::new();
+    for _ in 0..30 {
+        let out = Command::new(pollen)
+            .args(["devices", "--json", "--wait", "1s", "--fleet", &fleet])
+            .output()
+            .expect("pollen devices runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        listed = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("JSON line"))
+            .filter(|d| d["online"] == true)
+            .collect();
+        if listed.len() == 3 {
+            break;
+        }
+    }
+    assert_eq!(listed.len(), 3, "{listed:?}");
+    assert!(
+        listed.iter().all(|d| d["num_examples"] == 20_000),
+        "{listed:?}"
+    );
+
+    let out = Command::new(pollen)
+        .args([
+            "run",
+            "--fleet",
+            &fleet,
+            "--rounds",
+            "2",
+            "--json",
+            "--runs-dir",
+        ])
+        .arg(dir.path().join("runs"))
+        .output()
+        .expect("pollen run runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("3 devices selected"), "{stderr}");
+    let rounds: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    assert_eq!(rounds.len(), 2, "{stderr}");
+    for r in &rounds {
+        assert_eq!(r["status"], "ok", "{r}");
+        assert_eq!(r["succeeded"], 2, "{r}");
+    }
+    assert!(rounds[1]["accuracy"].as_f64().expect("accuracy") > 0.9);
+    drop(agents);
+}

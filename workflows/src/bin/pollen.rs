@@ -248,10 +248,10 @@ fn print_summary(run_id: &str, run_dir: &std::path::Path, rounds: &[RoundRecord]
     let first97 = rounds
         .iter()
         .find(|r| r.accuracy.is_some_and(|a| a >= 0.97))
-        .map_or("not reached".into(), |r| format!("round {}", r.round));
+        .map_or("not reached".into(), |r| format!("at round {}", r.round));
     let failed: usize = rounds.iter().map(|r| r.failed).sum();
     eprintln!(
-        "run {run_id}: {} rounds, final accuracy {acc}, 97% at {first97}, median {median:.3} s/round, {failed} client failures\nrecords: {}",
+        "run {run_id}: {} rounds, final accuracy {acc}, 97% {first97}, median {median:.3} s/round, {failed} client failures\nrecords: {}",
         rounds.len(),
         run_dir.display()
     );
