@@ -303,7 +303,7 @@ impl RoundDriver {
         };
         let expected = upload.as_ref().map(|u| u.location.clone());
         let run_id = self.run_id.clone();
-        let (_, rx) = self
+        let (request_id, rx) = self
             .registry
             .request(&client.id, 0, |request_id| ServerMessage {
                 msg: Some(ServerMsg::GetParameters(GetParametersIns {
@@ -318,6 +318,7 @@ impl RoundDriver {
         let reply = tokio::time::timeout(self.config.round_timeout, rx)
             .await
             .map_err(|_| {
+                self.registry.time_out(request_id);
                 DriverError::NoInitialParameters(format!("client {} did not answer", client.id))
             })?
             .map_err(|_| {
@@ -548,17 +549,21 @@ impl RoundDriver {
     ) -> Result<(Vec<OpenRequest>, Vec<ClientFailure>), DriverError> {
         let mut open = Vec::with_capacity(instructions.len());
         let mut failures = Vec::new();
-        for Instruction { client_id, config } in instructions {
-            let weights = Some(weights.clone());
-            // Each fit gets its own upload key, so a device can write nothing but its update.
-            let upload = match (&self.store, phase) {
+        // Each fit gets its own upload key, so a device can write nothing but its update. All
+        // URLs are signed before anything is sent: a signing error then leaves no request open.
+        let mut uploads = Vec::with_capacity(instructions.len());
+        for Instruction { client_id, .. } in &instructions {
+            uploads.push(match (&self.store, phase) {
                 (Some(store), Phase::Fit) => {
-                    let key = store.update_key(&self.run_id, round, &client_id);
+                    let key = store.update_key(&self.run_id, round, client_id);
                     let url = store.presign_put(&key, self.presign_ttl()).await?;
                     Some(Upload { location: key, url })
                 }
                 _ => None,
-            };
+            });
+        }
+        for (Instruction { client_id, config }, upload) in instructions.into_iter().zip(uploads) {
+            let weights = Some(weights.clone());
             let location = upload.as_ref().map(|u| u.location.clone());
             let run_id = self.run_id.clone();
             let build = move |request_id| {
@@ -754,15 +759,17 @@ impl RoundDriver {
 
 fn unexpected(client_id: &str, reply: Reply) -> ClientFailure {
     match reply {
-        Reply::Failure(f) => failure(
-            client_id,
-            FailureReason::ClientError,
-            format!(
-                "{:?}: {}",
-                FailureCode::try_from(f.code).unwrap_or(FailureCode::Unspecified),
-                f.message
-            ),
-        ),
+        Reply::Failure(f) => {
+            let code = FailureCode::try_from(f.code).unwrap_or(FailureCode::Unspecified);
+            // A proxy reports its device's deadline and disappearance; they are the same
+            // failures as a direct client's, whoever noticed them first.
+            let reason = match code {
+                FailureCode::Timeout => FailureReason::Timeout,
+                FailureCode::DeviceOffline => FailureReason::Disconnected,
+                _ => FailureReason::ClientError,
+            };
+            failure(client_id, reason, format!("{code:?}: {}", f.message))
+        }
         other => failure(
             client_id,
             FailureReason::ProtocolError,
@@ -810,7 +817,44 @@ async fn await_fit(
         rx,
         upload_location,
     } = request;
-    let reply = match await_reply(&registry, request_id, rx, deadline).await {
+    let outcome = fit_outcome(
+        &registry,
+        store.as_deref(),
+        (client_id, request_id, rx, upload_location.as_deref()),
+        round,
+        deadline,
+        specs,
+        limit,
+    )
+    .await;
+    // Folded, rejected or abandoned, the update's object is not needed any more. (An upload
+    // that lands after this, from a device past its deadline, stays until the run's objects are
+    // removed.)
+    if let (Some(store), Some(key)) = (store, upload_location) {
+        tokio::spawn(async move {
+            if let Err(e) = store.delete(&key).await {
+                tracing::debug!("could not delete an update object: {e}");
+            }
+        });
+    }
+    outcome
+}
+
+async fn fit_outcome(
+    registry: &Registry,
+    store: Option<&BlobStore>,
+    (client_id, request_id, rx, upload_location): (
+        String,
+        u64,
+        oneshot::Receiver<Reply>,
+        Option<&str>,
+    ),
+    round: u64,
+    deadline: tokio::time::Instant,
+    specs: Arc<Vec<TensorSpec>>,
+    limit: u64,
+) -> FitOutcome {
+    let reply = match await_reply(registry, request_id, rx, deadline).await {
         Ok(r) => r,
         Err((reason, message)) => return FitOutcome::Failed(failure(&client_id, reason, message)),
     };
@@ -833,22 +877,7 @@ async fn await_fit(
     let Some(weights) = res.weights else {
         return reject("fit result carries no weights".into());
     };
-    let resolved = resolve_weights(
-        weights,
-        upload_location.as_deref(),
-        store.as_deref(),
-        Some(specs),
-        limit,
-    )
-    .await;
-    // The update is folded or rejected now; its object is not needed either way.
-    if let (Some(store), Some(key)) = (store, upload_location) {
-        tokio::spawn(async move {
-            if let Err(e) = store.delete(&key).await {
-                tracing::debug!("could not delete a folded update: {e}");
-            }
-        });
-    }
+    let resolved = resolve_weights(weights, upload_location, store, Some(specs), limit).await;
     match resolved {
         Ok((parameters, bytes)) => FitOutcome::Update {
             client_id: client_id.clone(),

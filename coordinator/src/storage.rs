@@ -31,8 +31,8 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// Where blobs are stored. Credentials come from `credentials` when given, else from the AWS
-/// default chain (environment, profile, instance role).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+/// default chain (environment, profile, instance role). `Debug` never shows the secret.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
     /// `http(s)://host:port` of an S3-compatible endpoint; `None` means AWS S3 itself.
@@ -64,6 +64,23 @@ fn default_bucket() -> String {
 }
 fn default_true() -> bool {
     true
+}
+
+impl std::fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreConfig")
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("bucket", &self.bucket)
+            .field("prefix", &self.prefix)
+            .field("path_style", &self.path_style)
+            .field("create_bucket", &self.create_bucket)
+            .field(
+                "credentials",
+                &self.credentials.as_ref().map(|(id, _)| (id, "***")),
+            )
+            .finish()
+    }
 }
 
 impl Default for StoreConfig {
@@ -237,28 +254,30 @@ impl BlobStore {
                 key: key.to_string(),
                 message: sdk_message(e),
             })?;
-        let size = out.content_length().unwrap_or(0).max(0) as u64;
-        if size > limit {
-            return Err(StoreError::TooLarge {
-                key: key.to_string(),
-                size,
-                limit,
-            });
+        let too_large = |size: u64| StoreError::TooLarge {
+            key: key.to_string(),
+            size,
+            limit,
+        };
+        let announced = out.content_length().unwrap_or(0).max(0) as u64;
+        if announced > limit {
+            return Err(too_large(announced));
         }
-        let body = out.body.collect().await.map_err(|e| StoreError::Request {
+        // Read chunk by chunk and stop at the limit: a missing or lying Content-Length must not
+        // make the coordinator buffer an arbitrary object.
+        let mut body = out.body;
+        let mut bytes = bytes::BytesMut::with_capacity(announced as usize);
+        while let Some(chunk) = body.try_next().await.map_err(|e| StoreError::Request {
             op: "GET",
             key: key.to_string(),
             message: e.to_string(),
-        })?;
-        let bytes = body.into_bytes();
-        if bytes.len() as u64 > limit {
-            return Err(StoreError::TooLarge {
-                key: key.to_string(),
-                size: bytes.len() as u64,
-                limit,
-            });
+        })? {
+            if (bytes.len() + chunk.len()) as u64 > limit {
+                return Err(too_large((bytes.len() + chunk.len()) as u64));
+            }
+            bytes.extend_from_slice(&chunk);
         }
-        Ok(bytes)
+        Ok(bytes.freeze())
     }
 
     /// Deletes an object; used for updates once folded, so storage stays O(model) per round.

@@ -12,8 +12,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::limits::MAX_MQTT_PAYLOAD_BYTES;
 
-/// Where a broker is and how to authenticate to it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Where a broker is and how to authenticate to it. `Debug` shows the URL without its password.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BrokerConfig {
     /// `mqtt://host:port` or `mqtts://host:port`; user and password may be given in the URL.
@@ -38,6 +38,38 @@ impl BrokerConfig {
             cert_file: None,
             key_file: None,
         }
+    }
+
+    /// The URL as it may be logged: any password replaced by `***`.
+    pub fn redacted_url(&self) -> String {
+        redact(&self.url)
+    }
+}
+
+impl std::fmt::Debug for BrokerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerConfig")
+            .field("url", &self.redacted_url())
+            .field("ca_file", &self.ca_file)
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
+            .finish()
+    }
+}
+
+/// `url` with its password (if any) replaced by `***`, for logs and error messages.
+pub fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        Ok(_) => url.to_string(),
+        // Unparseable: show only the part before any '@', which is where credentials would be.
+        Err(_) => match url.rsplit_once('@') {
+            Some((_, host)) => format!("***@{host}"),
+            None => url.to_string(),
+        },
     }
 }
 
@@ -93,7 +125,7 @@ pub struct BrokerAddress {
 /// Parses `mqtt://[user[:password]@]host[:port]` or `mqtts://...`.
 pub fn parse_url(url: &str) -> Result<BrokerAddress, BrokerError> {
     let parsed = url::Url::parse(url).map_err(|e| BrokerError::Url {
-        url: url.to_string(),
+        url: redact(url),
         reason: e.to_string(),
     })?;
     let tls = match parsed.scheme() {
@@ -101,7 +133,7 @@ pub fn parse_url(url: &str) -> Result<BrokerAddress, BrokerError> {
         "mqtts" | "ssl" => true,
         other => {
             return Err(BrokerError::Scheme {
-                url: url.to_string(),
+                url: redact(url),
                 scheme: other.to_string(),
             });
         }
@@ -109,9 +141,7 @@ pub fn parse_url(url: &str) -> Result<BrokerAddress, BrokerError> {
     let host = parsed
         .host_str()
         .filter(|h| !h.is_empty())
-        .ok_or_else(|| BrokerError::Host {
-            url: url.to_string(),
-        })?
+        .ok_or_else(|| BrokerError::Host { url: redact(url) })?
         .trim_start_matches('[')
         .trim_end_matches(']')
         .to_string();
@@ -146,7 +176,7 @@ pub fn mqtt_options(broker: &BrokerConfig, client_id: &str) -> Result<MqttOption
     }
     if tls {
         let ca_file = broker.ca_file.as_deref().ok_or_else(|| BrokerError::NoCa {
-            url: broker.url.clone(),
+            url: broker.redacted_url(),
         })?;
         let ca = read("ca_file", ca_file)?;
         let client_auth = match (&broker.cert_file, &broker.key_file) {
@@ -168,7 +198,7 @@ pub fn mqtt_options(broker: &BrokerConfig, client_id: &str) -> Result<MqttOption
             if set {
                 return Err(BrokerError::TlsWithoutMqtts {
                     field,
-                    url: broker.url.clone(),
+                    url: broker.redacted_url(),
                 });
             }
         }
@@ -211,6 +241,16 @@ mod tests {
         b.ca_file = Some("/ca.pem".into());
         let e = mqtt_options(&b, "c").unwrap_err().to_string();
         assert!(e.contains("ca_file") && e.contains("not mqtts"), "{e}");
+    }
+
+    #[test]
+    fn passwords_never_reach_logs() {
+        let b = BrokerConfig::new("mqtts://dev:s3cret@broker.example:8884");
+        assert!(!b.redacted_url().contains("s3cret"));
+        assert!(!format!("{b:?}").contains("s3cret"));
+        let e = mqtt_options(&b, "c").unwrap_err().to_string();
+        assert!(!e.contains("s3cret"), "{e}");
+        assert_eq!(redact("mqtt://h:1883"), "mqtt://h:1883");
     }
 
     #[test]

@@ -33,6 +33,15 @@ pub struct ProxyConfig {
     /// MQTT keep-alive: zero (off) or whole seconds from 1 s to 65535 s.
     #[serde(default = "default_keep_alive", with = "humantime_serde")]
     pub keep_alive: Duration,
+    /// Keep the MQTT session (subscriptions, queued replies) across reconnects and restarts.
+    /// One-off proxies (`pollen run`, simulations) turn it off, so that they leave no session
+    /// behind on the broker queueing messages for nobody.
+    #[serde(default = "default_true")]
+    pub persistent_session: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_proxy_id() -> String {
@@ -62,6 +71,7 @@ impl ProxyConfig {
             selection: Selection::default(),
             stale_after: DEFAULT_STALE_AFTER,
             keep_alive: DEFAULT_KEEP_ALIVE,
+            persistent_session: true,
         }
     }
 

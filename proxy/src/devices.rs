@@ -244,7 +244,7 @@ pub async fn discover(
             Ok(_) => {}
             Err(source) => {
                 return Err(ProxyError::BrokerUnreachable {
-                    url: broker.url.clone(),
+                    url: broker.redacted_url(),
                     source: Box::new(source),
                 });
             }
@@ -273,7 +273,7 @@ pub async fn discover(
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    tracing::warn!(broker = %broker.url, "connection lost while discovering: {e}");
+                    tracing::warn!(broker = %broker.redacted_url(), "connection lost while discovering: {e}");
                     return;
                 }
             }

@@ -34,7 +34,7 @@ pub(crate) fn connect(config: &ProxyConfig) -> Result<(AsyncClient, EventLoop), 
     let mut options: MqttOptions =
         pollen_proto::mqtt::mqtt_options(&config.broker, &config.client_id())?;
     options
-        .set_clean_session(false)
+        .set_clean_session(!config.persistent_session)
         .set_keep_alive(config.keep_alive)
         .set_inflight(INFLIGHT);
     Ok(AsyncClient::new(options, REQUEST_CAPACITY))

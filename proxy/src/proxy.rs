@@ -227,7 +227,7 @@ impl Proxy {
         let (mqtt, eventloop) = crate::mqtt::connect(&config)?;
         let shared = Arc::new(Shared {
             fleet: config.fleet.clone(),
-            broker_url: config.broker.url.clone(),
+            broker_url: config.broker.redacted_url(),
             selection: config.selection.clone(),
             stats: Stats::default(),
             registry: Mutex::new(DeviceRegistry::new(config.stale_after)),

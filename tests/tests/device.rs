@@ -143,6 +143,7 @@ impl Harness {
                 selection: Selection::default(),
                 stale_after: Duration::from_secs(30),
                 keep_alive: Duration::from_secs(5),
+                persistent_session: false,
             },
             stop.clone(),
         )

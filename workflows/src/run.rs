@@ -218,6 +218,8 @@ pub async fn run_on_fleet(
     on_selected(&selected);
 
     let stop_all = CancellationToken::new();
+    // Whatever returns early below, the servers started for this run stop with it.
+    let _stop_on_exit = stop_all.clone().drop_guard();
     let storage = open_storage(&options.storage, stop_all.clone()).await?;
     anyhow::ensure!(
         storage.store.is_some(),
@@ -243,6 +245,7 @@ pub async fn run_on_fleet(
             },
             stale_after: options.stale_after,
             keep_alive: Duration::from_secs(30),
+            persistent_session: false,
         },
         stop_all.clone(),
     )

@@ -120,6 +120,8 @@ pub async fn simulate(
     let run_dir = run.dir().to_path_buf();
 
     let stop_all = CancellationToken::new();
+    // Whatever returns early below, the servers and clients started here stop with it.
+    let _stop_on_exit = stop_all.clone().drop_guard();
     let storage = match options.transport {
         Transport::Grpc => Storage::Inline,
         Transport::Device => match &options.s3 {
@@ -220,6 +222,7 @@ pub async fn simulate(
                         selection: Selection::default(),
                         stale_after: Duration::from_secs(60),
                         keep_alive: Duration::from_secs(30),
+                        persistent_session: false,
                     },
                     stop_all.clone(),
                 )

@@ -122,6 +122,10 @@ pub enum Next {
     Expired(Command),
 }
 
+/// Commands waiting beyond this are refused: a proxy sends a device one command per phase, so a
+/// longer queue means a misbehaving sender, and memory must stay bounded on a gateway.
+pub const MAX_QUEUED: usize = 64;
+
 /// One command at a time, the rest in FIFO order, and the ids already handled.
 #[derive(Debug, Default)]
 pub struct Scheduler {
@@ -149,6 +153,13 @@ impl Scheduler {
             return Intake::Duplicate;
         }
         match validate(&command) {
+            Ok(_) if self.queue.len() >= MAX_QUEUED => {
+                self.mark_handled(id, command.deadline_unix_ms, now_ms);
+                let e = ClientError::bad_instruction(format!(
+                    "{MAX_QUEUED} commands already queued on this device; refused"
+                ));
+                Intake::Refused(Box::new(command), e)
+            }
             Ok(_) => {
                 self.queue.push_back(command);
                 Intake::Queued
@@ -279,6 +290,24 @@ mod tests {
         match next {
             Some(Next::Start(c)) => c.request_id,
             other => panic!("expected a start, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_flood_of_commands_is_refused_beyond_the_queue_bound() {
+        let mut s = Scheduler::default();
+        for i in 0..MAX_QUEUED {
+            assert!(matches!(
+                s.receive(fit(&format!("c{i}")), NOW),
+                Intake::Queued
+            ));
+        }
+        match s.receive(fit("one-too-many"), NOW) {
+            Intake::Refused(c, e) => {
+                assert_eq!(c.request_id, "one-too-many");
+                assert_eq!(e.code, FailureCode::BadInstruction);
+            }
+            other => panic!("expected a refusal, got {other:?}"),
         }
     }
 

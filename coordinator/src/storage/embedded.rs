@@ -24,6 +24,10 @@ use super::StoreConfig;
 pub enum EmbeddedError {
     #[error("embedded S3: cannot use folder {path:?}: {message}")]
     Folder { path: PathBuf, message: String },
+    #[error(
+        "embedded S3: {addr} cannot be used: presigned URLs carry the listen address and devices must reach it; give a loopback or a routable address (e.g. 192.168.1.10:9000), not 0.0.0.0 or ::"
+    )]
+    Unspecified { addr: SocketAddr },
     #[error("embedded S3: cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -66,6 +70,9 @@ impl EmbeddedS3 {
         listen: SocketAddr,
         shutdown: CancellationToken,
     ) -> Result<Self, EmbeddedError> {
+        if listen.ip().is_unspecified() {
+            return Err(EmbeddedError::Unspecified { addr: listen });
+        }
         let folder = |message: String| EmbeddedError::Folder {
             path: root.to_path_buf(),
             message,

@@ -382,12 +382,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     },
                     stale_after: std::time::Duration::from_secs(30),
                     keep_alive: std::time::Duration::from_secs(30),
+                    persistent_session: true,
                 },
                 shutdown.clone(),
             )
             .await?;
             eprintln!(
-                "proxy for fleet {fleet:?}: broker {broker}, coordinator {coordinator}; Ctrl-C to stop"
+                "proxy for fleet {fleet:?}: broker {}, coordinator {coordinator}; Ctrl-C to stop",
+                pollen_proto::mqtt::redact(&broker)
             );
             shutdown.cancelled().await;
             let stats = proxy.stats();
