@@ -6,6 +6,7 @@
 //! packet-size limits set, so no component forgets them.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use rumqttc::{MqttOptions, TlsConfiguration, Transport};
 use serde::{Deserialize, Serialize};
@@ -94,6 +95,12 @@ pub enum BrokerError {
     HalfClientAuth,
     #[error("broker url {url:?}: mqtts:// needs ca_file (the CA that signed the broker)")]
     NoCa { url: String },
+    #[error("broker {field} {path:?}: {reason}")]
+    Tls {
+        field: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
 }
 
 /// Largest MQTT packet a Pollen component sends: one payload plus room for the topic and header.
@@ -160,6 +167,60 @@ pub fn parse_url(url: &str) -> Result<BrokerAddress, BrokerError> {
     })
 }
 
+/// A TLS client config trusting the CA in `ca_file` (PEM), presenting `client_auth` (PEM
+/// certificate chain and private key) when given. The crypto provider is explicit: rustls has
+/// no process default when, as here, more than one provider is compiled in.
+fn tls_client_config(
+    ca_file: &Path,
+    client_auth: Option<(&Path, &Path)>,
+) -> Result<rustls::ClientConfig, BrokerError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let bad = |field: &'static str, path: &Path, reason: String| BrokerError::Tls {
+        field,
+        path: path.to_path_buf(),
+        reason,
+    };
+    let certs =
+        |field: &'static str, path: &Path| -> Result<Vec<CertificateDer<'static>>, BrokerError> {
+            let pem = read(field, path)?;
+            let certs = CertificateDer::pem_slice_iter(&pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| bad(field, path, format!("not PEM certificates: {e}")))?;
+            if certs.is_empty() {
+                return Err(bad(field, path, "holds no PEM certificate".into()));
+            }
+            Ok(certs)
+        };
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in certs("ca_file", ca_file)? {
+        roots
+            .add(cert)
+            .map_err(|e| bad("ca_file", ca_file, format!("unusable CA certificate: {e}")))?;
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| bad("ca_file", ca_file, format!("TLS setup: {e}")))?
+    .with_root_certificates(roots);
+    match client_auth {
+        None => Ok(builder.with_no_client_auth()),
+        Some((cert_file, key_file)) => {
+            let chain = certs("cert_file", cert_file)?;
+            let key = PrivateKeyDer::from_pem_slice(&read("key_file", key_file)?)
+                .map_err(|e| bad("key_file", key_file, format!("not a PEM private key: {e}")))?;
+            builder.with_client_auth_cert(chain, key).map_err(|e| {
+                bad(
+                    "cert_file",
+                    cert_file,
+                    format!("certificate and key do not fit: {e}"),
+                )
+            })
+        }
+    }
+}
+
 /// MQTT options for `client_id` on `broker`, with Pollen's packet limits. Callers set the
 /// session (clean or persistent), keep-alive and last-will.
 pub fn mqtt_options(broker: &BrokerConfig, client_id: &str) -> Result<MqttOptions, BrokerError> {
@@ -178,17 +239,15 @@ pub fn mqtt_options(broker: &BrokerConfig, client_id: &str) -> Result<MqttOption
         let ca_file = broker.ca_file.as_deref().ok_or_else(|| BrokerError::NoCa {
             url: broker.redacted_url(),
         })?;
-        let ca = read("ca_file", ca_file)?;
         let client_auth = match (&broker.cert_file, &broker.key_file) {
-            (Some(cert), Some(key)) => Some((read("cert_file", cert)?, read("key_file", key)?)),
+            (Some(cert), Some(key)) => Some((cert.as_path(), key.as_path())),
             (None, None) => None,
             _ => return Err(BrokerError::HalfClientAuth),
         };
-        options.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
-            ca,
-            alpn: None,
-            client_auth,
-        }));
+        let config = tls_client_config(ca_file, client_auth)?;
+        options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+            Arc::new(config),
+        )));
     } else {
         for (field, set) in [
             ("ca_file", broker.ca_file.is_some()),

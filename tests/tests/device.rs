@@ -794,3 +794,167 @@ async fn a_broker_restart_mid_round_does_not_lose_the_run() {
     assert!(last.succeeded >= 2, "{last:?}");
     h.shutdown().await;
 }
+
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl is installed");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA, a broker certificate for 127.0.0.1 and a device certificate, all signed by the CA.
+fn test_pki(dir: &std::path::Path) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=pollen-test-ca",
+        ],
+    );
+    std::fs::write(dir.join("server.ext"), "subjectAltName=IP:127.0.0.1\n").expect("write");
+    std::fs::write(dir.join("device.ext"), "extendedKeyUsage=clientAuth\n").expect("write");
+    for (name, cn) in [("server", "127.0.0.1"), ("device", "dev-tls")] {
+        openssl(
+            dir,
+            &[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.csr"),
+                "-subj",
+                &format!("/CN={cn}"),
+            ],
+        );
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &format!("{name}.pem"),
+                "-days",
+                "1",
+                "-extfile",
+                &format!("{name}.ext"),
+            ],
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_authenticates_to_an_mqtts_broker_with_its_x509_certificate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    test_pki(d);
+    let port = std::net::TcpListener::bind(("127.0.0.1", 0))
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    // Mutual TLS, as AWS IoT Core does it: no certificate, no connection.
+    std::fs::write(
+        d.join("mosquitto.conf"),
+        format!(
+            "user root\nlistener {port} 127.0.0.1\ncafile {0}/ca.pem\ncertfile {0}/server.pem\nkeyfile {0}/server.key\nrequire_certificate true\nallow_anonymous true\n",
+            d.display()
+        ),
+    )
+    .expect("write");
+    let mut child = std::process::Command::new("mosquitto")
+        .arg("-c")
+        .arg(d.join("mosquitto.conf"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("the mosquitto binary is installed (apt install mosquitto)");
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut listening = false;
+    for _ in 0..100 {
+        if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
+            listening = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(listening, "mosquitto with TLS did not listen on {addr}");
+
+    let mut broker = BrokerConfig::new(format!("mqtts://127.0.0.1:{port}"));
+    broker.ca_file = Some(d.join("ca.pem"));
+    broker.cert_file = Some(d.join("device.pem"));
+    broker.key_file = Some(d.join("device.key"));
+    let fleet = unique("tls");
+    let token = CancellationToken::new();
+    let agent = Agent::new(
+        AgentOptions {
+            device_id: "dev-tls".into(),
+            fleet: fleet.clone(),
+            broker: broker.clone(),
+            heartbeat: Duration::from_secs(5),
+            keep_alive: Duration::from_secs(5),
+            work_dir: None,
+            model: "test-4".into(),
+            compute_slots: None,
+            properties: ScalarMap::new(),
+        },
+        TestClient(Behaviour::Shift(1.0, 10)),
+    )
+    .expect("agent options");
+    let t = token.clone();
+    let task = tokio::spawn(async move { agent.run(t).await });
+    // Discovery over the same TLS broker (with the same client certificate) sees it online.
+    let mut seen = Vec::new();
+    for _ in 0..20 {
+        seen = pollen_proxy::discover(&broker, &fleet, Duration::from_millis(500))
+            .await
+            .expect("discover over mqtts");
+        if seen.iter().any(|d| d.device_id == "dev-tls" && d.online) {
+            break;
+        }
+    }
+    assert!(
+        seen.iter()
+            .any(|d| d.device_id == "dev-tls" && d.online && d.num_examples == 10),
+        "{seen:?}"
+    );
+    // Without a client certificate the broker refuses the connection.
+    let mut anonymous = broker.clone();
+    anonymous.cert_file = None;
+    anonymous.key_file = None;
+    assert!(
+        pollen_proxy::discover(&anonymous, &fleet, Duration::from_millis(500))
+            .await
+            .is_err(),
+        "a client without a certificate must not get in"
+    );
+    token.cancel();
+    let _ = task.await;
+    let _ = child.kill();
+    let _ = child.wait();
+}
