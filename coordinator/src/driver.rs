@@ -105,6 +105,7 @@ pub struct RoundDriver {
     store: Option<Arc<BlobStore>>,
     /// The round that produced the current global model (0 = initial), naming its object key.
     global_round: u64,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 /// Which instruction a fan-out sends.
@@ -176,7 +177,14 @@ impl RoundDriver {
             encoded: None,
             store: None,
             global_round: 0,
+            metrics: None,
         }
+    }
+
+    /// Reports every finished round to `metrics` (Prometheus).
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Sends weights by reference through `store` (presigned URLs) instead of inline.
@@ -492,6 +500,9 @@ impl RoundDriver {
                 .map_err(|source| DriverError::Record { round, source })?;
         }
         record.seconds = started.elapsed().as_secs_f64();
+        if let Some(m) = &self.metrics {
+            m.observe_round(&record);
+        }
         Ok(record)
     }
 

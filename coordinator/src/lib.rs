@@ -12,6 +12,8 @@
 //! - [`driver`]: the round driver (fan-out, deadlines, folding, evaluation, records).
 //! - [`records`]: run directories, `metrics.jsonl`, checkpoints, the SQLite run database.
 //! - [`counters`]: what was rejected, dropped, sent and received.
+//! - [`metrics`]: Prometheus metrics (text format) from the counters and finished rounds.
+//! - [`http`]: the coordinator's HTTP endpoint (`/metrics`, `/healthz`).
 //! - [`server`]: binds the service to a listener and wires shutdown.
 //! - [`storage`]: weight blobs in object storage (S3 API, presigned URLs) and the embedded
 //!   S3 server used when nothing else is configured.
@@ -19,6 +21,8 @@
 pub mod counters;
 pub mod driver;
 pub mod fedavg;
+pub mod http;
+pub mod metrics;
 pub mod records;
 pub mod registry;
 pub mod server;
@@ -29,6 +33,7 @@ pub mod strategy;
 pub use counters::Counters;
 pub use driver::{DriverConfig, DriverError, RoundDriver, RunSummary};
 pub use fedavg::{FedAvg, FedAvgConfig};
+pub use metrics::Metrics;
 pub use records::{RoundRecord, RunStore};
 pub use registry::Registry;
 pub use service::FleetService;

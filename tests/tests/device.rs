@@ -12,10 +12,14 @@ use std::time::Duration;
 
 use pollen_client::agent::{Agent, AgentOptions};
 use pollen_client::fleet::{Client, ClientError, ClientEvaluate, ClientFit};
+use pollen_coordinator::http::serve_http;
 use pollen_coordinator::records::RoundStatus;
 use pollen_coordinator::server::{FleetServer, serve};
 use pollen_coordinator::storage::embedded::EmbeddedS3;
-use pollen_coordinator::{BlobStore, DriverConfig, FedAvg, FedAvgConfig, RoundDriver, RunSummary};
+use pollen_coordinator::strategy::Evaluation;
+use pollen_coordinator::{
+    BlobStore, DriverConfig, FedAvg, FedAvgConfig, Metrics, RoundDriver, RunSummary,
+};
 use pollen_proto::device::{Command, CommandKind, DeviceStatus, FitReply, Reply, reply};
 use pollen_proto::fleet::Codec;
 use pollen_proto::limits::MAX_MQTT_PAYLOAD_BYTES;
@@ -111,6 +115,9 @@ struct Harness {
     store: Arc<BlobStore>,
     s3_secret: String,
     proxy: Option<ProxyHandle>,
+    metrics: Arc<Metrics>,
+    /// `http://127.0.0.1:PORT`: the coordinator's `/metrics`.
+    http: String,
     _dir: tempfile::TempDir,
 }
 
@@ -133,6 +140,15 @@ impl Harness {
         let server = serve(SocketAddr::from(([127, 0, 0, 1], 0)), stop.clone())
             .await
             .expect("bind port 0");
+        let metrics = Arc::new(Metrics::default());
+        let http = serve_http(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            server.registry.clone(),
+            metrics.clone(),
+            stop.clone(),
+        )
+        .await
+        .expect("bind port 0");
         let fleet = unique("t");
         let proxy = Proxy::start(
             ProxyConfig {
@@ -157,6 +173,8 @@ impl Harness {
             store,
             s3_secret: s3.secret_key().to_string(),
             proxy: Some(proxy),
+            metrics,
+            http: format!("http://{}", http.addr),
             _dir: dir,
         }
     }
@@ -198,7 +216,15 @@ impl Harness {
         timeout: Duration,
         initial: Parameters,
     ) -> RunSummary {
-        let strategy = FedAvg::new(config).with_initial_parameters(initial);
+        // "Accuracy" of the global model: its first weight, so tests can predict it.
+        let strategy = FedAvg::new(config)
+            .with_initial_parameters(initial)
+            .with_evaluate_fn(Box::new(|_, p| {
+                Some(Evaluation {
+                    loss: 1.0,
+                    metrics: [("accuracy".to_string(), f64::from(p.tensors[0].data[0]))].into(),
+                })
+            }));
         RoundDriver::new(
             self.server.registry.clone(),
             Box::new(strategy),
@@ -210,6 +236,7 @@ impl Harness {
             },
         )
         .with_store(self.store.clone())
+        .with_metrics(self.metrics.clone())
         .run(CancellationToken::new())
         .await
         .expect("run completes")
@@ -532,6 +559,32 @@ async fn duplicate_and_late_replies_are_dropped_and_counted() {
     assert_eq!(r1.succeeded, 2, "{:?}", r1.failures);
     assert_eq!(r1.failures[0].client, "dev-late");
     tokio::time::sleep(Duration::from_secs(2)).await;
+    // The same story on the coordinator's Prometheus endpoint.
+    let text = reqwest::get(format!("{}/metrics", h.http))
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("body");
+    for line in [
+        "pollen_rounds_total{status=\"ok\"} 2",
+        "pollen_client_results_total{result=\"success\"} 4",
+        "pollen_client_results_total{result=\"failure\"} 2",
+        "pollen_client_failures_total{reason=\"timeout\"} 2",
+        "pollen_round_duration_seconds_count 2",
+        "pollen_accuracy 1",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line:?} in\n{text}"
+        );
+    }
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("pollen_received_bytes_total ") && !l.ends_with(" 0")),
+        "{text}"
+    );
+    assert!(text.contains("# TYPE pollen_clients_connected gauge"));
     let stats = h.proxy().stats();
     assert!(stats.replies_duplicate >= 1, "{stats:?}");
     assert!(stats.replies_late >= 1, "{stats:?}");

@@ -18,7 +18,8 @@ use pollen_coordinator::records::RunHandle;
 use pollen_coordinator::registry::Registry;
 use pollen_coordinator::storage::embedded::EmbeddedS3;
 use pollen_coordinator::{
-    BlobStore, DriverConfig, FedAvg, RoundDriver, RoundRecord, RunStore, RunSummary, StoreConfig,
+    BlobStore, DriverConfig, FedAvg, Metrics, RoundDriver, RoundRecord, RunStore, RunSummary,
+    StoreConfig,
 };
 use pollen_proto::mqtt::BrokerConfig;
 use pollen_proxy::{DeviceRecord, Proxy, ProxyConfig, Selection};
@@ -134,6 +135,8 @@ pub struct DriveOptions {
     /// The test split for centralized evaluation.
     pub test: Option<Arc<MnistSplit>>,
     pub wait_for_clients: Duration,
+    /// Prometheus metrics to report each round to.
+    pub metrics: Option<Arc<Metrics>>,
 }
 
 /// Drives the spec's rounds over the clients in `options.registry`.
@@ -149,6 +152,7 @@ pub async fn drive(
         store,
         test,
         wait_for_clients,
+        metrics,
     } = options;
     let strategy = build_strategy(spec, test)?;
     let mut driver = RoundDriver::new(
@@ -165,6 +169,9 @@ pub async fn drive(
     .on_round(on_round);
     if let Some(store) = store {
         driver = driver.with_store(store);
+    }
+    if let Some(metrics) = metrics {
+        driver = driver.with_metrics(metrics);
     }
     Ok(driver.run(shutdown).await?)
 }
@@ -259,6 +266,7 @@ pub async fn run_on_fleet(
             store: storage.store.clone(),
             test,
             wait_for_clients: Duration::from_secs(60),
+            metrics: None,
         },
         on_round,
         shutdown,

@@ -241,6 +241,7 @@ pub async fn simulate(
             store: storage.store.clone(),
             test,
             wait_for_clients: Duration::from_secs(60),
+            metrics: None,
         },
         on_round,
         shutdown,

@@ -49,6 +49,48 @@ fn simulate_json_prints_one_json_object_per_round_and_nothing_else() {
         "accuracy after 2 rounds of 2 x 6,000 examples: {acc}"
     );
     assert!(stderr.contains("records:"), "summary on stderr: {stderr}");
+
+    // The same run, read back from the records by `pollen runs` and `pollen status`.
+    let out = Command::new(env!("CARGO_BIN_EXE_pollen"))
+        .args(["runs", "--json", "--runs-dir"])
+        .arg(runs.path())
+        .output()
+        .expect("pollen runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["status"], "completed");
+    assert_eq!(listed[0]["last_round"], 2);
+    assert_eq!(listed[0]["accuracy"].as_f64(), Some(acc));
+    let id = listed[0]["id"].as_str().expect("id").to_string();
+    let out = Command::new(env!("CARGO_BIN_EXE_pollen"))
+        .args(["status", &id[..id.len() - 2], "--json", "--runs-dir"])
+        .arg(runs.path())
+        .output()
+        .expect("pollen status");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(status["run"]["id"], id.as_str());
+    assert_eq!(status["rounds"].as_array().map(Vec::len), Some(2));
+    assert_eq!(status["rounds"][1]["accuracy"].as_f64(), Some(acc));
+    let out = Command::new(env!("CARGO_BIN_EXE_pollen"))
+        .args(["status", "no-such-run", "--runs-dir"])
+        .arg(runs.path())
+        .output()
+        .expect("pollen status");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("pollen runs"));
 }
 
 #[test]

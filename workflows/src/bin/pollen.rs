@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use pollen_coordinator::{RoundRecord, StoreConfig};
+use pollen_coordinator::records::RunRow;
+use pollen_coordinator::{Metrics, RoundRecord, RunStore, StoreConfig};
 use pollen_proto::mqtt::BrokerConfig;
 use pollen_proxy::{DeviceRecord, Proxy, ProxyConfig, Selection};
 use pollen_workflows::run::{DriveOptions, FleetRunOptions, Storage, open_storage};
@@ -109,6 +110,9 @@ enum Command {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:50051")]
         listen: SocketAddr,
+        /// HTTP endpoint (Prometheus /metrics); port 0 picks a free port, printed at start.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        http: SocketAddr,
         #[arg(long)]
         rounds: Option<u64>,
         #[arg(long, default_value = "runs")]
@@ -154,6 +158,24 @@ enum Command {
         /// How long to collect status messages.
         #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
         wait: std::time::Duration,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the recorded runs, newest first.
+    Runs {
+        #[arg(long, default_value = "runs")]
+        runs_dir: PathBuf,
+        /// One JSON object per run on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A run's rounds: accuracy, loss, participation, failures and durations.
+    Status {
+        /// Run id, a unique prefix of one, or "latest".
+        run: String,
+        #[arg(long, default_value = "runs")]
+        runs_dir: PathBuf,
+        /// One JSON object ({"run": ..., "rounds": [...]}) on stdout.
         #[arg(long)]
         json: bool,
     },
@@ -257,6 +279,42 @@ fn print_summary(run_id: &str, run_dir: &std::path::Path, rounds: &[RoundRecord]
     );
 }
 
+fn open_records(runs_dir: &std::path::Path) -> anyhow::Result<std::sync::Arc<RunStore>> {
+    anyhow::ensure!(
+        runs_dir.join("pollen.db").exists(),
+        "no run records in {}: start a run first (pollen simulate), or pass --runs-dir",
+        runs_dir.display()
+    );
+    Ok(RunStore::open(runs_dir)?)
+}
+
+/// The run `wanted` names: an exact id, a unique prefix, or "latest".
+fn find_run(runs: &[RunRow], wanted: &str) -> anyhow::Result<RunRow> {
+    if wanted == "latest" {
+        return runs
+            .first()
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("no runs recorded yet"));
+    }
+    if let Some(r) = runs.iter().find(|r| r.id == wanted) {
+        return Ok(r.clone());
+    }
+    let matching: Vec<&RunRow> = runs.iter().filter(|r| r.id.starts_with(wanted)).collect();
+    match matching.as_slice() {
+        [one] => Ok((*one).clone()),
+        [] => anyhow::bail!("no run {wanted:?}; `pollen runs` lists them"),
+        many => anyhow::bail!(
+            "{wanted:?} matches {} runs ({}, ...); give more of the id",
+            many.len(),
+            many[0].id
+        ),
+    }
+}
+
+fn pct(x: Option<f64>) -> String {
+    x.map_or("-".into(), |a| format!("{:.2}%", a * 100.0))
+}
+
 fn print_devices(devices: &[DeviceRecord]) {
     eprintln!(
         "{:<24} {:<8} {:>9} {:<12} {:<10} {:>10}",
@@ -312,6 +370,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Coordinator {
             config,
             listen,
+            http,
             rounds,
             runs_dir,
             storage,
@@ -329,6 +388,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("listening on {listen}"))?;
             eprintln!("Fleet gRPC API on http://{}", server.addr);
+            let metrics = std::sync::Arc::new(Metrics::default());
+            let endpoint = pollen_coordinator::http::serve_http(
+                http,
+                server.registry.clone(),
+                metrics.clone(),
+                stop_all.clone(),
+            )
+            .await
+            .with_context(|| format!("listening on {http}"))?;
+            eprintln!("Prometheus metrics on http://{}/metrics", endpoint.addr);
             let storage = if inline_weights {
                 Storage::Inline
             } else {
@@ -348,6 +417,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     store: storage.store.clone(),
                     test,
                     wait_for_clients,
+                    metrics: Some(metrics),
                 },
                 report,
                 shutdown,
@@ -395,6 +465,82 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let stats = proxy.stats();
             proxy.join().await;
             eprintln!("proxy stopped: {stats:?}");
+        }
+        Command::Runs { runs_dir, json } => {
+            let store = open_records(&runs_dir)?;
+            let runs = store.list_runs()?;
+            if !json {
+                println!(
+                    "{:<36} {:<10} {:>7} {:>9} {:>9}  CREATED",
+                    "RUN", "STATUS", "ROUNDS", "ACCURACY", "BEST"
+                );
+            }
+            for run in runs {
+                let rounds = store.rounds(&run.id)?;
+                let last = rounds.last().and_then(|r| r.accuracy);
+                let best = rounds
+                    .iter()
+                    .filter_map(|r| r.accuracy)
+                    .max_by(f64::total_cmp);
+                if json {
+                    let mut v = serde_json::to_value(&run)?;
+                    v["accuracy"] = serde_json::json!(last);
+                    v["best_accuracy"] = serde_json::json!(best);
+                    println!("{v}");
+                } else {
+                    println!(
+                        "{:<36} {:<10} {:>3}/{:<3} {:>9} {:>9}  {}",
+                        run.id,
+                        run.status,
+                        run.last_round,
+                        run.num_rounds,
+                        pct(last),
+                        pct(best),
+                        run.created_at
+                    );
+                }
+            }
+        }
+        Command::Status {
+            run,
+            runs_dir,
+            json,
+        } => {
+            let store = open_records(&runs_dir)?;
+            let row = find_run(&store.list_runs()?, &run)?;
+            let rounds = store.rounds(&row.id)?;
+            if json {
+                println!("{}", serde_json::json!({ "run": row, "rounds": rounds }));
+            } else {
+                println!(
+                    "run {} ({}), {} of {} rounds, seed {}, records in {}",
+                    row.id, row.status, row.last_round, row.num_rounds, row.seed, row.dir
+                );
+                println!(
+                    "{:>5} {:<6} {:>9} {:>8} {:>7} {:>4} {:>5} {:>8}  FAILURES",
+                    "ROUND", "STATUS", "ACCURACY", "LOSS", "SAMPLED", "OK", "FAIL", "SECONDS"
+                );
+                for r in &rounds {
+                    let failures = r
+                        .failures_by_reason
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect::<Vec<_>>()
+                        .join(" ");
+                    println!(
+                        "{:>5} {:<6} {:>9} {:>8} {:>7} {:>4} {:>5} {:>8.3}  {}",
+                        r.round,
+                        serde_json::to_value(r.status)?.as_str().unwrap_or("?"),
+                        pct(r.accuracy),
+                        r.loss.map_or("-".into(), |l| format!("{l:.4}")),
+                        r.sampled,
+                        r.succeeded,
+                        r.failed,
+                        r.seconds,
+                        failures
+                    );
+                }
+            }
         }
         Command::Devices {
             broker,

@@ -1,0 +1,377 @@
+//! Prometheus metrics of the coordinator, in the text exposition format (version 0.0.4).
+//!
+//! Two sources: the live [`Counters`] and client registry (read at scrape time), and what each
+//! finished round reports ([`Metrics::observe_round`]): rounds by status, client results and
+//! failures by reason, durations as histograms, the latest accuracy and loss. Names follow
+//! Prometheus conventions (`pollen_` prefix, `_total` counters, `_seconds` and `_bytes` units).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use crate::records::{RoundRecord, RoundStatus};
+use crate::registry::Registry;
+
+/// Upper bounds of the round-duration histogram, in seconds.
+const ROUND_BUCKETS: &[f64] = &[
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0,
+];
+/// Upper bounds of the aggregation-duration histogram, in seconds.
+const AGGREGATE_BUCKETS: &[f64] = &[0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0];
+
+#[derive(Debug, Clone)]
+struct Histogram {
+    bounds: &'static [f64],
+    /// Non-cumulative counts per bucket; the last slot is +Inf.
+    counts: Vec<u64>,
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Self {
+        Self {
+            bounds,
+            counts: vec![0; bounds.len() + 1],
+            sum: 0.0,
+            count: 0,
+        }
+    }
+
+    fn observe(&mut self, v: f64) {
+        let slot = self
+            .bounds
+            .iter()
+            .position(|b| v <= *b)
+            .unwrap_or(self.bounds.len());
+        self.counts[slot] += 1;
+        self.sum += v;
+        self.count += 1;
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (bound, n) in self.bounds.iter().zip(&self.counts) {
+            cumulative += n;
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
+        let _ = writeln!(out, "{name}_sum {}", self.sum);
+        let _ = writeln!(out, "{name}_count {}", self.count);
+    }
+}
+
+#[derive(Debug)]
+struct State {
+    run_id: Option<String>,
+    rounds_ok: u64,
+    rounds_failed: u64,
+    last_round: u64,
+    clients_sampled: u64,
+    clients_succeeded: u64,
+    failures_by_reason: BTreeMap<String, u64>,
+    round_seconds: Histogram,
+    aggregate_seconds: Histogram,
+    accuracy: Option<f64>,
+    loss: Option<f64>,
+    train_loss: Option<f64>,
+    federated_loss: Option<f64>,
+    last_sampled: u64,
+    last_succeeded: u64,
+    last_failed: u64,
+}
+
+/// The coordinator's metrics; share one per process.
+#[derive(Debug)]
+pub struct Metrics {
+    started: Instant,
+    state: Mutex<State>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            started: Instant::now(),
+            state: Mutex::new(State {
+                run_id: None,
+                rounds_ok: 0,
+                rounds_failed: 0,
+                last_round: 0,
+                clients_sampled: 0,
+                clients_succeeded: 0,
+                failures_by_reason: BTreeMap::new(),
+                round_seconds: Histogram::new(ROUND_BUCKETS),
+                aggregate_seconds: Histogram::new(AGGREGATE_BUCKETS),
+                accuracy: None,
+                loss: None,
+                train_loss: None,
+                federated_loss: None,
+                last_sampled: 0,
+                last_succeeded: 0,
+                last_failed: 0,
+            }),
+        }
+    }
+}
+
+fn counter(out: &mut String, name: &str, help: &str, value: u64) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+    );
+}
+
+fn gauge(out: &mut String, name: &str, help: &str, value: impl std::fmt::Display) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+    );
+}
+
+/// Label values may hold anything a client reports; escape as the format requires.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+impl Metrics {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes in a finished round.
+    pub fn observe_round(&self, r: &RoundRecord) {
+        let mut s = self.lock();
+        s.run_id = Some(r.run_id.clone());
+        match r.status {
+            RoundStatus::Ok => s.rounds_ok += 1,
+            RoundStatus::Failed => s.rounds_failed += 1,
+        }
+        s.last_round = r.round;
+        s.clients_sampled += r.sampled as u64;
+        s.clients_succeeded += r.succeeded as u64;
+        for (reason, n) in &r.failures_by_reason {
+            *s.failures_by_reason.entry(reason.clone()).or_insert(0) += *n as u64;
+        }
+        s.round_seconds.observe(r.seconds);
+        s.aggregate_seconds.observe(r.aggregate_seconds);
+        s.accuracy = r.accuracy.or(s.accuracy);
+        s.loss = r.loss.or(s.loss);
+        s.train_loss = r.train_loss.or(s.train_loss);
+        s.federated_loss = r.federated_loss.or(s.federated_loss);
+        s.last_sampled = r.sampled as u64;
+        s.last_succeeded = r.succeeded as u64;
+        s.last_failed = r.failed as u64;
+    }
+
+    /// The exposition text, with live values read from `registry`.
+    pub fn render(&self, registry: &Registry) -> String {
+        let c = registry.counters().snapshot();
+        let s = self.lock();
+        let mut out = String::with_capacity(4096);
+        if let Some(run) = &s.run_id {
+            let _ = writeln!(
+                out,
+                "# HELP pollen_run_info The run this coordinator drives.\n# TYPE pollen_run_info gauge\npollen_run_info{{run_id=\"{}\"}} 1",
+                label(run)
+            );
+        }
+        gauge(
+            &mut out,
+            "pollen_run_elapsed_seconds",
+            "Seconds since the coordinator started.",
+            self.started.elapsed().as_secs_f64(),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP pollen_rounds_total Rounds finished, by status.\n# TYPE pollen_rounds_total counter\npollen_rounds_total{{status=\"ok\"}} {}\npollen_rounds_total{{status=\"failed\"}} {}",
+            s.rounds_ok, s.rounds_failed
+        );
+        gauge(
+            &mut out,
+            "pollen_round",
+            "The last finished round.",
+            s.last_round,
+        );
+        counter(
+            &mut out,
+            "pollen_clients_sampled_total",
+            "Clients sampled for fit, summed over rounds.",
+            s.clients_sampled,
+        );
+        let _ = writeln!(
+            out,
+            "# HELP pollen_client_results_total Client fit results, successful or failed.\n# TYPE pollen_client_results_total counter\npollen_client_results_total{{result=\"success\"}} {}\npollen_client_results_total{{result=\"failure\"}} {}",
+            s.clients_succeeded,
+            s.failures_by_reason.values().sum::<u64>()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP pollen_client_failures_total Client fit failures, by reason.\n# TYPE pollen_client_failures_total counter"
+        );
+        for reason in [
+            "timeout",
+            "client_error",
+            "rejected",
+            "disconnected",
+            "protocol_error",
+        ] {
+            let n = s.failures_by_reason.get(reason).copied().unwrap_or(0);
+            let _ = writeln!(
+                out,
+                "pollen_client_failures_total{{reason=\"{reason}\"}} {n}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP pollen_round_clients Clients of the last round, by outcome.\n# TYPE pollen_round_clients gauge\npollen_round_clients{{outcome=\"sampled\"}} {}\npollen_round_clients{{outcome=\"succeeded\"}} {}\npollen_round_clients{{outcome=\"failed\"}} {}",
+            s.last_sampled, s.last_succeeded, s.last_failed
+        );
+        s.round_seconds.render(
+            &mut out,
+            "pollen_round_duration_seconds",
+            "Wall time of a round (fit, aggregation, evaluation, records).",
+        );
+        s.aggregate_seconds.render(
+            &mut out,
+            "pollen_aggregation_duration_seconds",
+            "Time to finish a round's aggregation.",
+        );
+        for (name, help, value) in [
+            (
+                "pollen_accuracy",
+                "Accuracy of the global model (centralized, else federated evaluation), 0-1.",
+                s.accuracy,
+            ),
+            (
+                "pollen_loss",
+                "Loss of the global model on the evaluation data.",
+                s.loss,
+            ),
+            (
+                "pollen_train_loss",
+                "Example-weighted training loss the clients reported.",
+                s.train_loss,
+            ),
+            (
+                "pollen_federated_loss",
+                "Example-weighted evaluation loss the clients reported.",
+                s.federated_loss,
+            ),
+        ] {
+            if let Some(v) = value {
+                gauge(&mut out, name, help, v);
+            }
+        }
+        gauge(
+            &mut out,
+            "pollen_clients_connected",
+            "Fleet clients (direct or proxy bridges) connected now.",
+            registry.len(),
+        );
+        counter(
+            &mut out,
+            "pollen_sent_bytes_total",
+            "Weight bytes sent to clients (inline or through object storage).",
+            c.bytes_sent,
+        );
+        counter(
+            &mut out,
+            "pollen_received_bytes_total",
+            "Weight bytes received from clients.",
+            c.bytes_received,
+        );
+        let _ = writeln!(
+            out,
+            "# HELP pollen_replies_dropped_total Replies dropped, by reason.\n# TYPE pollen_replies_dropped_total counter\npollen_replies_dropped_total{{reason=\"late\"}} {}\npollen_replies_dropped_total{{reason=\"duplicate\"}} {}\npollen_replies_dropped_total{{reason=\"unknown\"}} {}\npollen_replies_dropped_total{{reason=\"wrong_client\"}} {}",
+            c.replies_late, c.replies_duplicate, c.replies_unknown, c.replies_wrong_client
+        );
+        counter(
+            &mut out,
+            "pollen_updates_rejected_total",
+            "Updates that failed validation (digest, size, shapes, NaN/Inf).",
+            c.updates_rejected,
+        );
+        counter(
+            &mut out,
+            "pollen_messages_malformed_total",
+            "Undecodable or protocol-breaking Fleet messages.",
+            c.messages_malformed,
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::counters::Counters;
+    use std::sync::Arc;
+
+    fn record(round: u64, status: RoundStatus, seconds: f64) -> RoundRecord {
+        RoundRecord {
+            run_id: "run-1".into(),
+            round,
+            status,
+            error: None,
+            accuracy: Some(0.5 + round as f64 / 10.0),
+            loss: Some(1.0 / round as f64),
+            sampled: 3,
+            succeeded: 2,
+            failed: 1,
+            failures_by_reason: [("timeout".to_string(), 1)].into(),
+            train_loss: Some(0.3),
+            train_metrics: Default::default(),
+            federated_loss: None,
+            federated_metrics: Default::default(),
+            seconds,
+            fit_seconds: 0.0,
+            aggregate_seconds: 0.0002,
+            evaluate_seconds: 0.0,
+            bytes_sent: 0,
+            bytes_received: 0,
+            late_replies: 0,
+            rejected_updates: 0,
+            participants: vec![],
+            failures: vec![],
+            finished_at: String::new(),
+        }
+    }
+
+    #[test]
+    fn rounds_show_up_as_counters_histograms_and_gauges() {
+        let m = Metrics::default();
+        m.observe_round(&record(1, RoundStatus::Ok, 0.3));
+        m.observe_round(&record(2, RoundStatus::Failed, 7.0));
+        let registry = Registry::new(Arc::new(Counters::default()));
+        Counters::add(&registry.counters().bytes_sent, 1234);
+        let text = m.render(&registry);
+        for line in [
+            "pollen_rounds_total{status=\"ok\"} 1",
+            "pollen_rounds_total{status=\"failed\"} 1",
+            "pollen_client_results_total{result=\"success\"} 4",
+            "pollen_client_results_total{result=\"failure\"} 2",
+            "pollen_client_failures_total{reason=\"timeout\"} 2",
+            "pollen_round_duration_seconds_bucket{le=\"0.5\"} 1",
+            "pollen_round_duration_seconds_bucket{le=\"10\"} 2",
+            "pollen_round_duration_seconds_count 2",
+            "pollen_accuracy 0.7",
+            "pollen_sent_bytes_total 1234",
+            "pollen_clients_connected 0",
+            "pollen_run_info{run_id=\"run-1\"} 1",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+}
