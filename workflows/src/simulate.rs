@@ -232,6 +232,24 @@ pub async fn simulate(
         }
     }
 
+    // Every simulated device is there from the start, so the first rounds sample from all of
+    // them rather than from whoever connected first.
+    let everyone = spec.data.clients;
+    let joined = match &proxy {
+        Some(p) => p.wait_for_bridges(everyone, Duration::from_secs(120)).await,
+        None => {
+            server
+                .registry
+                .wait_for(everyone, Duration::from_secs(120))
+                .await
+        }
+    };
+    if !joined {
+        tracing::warn!(
+            "not all {everyone} simulated devices joined within 120 s; starting with {}",
+            server.registry.len()
+        );
+    }
     let test = spec.evaluate.centralized.then_some(test);
     let summary = crate::run::drive(
         spec,
