@@ -370,6 +370,41 @@ mod tests {
         }
     }
 
+    /// Every metric the Grafana dashboard in docs/ queries is one this module exports.
+    #[test]
+    fn the_grafana_dashboard_queries_only_exported_metrics() {
+        let dashboard: serde_json::Value =
+            serde_json::from_str(include_str!("../../docs/grafana/pollen-dashboard.json"))
+                .expect("the dashboard is JSON");
+        let m = Metrics::default();
+        let mut r = record(1, RoundStatus::Ok, 0.3);
+        r.federated_loss = Some(0.5);
+        m.observe_round(&r);
+        let text = m.render(&Registry::new(Arc::new(Counters::default())));
+        let exported: std::collections::HashSet<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split(['{', ' ']).next())
+            .collect();
+        let mut queried = 0;
+        for panel in dashboard["panels"].as_array().expect("panels") {
+            for target in panel["targets"].as_array().expect("targets") {
+                let expr = target["expr"].as_str().expect("expr");
+                for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                    if word.starts_with("pollen_") {
+                        queried += 1;
+                        assert!(
+                            exported.contains(word),
+                            "panel {:?} queries {word}, which /metrics does not export",
+                            panel["title"]
+                        );
+                    }
+                }
+            }
+        }
+        assert!(queried >= 15, "{queried}");
+    }
+
     #[test]
     fn label_values_are_escaped() {
         assert_eq!(label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
