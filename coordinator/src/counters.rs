@@ -1,6 +1,5 @@
 //! Counters of what went wrong (and how much moved), shared by the service and the driver.
-//! Prometheus export arrives with the observability work; the run records carry per-round
-//! deltas today.
+//! [`crate::metrics`] exports them to Prometheus; the run records carry per-round deltas.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
