@@ -1,6 +1,6 @@
 //! Prometheus metrics of the coordinator, in the text exposition format (version 0.0.4).
 //!
-//! Two sources: the live [`Counters`] and client registry (read at scrape time), and what each
+//! Two sources: the live [`crate::counters::Counters`] and client registry (read at scrape time), and what each
 //! finished round reports ([`Metrics::observe_round`]): rounds by status, client results and
 //! failures by reason, durations as histograms, the latest accuracy and loss. Names follow
 //! Prometheus conventions (`pollen_` prefix, `_total` counters, `_seconds` and `_bytes` units).
