@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use pollen_proto::blob::EncodedBlob;
 use pollen_proto::fleet::{
@@ -124,6 +124,15 @@ struct OpenRequest {
     upload_location: Option<String>,
 }
 
+/// What a fan-out started: the shared blob, the phase deadline, the requests that reached
+/// their clients and the clients that could not be reached.
+struct FanOut {
+    blob: EncodedBlob,
+    deadline: tokio::time::Instant,
+    open: Vec<OpenRequest>,
+    failures: Vec<ClientFailure>,
+}
+
 /// Largest blob accepted as a client's initial model (no shapes to check it against yet).
 const MAX_INITIAL_BLOB_BYTES: u64 = pollen_proto::limits::MAX_GRPC_MESSAGE_BYTES as u64;
 
@@ -137,12 +146,6 @@ enum FitOutcome {
         bytes: u64,
     },
     Failed(ClientFailure),
-}
-
-fn unix_ms(at: SystemTime) -> u64 {
-    at.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 fn failure(client_id: &str, reason: FailureReason, message: impl Into<String>) -> ClientFailure {
@@ -548,16 +551,19 @@ impl RoundDriver {
         Ok((blob, weights))
     }
 
-    /// Sends one instruction per sampled client, all sharing one encoding of the global model.
-    /// Clients that cannot be reached become `disconnected` failures.
+    /// Sends one instruction per sampled client, all sharing one encoding (or one stored
+    /// object) of the global model and one deadline. Clients that cannot be reached become
+    /// `disconnected` failures.
     async fn send_all(
-        &self,
+        &mut self,
         round: u64,
+        global: &Arc<Parameters>,
         instructions: Vec<Instruction>,
-        (blob, weights): (&EncodedBlob, &Weights),
-        deadline_unix_ms: u64,
         phase: Phase,
-    ) -> Result<(Vec<OpenRequest>, Vec<ClientFailure>), DriverError> {
+    ) -> Result<FanOut, DriverError> {
+        let (blob, weights) = self.global_weights(global).await?;
+        let deadline = tokio::time::Instant::now() + self.config.round_timeout;
+        let deadline_unix_ms = pollen_proto::unix_ms(SystemTime::now() + self.config.round_timeout);
         let mut open = Vec::with_capacity(instructions.len());
         let mut failures = Vec::new();
         // Each fit gets its own upload key, so a device can write nothing but its update. All
@@ -619,7 +625,12 @@ impl RoundDriver {
                 )),
             }
         }
-        Ok((open, failures))
+        Ok(FanOut {
+            blob,
+            deadline,
+            open,
+            failures,
+        })
     }
 
     /// The fit phase: fan out, fold replies as they arrive, cut off at the deadline.
@@ -637,18 +648,13 @@ impl RoundDriver {
         ),
         DriverError,
     > {
-        // Every instruction shares these bytes (or this one stored object).
-        let (blob, weights) = self.global_weights(global).await?;
-        let deadline = tokio::time::Instant::now() + self.config.round_timeout;
-        let deadline_unix_ms = unix_ms(SystemTime::now() + self.config.round_timeout);
-        let (open, mut failures) = self
-            .send_all(
-                round,
-                instructions,
-                (&blob, &weights),
-                deadline_unix_ms,
-                Phase::Fit,
-            )
+        let FanOut {
+            blob,
+            deadline,
+            open,
+            mut failures,
+        } = self
+            .send_all(round, global, instructions, Phase::Fit)
             .await?;
         // An update is the global model's shapes again; anything much larger is not one.
         let limit = 2 * blob.bytes.len() as u64 + 64 * 1024;
@@ -718,17 +724,13 @@ impl RoundDriver {
         if instructions.is_empty() {
             return Ok(None);
         }
-        let (blob, weights) = self.global_weights(global).await?;
-        let deadline = tokio::time::Instant::now() + self.config.round_timeout;
-        let deadline_unix_ms = unix_ms(SystemTime::now() + self.config.round_timeout);
-        let (open, mut failures) = self
-            .send_all(
-                round,
-                instructions,
-                (&blob, &weights),
-                deadline_unix_ms,
-                Phase::Evaluate,
-            )
+        let FanOut {
+            deadline,
+            open,
+            mut failures,
+            ..
+        } = self
+            .send_all(round, global, instructions, Phase::Evaluate)
             .await?;
         let mut tasks = JoinSet::new();
         for OpenRequest {

@@ -58,3 +58,15 @@ pub mod limits {
 }
 
 pub use blob::{BlobError, NamedTensor, Parameters, TensorSpec};
+
+/// `at` in Unix milliseconds (0 before 1970). Deadlines and timestamps on the wire are
+/// wall-clock Unix milliseconds, so every component converts the same way.
+pub fn unix_ms(at: std::time::SystemTime) -> u64 {
+    at.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Now, in Unix milliseconds.
+pub fn now_unix_ms() -> u64 {
+    unix_ms(std::time::SystemTime::now())
+}

@@ -37,8 +37,6 @@ mod mqtt;
 mod proxy;
 mod stats;
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 pub use config::ProxyConfig;
 pub use devices::{DeviceRecord, DeviceRegistry, Selection, discover};
 pub use proxy::{Proxy, ProxyHandle};
@@ -64,12 +62,7 @@ pub enum ProxyError {
     Config(String),
 }
 
-/// Wall-clock now in Unix milliseconds; deadlines on the wire are wall-clock.
-pub(crate) fn now_unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
+pub(crate) use pollen_proto::now_unix_ms;
 
 /// `bytes` random bytes as lower-case hex.
 pub(crate) fn random_hex(bytes: usize) -> String {

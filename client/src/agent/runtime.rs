@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use pollen_proto::device::{Command, CommandKind, DeviceStatus, Reply, reply::Body};
@@ -44,11 +44,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Longest failure or progress message kept when a reply must shrink to fit the payload limit.
 const MAX_MESSAGE_BYTES: usize = 1024;
 
-pub fn now_unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+pub use pollen_proto::now_unix_ms;
 
 /// What the connection side forwards.
 #[derive(Debug)]

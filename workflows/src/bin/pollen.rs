@@ -320,9 +320,7 @@ fn print_devices(devices: &[DeviceRecord]) {
         "{:<24} {:<8} {:>9} {:<12} {:<10} {:>10}",
         "DEVICE", "STATE", "EXAMPLES", "MODEL", "AGENT", "LAST SEEN"
     );
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+    let now = pollen_proto::now_unix_ms();
     for d in devices {
         let ago = now.saturating_sub(d.last_seen_unix_ms) as f64 / 1000.0;
         eprintln!(
