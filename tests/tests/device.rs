@@ -32,15 +32,9 @@ use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-const MOSQUITTO: &str = "127.0.0.1:1883";
-
 /// The shared Mosquitto, checked first so that a missing broker fails with instructions.
 fn mosquitto() -> BrokerConfig {
-    let addr: SocketAddr = MOSQUITTO.parse().expect("valid address");
-    std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap_or_else(|e| {
-        panic!("Mosquitto is not reachable on {MOSQUITTO} ({e}); start it with `mosquitto -d`")
-    });
-    BrokerConfig::new(format!("mqtt://{MOSQUITTO}"))
+    BrokerConfig::new(pollen_tests::mosquitto_url())
 }
 
 fn unique(prefix: &str) -> String {
@@ -104,6 +98,15 @@ impl Client for TestClient {
             metrics: ScalarMap::new(),
         })
     }
+}
+
+/// A test device's agent: heartbeats and keep-alive short enough for tests.
+fn test_agent_options(id: &str, fleet: &str, broker: &BrokerConfig) -> AgentOptions {
+    let mut options = AgentOptions::new(id, fleet, broker.clone());
+    options.heartbeat = Duration::from_secs(5);
+    options.keep_alive = Duration::from_secs(5);
+    options.model = "test-4".into();
+    options
 }
 
 /// Coordinator + embedded S3 + one proxy for a fleet of its own.
@@ -187,21 +190,8 @@ impl Harness {
     /// handle to kill it (its TCP connection drops, the broker publishes its last-will).
     fn agent(&self, id: &str, client: TestClient) -> (JoinHandle<()>, CancellationToken) {
         let token = self.stop.child_token();
-        let agent = Agent::new(
-            AgentOptions {
-                device_id: id.into(),
-                fleet: self.fleet.clone(),
-                broker: self.broker.clone(),
-                heartbeat: Duration::from_secs(5),
-                keep_alive: Duration::from_secs(5),
-                work_dir: None,
-                model: "test-4".into(),
-                compute_slots: None,
-                properties: ScalarMap::new(),
-            },
-            client,
-        )
-        .expect("valid agent options");
+        let agent = Agent::new(test_agent_options(id, &self.fleet, &self.broker), client)
+            .expect("valid agent options");
         let t = token.clone();
         let handle = tokio::spawn(async move {
             let _ = agent.run(t).await;
@@ -333,17 +323,7 @@ async fn a_device_killed_mid_fit_is_cut_off_and_a_restarted_one_rejoins() {
         if r.round == 1 {
             restart_flag.store(1, Ordering::SeqCst);
             let agent = Agent::new(
-                AgentOptions {
-                    device_id: "dev-c".into(),
-                    fleet: fleet.clone(),
-                    broker: broker.clone(),
-                    heartbeat: Duration::from_secs(5),
-                    keep_alive: Duration::from_secs(5),
-                    work_dir: None,
-                    model: "test-4".into(),
-                    compute_slots: None,
-                    properties: ScalarMap::new(),
-                },
+                test_agent_options("dev-c", &fleet, &broker),
                 TestClient(Behaviour::Shift(1.0, 10)),
             )
             .expect("valid agent options");
@@ -804,17 +784,7 @@ async fn a_broker_restart_mid_round_does_not_lose_the_run() {
     }
     let token = h.stop.child_token();
     let slow = Agent::new(
-        AgentOptions {
-            device_id: "dev-c".into(),
-            fleet: h.fleet.clone(),
-            broker: h.broker.clone(),
-            heartbeat: Duration::from_secs(5),
-            keep_alive: Duration::from_secs(5),
-            work_dir: None,
-            model: "test-4".into(),
-            compute_slots: None,
-            properties: ScalarMap::new(),
-        },
+        test_agent_options("dev-c", &h.fleet, &h.broker),
         Slow(started.clone()),
     )
     .expect("agent");
@@ -965,17 +935,7 @@ async fn an_agent_authenticates_to_an_mqtts_broker_with_its_x509_certificate() {
     let fleet = unique("tls");
     let token = CancellationToken::new();
     let agent = Agent::new(
-        AgentOptions {
-            device_id: "dev-tls".into(),
-            fleet: fleet.clone(),
-            broker: broker.clone(),
-            heartbeat: Duration::from_secs(5),
-            keep_alive: Duration::from_secs(5),
-            work_dir: None,
-            model: "test-4".into(),
-            compute_slots: None,
-            properties: ScalarMap::new(),
-        },
+        test_agent_options("dev-tls", &fleet, &broker),
         TestClient(Behaviour::Shift(1.0, 10)),
     )
     .expect("agent options");

@@ -63,11 +63,7 @@ fn assert_learns(sim: &pollen_workflows::simulate::Simulation) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_3_round_run_over_mosquitto_and_embedded_s3_improves_accuracy() {
-    let addr: std::net::SocketAddr = "127.0.0.1:1883".parse().expect("addr");
-    std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2)).unwrap_or_else(
-        |e| panic!("Mosquitto is not reachable on {addr} ({e}); start it with `mosquitto -d`"),
-    );
-    let broker = BrokerConfig::new("mqtt://127.0.0.1:1883");
+    let broker = BrokerConfig::new(pollen_tests::mosquitto_url());
     let (sim, dir) = run_with(small_2nn(), Transport::Device, Some(broker)).await;
     assert_learns(&sim);
     // The global models went through the S3 folder, once per round.

@@ -16,6 +16,7 @@ use pollen_client::mnist::{Mnist, MnistSplit};
 use pollen_client::model;
 use pollen_coordinator::records::RunHandle;
 use pollen_coordinator::registry::Registry;
+use pollen_coordinator::server::FleetServer;
 use pollen_coordinator::storage::embedded::EmbeddedS3;
 use pollen_coordinator::{
     BlobStore, DriverConfig, FedAvg, Metrics, RoundDriver, RoundRecord, RunStore, RunSummary,
@@ -23,7 +24,7 @@ use pollen_coordinator::{
 };
 use pollen_proto::mqtt::BrokerConfig;
 use pollen_proxy::{DeviceRecord, Proxy, ProxyConfig, Selection};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::simulate::centralized_evaluator;
 use crate::spec::{RunSpec, StrategySpec};
@@ -176,6 +177,71 @@ pub async fn drive(
     Ok(driver.run(shutdown).await?)
 }
 
+/// A coordinator started in this process for one run: the Fleet gRPC service and the run's
+/// object storage, which start together and stop together.
+pub struct LocalCoordinator {
+    pub server: FleetServer,
+    pub storage: OpenStorage,
+    stop: CancellationToken,
+    /// Stops everything started here if the caller returns early without [`Self::shut_down`].
+    _stop_on_drop: DropGuard,
+}
+
+impl LocalCoordinator {
+    /// Serves the Fleet API on `listen` (port 0: any free port) and opens `storage`.
+    pub async fn start(listen: SocketAddr, storage: &Storage) -> anyhow::Result<Self> {
+        let stop = CancellationToken::new();
+        let guard = stop.clone().drop_guard();
+        let server = pollen_coordinator::server::serve(listen, stop.clone())
+            .await
+            .with_context(|| format!("binding the coordinator on {listen}"))?;
+        let storage = open_storage(storage, stop.clone()).await?;
+        Ok(Self {
+            server,
+            storage,
+            stop,
+            _stop_on_drop: guard,
+        })
+    }
+
+    /// `http://ip:port` of the Fleet API.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.server.addr)
+    }
+
+    /// Fires when this coordinator shuts down; hand it to what runs alongside (clients,
+    /// proxies, HTTP endpoints) so that everything stops together.
+    pub fn token(&self) -> CancellationToken {
+        self.stop.clone()
+    }
+
+    /// What [`drive`] needs to run over this coordinator's clients and storage, with the
+    /// defaults (wait up to 60 s for clients, no metrics).
+    pub fn drive_options(
+        &self,
+        run: Arc<RunHandle>,
+        test: Option<Arc<MnistSplit>>,
+    ) -> DriveOptions {
+        DriveOptions {
+            registry: self.server.registry.clone(),
+            run,
+            store: self.storage.store.clone(),
+            test,
+            wait_for_clients: Duration::from_secs(60),
+            metrics: None,
+        }
+    }
+
+    /// Stops the service and the storage server, and waits for them.
+    pub async fn shut_down(self) {
+        self.stop.cancel();
+        let _ = self.server.handle.await;
+        if let Some(e) = self.storage.embedded {
+            e.join().await;
+        }
+    }
+}
+
 /// Options of [`run_on_fleet`].
 pub struct FleetRunOptions {
     pub broker: BrokerConfig,
@@ -224,26 +290,20 @@ pub async fn run_on_fleet(
     );
     on_selected(&selected);
 
-    let stop_all = CancellationToken::new();
-    // Whatever returns early below, the servers started for this run stop with it.
-    let _stop_on_exit = stop_all.clone().drop_guard();
-    let storage = open_storage(&options.storage, stop_all.clone()).await?;
+    let coordinator =
+        LocalCoordinator::start(SocketAddr::from(([127, 0, 0, 1], 0)), &options.storage).await?;
     anyhow::ensure!(
-        storage.store.is_some(),
+        coordinator.storage.store.is_some(),
         "devices reached over MQTT need object storage; configure S3 or use the embedded store"
     );
     let test = load_test_split(spec).await?;
     let run = create_run(spec, &options.runs_dir)?;
     let (run_id, run_dir) = (run.id().to_string(), run.dir().to_path_buf());
-    let server =
-        pollen_coordinator::server::serve(SocketAddr::from(([127, 0, 0, 1], 0)), stop_all.clone())
-            .await
-            .context("binding the coordinator on 127.0.0.1")?;
     let proxy = Proxy::start(
         ProxyConfig {
             fleet: fleet.clone(),
             proxy_id: format!("run-{run_id}"),
-            coordinator: format!("http://{}", server.addr),
+            coordinator: coordinator.endpoint(),
             broker: options.broker.clone(),
             selection: Selection {
                 devices: Some(selected.iter().map(|d| d.device_id.clone()).collect()),
@@ -254,30 +314,20 @@ pub async fn run_on_fleet(
             keep_alive: Duration::from_secs(30),
             persistent_session: false,
         },
-        stop_all.clone(),
+        coordinator.token(),
     )
     .await
     .context("starting the device proxy")?;
     let summary = drive(
         spec,
-        DriveOptions {
-            registry: server.registry.clone(),
-            run,
-            store: storage.store.clone(),
-            test,
-            wait_for_clients: Duration::from_secs(60),
-            metrics: None,
-        },
+        coordinator.drive_options(run, test),
         on_round,
         shutdown,
     )
     .await;
-    stop_all.cancel();
+    coordinator.token().cancel();
     proxy.join().await;
-    let _ = server.handle.await;
-    if let Some(e) = storage.embedded {
-        e.join().await;
-    }
+    coordinator.shut_down().await;
     Ok(FleetRun {
         run_id,
         run_dir,

@@ -25,7 +25,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::start_embedded_broker;
-use crate::run::{DriveOptions, Storage, open_storage};
+use crate::run::{LocalCoordinator, Storage};
 use crate::spec::RunSpec;
 
 /// How simulated clients reach the coordinator.
@@ -119,9 +119,6 @@ pub async fn simulate(
     let run_id = run.id().to_string();
     let run_dir = run.dir().to_path_buf();
 
-    let stop_all = CancellationToken::new();
-    // Whatever returns early below, the servers and clients started here stop with it.
-    let _stop_on_exit = stop_all.clone().drop_guard();
     let storage = match options.transport {
         Transport::Grpc => Storage::Inline,
         Transport::Device => match &options.s3 {
@@ -132,12 +129,11 @@ pub async fn simulate(
             },
         },
     };
-    let storage = open_storage(&storage, stop_all.clone()).await?;
-    let server =
-        pollen_coordinator::server::serve(SocketAddr::from(([127, 0, 0, 1], 0)), stop_all.clone())
-            .await
-            .context("binding the coordinator on 127.0.0.1")?;
-    let endpoint = format!("http://{}", server.addr);
+    let coordinator =
+        LocalCoordinator::start(SocketAddr::from(([127, 0, 0, 1], 0)), &storage).await?;
+    let endpoint = coordinator.endpoint();
+    // Clients, agents and the proxy stop with the coordinator (also on an early return).
+    let stop_all = coordinator.token();
 
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let slots = Arc::new(Semaphore::new(options.parallelism.unwrap_or(cores).max(1)));
@@ -238,7 +234,8 @@ pub async fn simulate(
     let joined = match &proxy {
         Some(p) => p.wait_for_bridges(everyone, Duration::from_secs(120)).await,
         None => {
-            server
+            coordinator
+                .server
                 .registry
                 .wait_for(everyone, Duration::from_secs(120))
                 .await
@@ -247,20 +244,13 @@ pub async fn simulate(
     if !joined {
         tracing::warn!(
             "not all {everyone} simulated devices joined within 120 s; starting with {}",
-            server.registry.len()
+            coordinator.server.registry.len()
         );
     }
     let test = spec.evaluate.centralized.then_some(test);
     let summary = crate::run::drive(
         spec,
-        DriveOptions {
-            registry: server.registry.clone(),
-            run,
-            store: storage.store.clone(),
-            test,
-            wait_for_clients: Duration::from_secs(60),
-            metrics: None,
-        },
+        coordinator.drive_options(run, test),
         on_round,
         shutdown,
     )
@@ -270,10 +260,7 @@ pub async fn simulate(
     if let Some(proxy) = proxy {
         proxy.join().await;
     }
-    let _ = server.handle.await;
-    if let Some(e) = storage.embedded {
-        e.join().await;
-    }
+    coordinator.shut_down().await;
     Ok(Simulation {
         run_id,
         run_dir,

@@ -227,13 +227,7 @@ impl Worker {
             })
             .await?;
         self.upload(command, cancel, &blob).await?;
-        Ok(Body::Fit(FitReply {
-            size_bytes: blob.bytes.len() as u64,
-            sha256: blob.sha256,
-            codec: Codec::SafetensorsF32 as i32,
-            num_examples: fit.num_examples,
-            metrics: fit.metrics,
-        }))
+        Ok(uploaded(blob, fit.num_examples, fit.metrics))
     }
 
     async fn evaluate(&self, command: &Command, cancel: &CancellationToken) -> Result<Body, Halt> {
@@ -264,12 +258,17 @@ impl Worker {
             })
             .await?;
         self.upload(command, cancel, &blob).await?;
-        Ok(Body::Fit(FitReply {
-            size_bytes: blob.bytes.len() as u64,
-            sha256: blob.sha256,
-            codec: Codec::SafetensorsF32 as i32,
-            num_examples: self.num_examples,
-            metrics: ScalarMap::new(),
-        }))
+        Ok(uploaded(blob, self.num_examples, ScalarMap::new()))
     }
+}
+
+/// The reply naming a blob the agent uploaded (fit and get-parameters answer alike).
+fn uploaded(blob: pollen_proto::blob::EncodedBlob, num_examples: u64, metrics: ScalarMap) -> Body {
+    Body::Fit(FitReply {
+        size_bytes: blob.bytes.len() as u64,
+        sha256: blob.sha256,
+        codec: Codec::SafetensorsF32 as i32,
+        num_examples,
+        metrics,
+    })
 }

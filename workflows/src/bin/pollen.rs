@@ -10,7 +10,7 @@ use pollen_coordinator::records::RunRow;
 use pollen_coordinator::{Metrics, RoundRecord, RunStore, StoreConfig};
 use pollen_proto::mqtt::BrokerConfig;
 use pollen_proxy::{DeviceRecord, Proxy, ProxyConfig, Selection};
-use pollen_workflows::run::{DriveOptions, FleetRunOptions, Storage, open_storage};
+use pollen_workflows::run::{DriveOptions, FleetRunOptions, LocalCoordinator, Storage};
 use pollen_workflows::simulate::{SimulateOptions, Transport, simulate};
 use pollen_workflows::spec::RunSpec;
 use tokio_util::sync::CancellationToken;
@@ -381,49 +381,36 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 spec.rounds = r;
             }
             let shutdown = shutdown_on_ctrl_c();
-            let stop_all = CancellationToken::new();
-            let server = pollen_coordinator::server::serve(listen, stop_all.clone())
-                .await
-                .with_context(|| format!("listening on {listen}"))?;
-            eprintln!("Fleet gRPC API on http://{}", server.addr);
-            let metrics = std::sync::Arc::new(Metrics::default());
-            let endpoint = pollen_coordinator::http::serve_http(
-                http,
-                server.registry.clone(),
-                metrics.clone(),
-                stop_all.clone(),
-            )
-            .await
-            .with_context(|| format!("listening on {http}"))?;
-            eprintln!("Prometheus metrics on http://{}/metrics", endpoint.addr);
             let storage = if inline_weights {
                 Storage::Inline
             } else {
                 storage.storage(&runs_dir)
             };
-            let storage = open_storage(&storage, stop_all.clone()).await?;
-            eprintln!("object storage: {}", storage.describe());
+            let coordinator = LocalCoordinator::start(listen, &storage).await?;
+            eprintln!("Fleet gRPC API on {}", coordinator.endpoint());
+            let metrics = std::sync::Arc::new(Metrics::default());
+            let endpoint = pollen_coordinator::http::serve_http(
+                http,
+                coordinator.server.registry.clone(),
+                metrics.clone(),
+                coordinator.token(),
+            )
+            .await
+            .with_context(|| format!("listening on {http}"))?;
+            eprintln!("Prometheus metrics on http://{}/metrics", endpoint.addr);
+            eprintln!("object storage: {}", coordinator.storage.describe());
             let test = pollen_workflows::run::load_test_split(&spec).await?;
             let run = pollen_workflows::run::create_run(&spec, &runs_dir)?;
             let (run_id, run_dir) = (run.id().to_string(), run.dir().to_path_buf());
             let (bar, report) = reporter(spec.rounds, json);
-            let summary = pollen_workflows::run::drive(
-                &spec,
-                DriveOptions {
-                    registry: server.registry.clone(),
-                    run,
-                    store: storage.store.clone(),
-                    test,
-                    wait_for_clients,
-                    metrics: Some(metrics),
-                },
-                report,
-                shutdown,
-            )
-            .await;
+            let options = DriveOptions {
+                wait_for_clients,
+                metrics: Some(metrics),
+                ..coordinator.drive_options(run, test)
+            };
+            let summary = pollen_workflows::run::drive(&spec, options, report, shutdown).await;
             bar.finish_and_clear();
-            stop_all.cancel();
-            let _ = server.handle.await;
+            coordinator.shut_down().await;
             let summary = summary?;
             print_summary(&run_id, &run_dir, &summary.rounds);
         }
