@@ -492,6 +492,9 @@ impl RoundDriver {
             finished_at: chrono::Utc::now().to_rfc3339(),
         }
         .with_counters(&delta);
+        // Measured before writing, so that the records carry it too (the checkpoint write
+        // itself is not part of the round's time).
+        record.seconds = started.elapsed().as_secs_f64();
         if let Some(run) = self.run.clone() {
             let model = match record.status {
                 RoundStatus::Ok => Some(self.encode(global).await?.0),
@@ -502,7 +505,6 @@ impl RoundDriver {
                 .await?
                 .map_err(|source| DriverError::Record { round, source })?;
         }
-        record.seconds = started.elapsed().as_secs_f64();
         if let Some(m) = &self.metrics {
             m.observe_round(&record);
         }

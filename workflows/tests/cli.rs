@@ -84,6 +84,11 @@ fn simulate_json_prints_one_json_object_per_round_and_nothing_else() {
     assert_eq!(status["run"]["id"], id.as_str());
     assert_eq!(status["rounds"].as_array().map(Vec::len), Some(2));
     assert_eq!(status["rounds"][1]["accuracy"].as_f64(), Some(acc));
+    assert!(
+        status["rounds"][1]["seconds"]
+            .as_f64()
+            .is_some_and(|t| t > 0.0)
+    );
     let out = Command::new(env!("CARGO_BIN_EXE_pollen"))
         .args(["status", "no-such-run", "--runs-dir"])
         .arg(runs.path())
