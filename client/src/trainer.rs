@@ -148,7 +148,8 @@ fn fit_model<M: Classifier>(
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut order: Vec<usize> = (0..data.len()).collect();
     let (mut loss_sum, mut seen, mut steps) = (0.0f64, 0usize, 0usize);
-    for _epoch in 0..config.local_epochs {
+    for epoch in 1..=config.local_epochs {
+        let started = std::time::Instant::now();
         order.shuffle(&mut rng);
         (loss_sum, seen) = (0.0, 0);
         for batch in order.chunks(config.batch_size) {
@@ -165,6 +166,14 @@ fn fit_model<M: Classifier>(
             model = optim.step(config.learning_rate, model, grads);
             steps += 1;
         }
+        tracing::info!(
+            epoch,
+            epochs = config.local_epochs,
+            loss = format!("{:.4}", loss_sum / seen.max(1) as f64),
+            examples = seen,
+            seconds = format!("{:.2}", started.elapsed().as_secs_f64()),
+            "local epoch done"
+        );
     }
     Ok(FitOutput {
         parameters: export(&model)?,

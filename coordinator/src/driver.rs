@@ -219,6 +219,9 @@ impl RoundDriver {
     /// Runs all rounds, or until `shutdown` is cancelled (the current round is abandoned, the
     /// completed ones stay recorded). Clients are told to stop at the end.
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<RunSummary, DriverError> {
+        if let Some(m) = &self.metrics {
+            m.observe_run(&self.run_id, "running");
+        }
         let outcome = self.run_inner(&shutdown).await;
         let status = match &outcome {
             Ok(s) if s.cancelled => "cancelled",
@@ -229,6 +232,9 @@ impl RoundDriver {
             && let Err(e) = run.finish(status)
         {
             tracing::error!("could not mark run {} {status}: {e}", self.run_id);
+        }
+        if let Some(m) = &self.metrics {
+            m.observe_run(&self.run_id, status);
         }
         self.registry.broadcast(ServerMessage {
             msg: Some(ServerMsg::Stop(Stop {

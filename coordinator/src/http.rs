@@ -1,60 +1,412 @@
-//! The coordinator's HTTP endpoint: Prometheus metrics at `/metrics`, liveness at `/healthz`.
+//! The coordinator's HTTP endpoint: the web dashboard at `/`, its JSON API under `/api/`, live
+//! events at `/api/events` (server-sent events), Prometheus metrics at `/metrics` and liveness
+//! at `/healthz`.
+//!
+//! The dashboard is one static page (`dashboard.html`, no framework, no external assets: it
+//! works on an offline gateway network) that reads the run records and subscribes to live
+//! events. Everything it shows comes from the same sources as `pollen runs` / `pollen status`
+//! (the run records) and `/metrics` (the live registry and counters).
 
+use std::collections::BTreeMap;
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
-use axum::extract::State;
-use axum::http::header;
-use axum::response::IntoResponse;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
-use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
+use futures::Stream;
+use pollen_proto::prometheus;
+use serde::Serialize;
+use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::Metrics;
+use crate::metrics::{LiveEvent, Metrics};
+use crate::records::{RoundRecord, RunOverview, RunStore};
 use crate::registry::Registry;
 
-#[derive(Clone)]
-struct AppState {
-    registry: Arc<Registry>,
-    metrics: Arc<Metrics>,
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+/// What the endpoint serves from. A coordinator driving a run has all three; a dashboard over
+/// past runs only (`pollen dashboard`) has no registry or metrics, and serves no `/metrics`.
+#[derive(Clone, Default)]
+pub struct HttpSources {
+    /// Connected clients: live device status on the dashboard, `/metrics`.
+    pub registry: Option<Arc<Registry>>,
+    /// Prometheus metrics and the live event stream.
+    pub metrics: Option<Arc<Metrics>>,
+    /// The run records the dashboard lists and charts.
+    pub runs: Option<Arc<RunStore>>,
 }
 
 /// A running HTTP endpoint.
-pub struct HttpServer {
-    pub addr: SocketAddr,
-    pub handle: JoinHandle<std::io::Result<()>>,
-}
-
-async fn render_metrics(State(s): State<AppState>) -> impl IntoResponse {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        s.metrics.render(&s.registry),
-    )
-}
+pub type HttpServer = prometheus::MetricsServer;
 
 /// Binds `addr` (port 0: any free port) and serves until `shutdown` fires.
 pub async fn serve_http(
     addr: SocketAddr,
-    registry: Arc<Registry>,
-    metrics: Arc<Metrics>,
+    sources: HttpSources,
     shutdown: CancellationToken,
 ) -> std::io::Result<HttpServer> {
-    let listener = TcpListener::bind(addr).await?;
-    let addr = listener.local_addr()?;
     let app = Router::new()
+        .route("/", get(|| async { Html(DASHBOARD) }))
         .route("/metrics", get(render_metrics))
         .route("/healthz", get(|| async { "ok\n" }))
-        .with_state(AppState { registry, metrics });
-    let handle = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await
+        .route("/api/runs", get(list_runs))
+        .route("/api/runs/{id}", get(show_run))
+        .route("/api/runs/{id}/devices", get(run_devices))
+        .route("/api/events", get(events))
+        .with_state(sources);
+    let server = prometheus::serve_router(addr, app, shutdown).await?;
+    tracing::info!(addr = %server.addr, "HTTP endpoint listening");
+    Ok(server)
+}
+
+/// An error the API answers with: a status and a one-line text body.
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, self.1).into_response()
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+}
+
+/// Runs a records query off the async workers (SQLite calls block).
+async fn records<T: Send + 'static>(
+    s: &HttpSources,
+    query: impl FnOnce(&RunStore) -> Result<T, crate::records::RecordError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let Some(runs) = s.runs.clone() else {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            "this endpoint keeps no run records".into(),
+        ));
+    };
+    tokio::task::spawn_blocking(move || query(&runs))
+        .await
+        .map_err(internal)?
+        .map_err(internal)
+}
+
+async fn render_metrics(State(s): State<HttpSources>) -> Result<impl IntoResponse, ApiError> {
+    let (Some(registry), Some(metrics)) = (&s.registry, &s.metrics) else {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            "no coordinator runs here, so there are no live metrics".into(),
+        ));
+    };
+    Ok((
+        [(header::CONTENT_TYPE, prometheus::CONTENT_TYPE)],
+        metrics.render(registry),
+    ))
+}
+
+/// A run as the dashboard lists it.
+#[derive(Serialize)]
+struct RunJson {
+    #[serde(flatten)]
+    overview: RunOverview,
+    /// The run this coordinator is driving now.
+    live: bool,
+}
+
+fn live_run(s: &HttpSources) -> Option<String> {
+    s.metrics.as_ref().and_then(|m| m.live_run())
+}
+
+async fn list_runs(State(s): State<HttpSources>) -> Result<impl IntoResponse, ApiError> {
+    let live = live_run(&s);
+    let runs = records(&s, |r| r.overviews()).await?;
+    let runs: Vec<RunJson> = runs
+        .into_iter()
+        .map(|overview| RunJson {
+            live: live.as_deref() == Some(overview.run.id.as_str()),
+            overview,
+        })
+        .collect();
+    Ok(axum::Json(serde_json::json!({ "runs": runs })))
+}
+
+#[derive(Serialize)]
+struct RunDetail {
+    run: RunJson,
+    spec: String,
+    rounds: Vec<RoundRecord>,
+}
+
+async fn show_run(
+    State(s): State<HttpSources>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let live = live_run(&s);
+    let wanted = id.clone();
+    let found = records(&s, move |r| {
+        let Some((row, spec)) = r.run(&wanted)? else {
+            return Ok(None);
+        };
+        Ok(Some((r.overview(row)?, spec, r.rounds(&wanted)?)))
+    })
+    .await?;
+    let Some((overview, spec, rounds)) = found else {
+        return Err(ApiError(StatusCode::NOT_FOUND, format!("no run {id:?}")));
+    };
+    Ok(axum::Json(RunDetail {
+        run: RunJson {
+            live: live.as_deref() == Some(id.as_str()),
+            overview,
+        },
+        spec,
+        rounds,
+    }))
+}
+
+/// A device of a run: what the records say it did, and its connection if the run is live.
+#[derive(Debug, Serialize, PartialEq)]
+struct DeviceJson {
+    id: String,
+    status: &'static str,
+    examples: Option<u64>,
+    agent_version: Option<String>,
+    connected_since: Option<u64>,
+    last_seen: Option<u64>,
+    /// Rounds this device's update was aggregated in.
+    rounds: u64,
+    failures: u64,
+    last_failure: Option<String>,
+    last_round: Option<u64>,
+}
+
+impl DeviceJson {
+    fn unseen(id: &str) -> Self {
+        Self {
+            id: id.to_string(),
+            status: "offline",
+            examples: None,
+            agent_version: None,
+            connected_since: None,
+            last_seen: None,
+            rounds: 0,
+            failures: 0,
+            last_failure: None,
+            last_round: None,
+        }
+    }
+}
+
+/// Participation and failures per device from a run's rounds, merged with the registry's view
+/// of connected and departed clients when the run is the live one.
+fn devices_of(rounds: &[RoundRecord], live: Option<&Registry>) -> Vec<DeviceJson> {
+    let mut devices: BTreeMap<String, DeviceJson> = BTreeMap::new();
+    if let Some(registry) = live {
+        for c in registry.clients() {
+            devices.insert(
+                c.id.clone(),
+                DeviceJson {
+                    status: c.status,
+                    examples: Some(c.examples),
+                    agent_version: Some(c.agent_version),
+                    connected_since: c.connected_since,
+                    last_seen: Some(c.last_seen),
+                    ..DeviceJson::unseen(&c.id)
+                },
+            );
+        }
+    }
+    for r in rounds {
+        for id in &r.participants {
+            let d = devices
+                .entry(id.clone())
+                .or_insert_with(|| DeviceJson::unseen(id));
+            d.rounds += 1;
+            d.last_round = Some(r.round);
+        }
+        for f in &r.failures {
+            let d = devices
+                .entry(f.client.clone())
+                .or_insert_with(|| DeviceJson::unseen(&f.client));
+            d.failures += 1;
+            d.last_failure = Some(format!("round {}: {}: {}", r.round, f.reason, f.message));
+            d.last_round = Some(r.round);
+        }
+    }
+    devices.into_values().collect()
+}
+
+async fn run_devices(
+    State(s): State<HttpSources>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let live = live_run(&s).as_deref() == Some(id.as_str());
+    let wanted = id.clone();
+    let rounds = records(&s, move |r| {
+        Ok(match r.run(&wanted)? {
+            Some(_) => Some(r.rounds(&wanted)?),
+            None => None,
+        })
+    })
+    .await?;
+    let Some(rounds) = rounds else {
+        return Err(ApiError(StatusCode::NOT_FOUND, format!("no run {id:?}")));
+    };
+    let registry = if live { s.registry.as_deref() } else { None };
+    let devices = devices_of(&rounds, registry);
+    Ok(axum::Json(serde_json::json!({
+        "live": live,
+        "now": pollen_proto::now_unix_ms(),
+        "devices": devices,
+    })))
+}
+
+/// What the event stream tells: `round` (a recorded round), `run` (a run started or ended),
+/// `devices` (clients connected or left; refetch). Device changes are sent at most every
+/// 300 ms, so a thousand devices joining make a handful of events, not a thousand.
+async fn events(
+    State(s): State<HttpSources>,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let rx = s.metrics.as_ref().map(|m| m.subscribe());
+    let state = (rx, s.registry.clone(), s.metrics.clone());
+    let stream = futures::stream::unfold(state, |(mut rx, registry, metrics)| async move {
+        let event = loop {
+            let changed = async {
+                match &registry {
+                    Some(r) => r.changed().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let next = async {
+                match &mut rx {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                ev = next => match ev {
+                    Ok(LiveEvent::Round(r)) => match serde_json::to_string(&*r) {
+                        Ok(json) => break Event::default().event("round").data(json),
+                        Err(e) => tracing::error!("round {} not sent to the dashboard: {e}", r.round),
+                    },
+                    Ok(LiveEvent::Run { id, status }) => {
+                        break Event::default()
+                            .event("run")
+                            .data(serde_json::json!({ "id": id, "status": status }).to_string());
+                    }
+                    // Fell behind: whatever was missed is in the records; tell the page to
+                    // refetch the run.
+                    Err(RecvError::Lagged(_)) => {
+                        let id = metrics.as_ref().and_then(|m| m.live_run());
+                        break Event::default()
+                            .event("run")
+                            .data(serde_json::json!({ "id": id, "status": "running" }).to_string());
+                    }
+                    Err(RecvError::Closed) => return None,
+                },
+                () = changed => {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    break Event::default().event("devices").data("{}");
+                }
+            }
+        };
+        Some((Ok(event), (rx, registry, metrics)))
     });
-    tracing::info!(%addr, "HTTP endpoint listening");
-    Ok(HttpServer { addr, handle })
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::counters::Counters;
+    use crate::records::{FailureRecord, RoundStatus};
+
+    fn round(n: u64, participants: &[&str], failures: &[(&str, &str)]) -> RoundRecord {
+        RoundRecord {
+            run_id: "r".into(),
+            round: n,
+            status: RoundStatus::Ok,
+            error: None,
+            accuracy: None,
+            loss: None,
+            sampled: participants.len() + failures.len(),
+            succeeded: participants.len(),
+            failed: failures.len(),
+            failures_by_reason: Default::default(),
+            train_loss: None,
+            train_metrics: Default::default(),
+            federated_loss: None,
+            federated_metrics: Default::default(),
+            seconds: 0.1,
+            fit_seconds: 0.1,
+            aggregate_seconds: 0.0,
+            evaluate_seconds: 0.0,
+            bytes_sent: 0,
+            bytes_received: 0,
+            late_replies: 0,
+            rejected_updates: 0,
+            participants: participants.iter().map(|s| s.to_string()).collect(),
+            failures: failures
+                .iter()
+                .map(|(c, reason)| FailureRecord {
+                    client: c.to_string(),
+                    reason: reason.to_string(),
+                    message: "no reply".into(),
+                })
+                .collect(),
+            finished_at: String::new(),
+        }
+    }
+
+    #[test]
+    fn devices_count_participation_and_failures_from_the_records() {
+        let rounds = [
+            round(1, &["a", "b"], &[("c", "timeout")]),
+            round(2, &["a"], &[("b", "rejected")]),
+        ];
+        let devices = devices_of(&rounds, None);
+        let a = &devices[0];
+        assert_eq!((a.id.as_str(), a.rounds, a.failures), ("a", 2, 0));
+        assert_eq!(a.last_round, Some(2));
+        let b = &devices[1];
+        assert_eq!((b.rounds, b.failures), (1, 1));
+        assert_eq!(
+            b.last_failure.as_deref(),
+            Some("round 2: rejected: no reply")
+        );
+        let c = &devices[2];
+        assert_eq!((c.rounds, c.failures, c.status), (0, 1, "offline"));
+    }
+
+    #[tokio::test]
+    async fn live_devices_carry_their_connection_and_status() {
+        let registry = Registry::new(Arc::new(Counters::default()));
+        let (tx, _rx) = tokio::sync::mpsc::channel(4);
+        let info = |id: &str| crate::strategy::ClientInfo {
+            id: id.into(),
+            num_examples: 600,
+            agent_version: "0.1.0".into(),
+            properties: Default::default(),
+        };
+        registry.register(info("a"), tx.clone());
+        let gone = registry.register(info("b"), tx.clone());
+        registry.unregister("b", gone);
+        let _open = registry
+            .request("a", 1, |_| Default::default())
+            .await
+            .expect("a is connected");
+        let devices = devices_of(&[round(1, &["a"], &[])], Some(&registry));
+        assert_eq!(devices.len(), 2);
+        assert_eq!(devices[0].status, "training");
+        assert_eq!(devices[0].examples, Some(600));
+        assert!(devices[0].connected_since.is_some());
+        assert_eq!(devices[0].rounds, 1);
+        assert_eq!(devices[1].status, "offline");
+        assert!(devices[1].last_seen.is_some());
+        assert_eq!(devices[1].connected_since, None);
+    }
 }

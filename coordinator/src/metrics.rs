@@ -7,11 +7,24 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
+
+use tokio::sync::broadcast;
+
+use pollen_proto::prometheus::{by_label, counter, gauge};
 
 use crate::records::{RoundRecord, RoundStatus};
 use crate::registry::Registry;
+
+/// Failure reasons, all exported (at 0 too) so that dashboards see every series from the start.
+const FAILURE_REASONS: [&str; 5] = [
+    "timeout",
+    "client_error",
+    "rejected",
+    "disconnected",
+    "protocol_error",
+];
 
 /// Upper bounds of the round-duration histogram, in seconds.
 const ROUND_BUCKETS: &[f64] = &[
@@ -63,9 +76,22 @@ impl Histogram {
     }
 }
 
+/// What live views (the dashboard's event stream) are told as it happens.
+#[derive(Debug, Clone)]
+pub enum LiveEvent {
+    /// A round was recorded.
+    Round(Arc<RoundRecord>),
+    /// A run started (`running`) or ended (`completed`, `failed`, `cancelled`).
+    Run { id: String, status: String },
+}
+
+/// Events buffered per subscriber; one that falls further behind is told to resynchronise.
+const EVENT_BUFFER: usize = 256;
+
 #[derive(Debug)]
 struct State {
     run_id: Option<String>,
+    run_status: Option<String>,
     rounds_ok: u64,
     rounds_failed: u64,
     last_round: u64,
@@ -88,14 +114,17 @@ struct State {
 pub struct Metrics {
     started: Instant,
     state: Mutex<State>,
+    events: broadcast::Sender<LiveEvent>,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         Self {
             started: Instant::now(),
+            events: broadcast::channel(EVENT_BUFFER).0,
             state: Mutex::new(State {
                 run_id: None,
+                run_status: None,
                 rounds_ok: 0,
                 rounds_failed: 0,
                 last_round: 0,
@@ -116,34 +145,46 @@ impl Default for Metrics {
     }
 }
 
-fn counter(out: &mut String, name: &str, help: &str, value: u64) {
-    let _ = writeln!(
-        out,
-        "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
-    );
-}
-
-fn gauge(out: &mut String, name: &str, help: &str, value: impl std::fmt::Display) {
-    let _ = writeln!(
-        out,
-        "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
-    );
-}
-
-/// Label values may hold anything a client reports; escape as the format requires.
-fn label(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
 impl Metrics {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Live events from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<LiveEvent> {
+        self.events.subscribe()
+    }
+
+    /// The run being driven now, if one is running.
+    pub fn live_run(&self) -> Option<String> {
+        let s = self.lock();
+        match s.run_status.as_deref() {
+            Some("running") => s.run_id.clone(),
+            _ => None,
+        }
+    }
+
+    /// Takes in a run's start (`running`) or end.
+    pub fn observe_run(&self, run_id: &str, status: &str) {
+        {
+            let mut s = self.lock();
+            s.run_id = Some(run_id.to_string());
+            s.run_status = Some(status.to_string());
+        }
+        // No subscribers is not an error: nobody is watching.
+        let _ = self.events.send(LiveEvent::Run {
+            id: run_id.to_string(),
+            status: status.to_string(),
+        });
+    }
+
     /// Takes in a finished round.
     pub fn observe_round(&self, r: &RoundRecord) {
+        self.observe_round_numbers(r);
+        let _ = self.events.send(LiveEvent::Round(Arc::new(r.clone())));
+    }
+
+    fn observe_round_numbers(&self, r: &RoundRecord) {
         let mut s = self.lock();
         s.run_id = Some(r.run_id.clone());
         match r.status {
@@ -173,10 +214,13 @@ impl Metrics {
         let s = self.lock();
         let mut out = String::with_capacity(4096);
         if let Some(run) = &s.run_id {
-            let _ = writeln!(
-                out,
-                "# HELP pollen_run_info The run this coordinator drives.\n# TYPE pollen_run_info gauge\npollen_run_info{{run_id=\"{}\"}} 1",
-                label(run)
+            by_label(
+                &mut out,
+                "gauge",
+                "pollen_run_info",
+                "The run this coordinator drives.",
+                "run_id",
+                [(run, 1)],
             );
         }
         gauge(
@@ -185,10 +229,13 @@ impl Metrics {
             "Seconds since the coordinator started.",
             self.started.elapsed().as_secs_f64(),
         );
-        let _ = writeln!(
-            out,
-            "# HELP pollen_rounds_total Rounds finished, by status.\n# TYPE pollen_rounds_total counter\npollen_rounds_total{{status=\"ok\"}} {}\npollen_rounds_total{{status=\"failed\"}} {}",
-            s.rounds_ok, s.rounds_failed
+        by_label(
+            &mut out,
+            "counter",
+            "pollen_rounds_total",
+            "Rounds finished, by status.",
+            "status",
+            [("ok", s.rounds_ok), ("failed", s.rounds_failed)],
         );
         gauge(
             &mut out,
@@ -202,33 +249,34 @@ impl Metrics {
             "Clients sampled for fit, summed over rounds.",
             s.clients_sampled,
         );
-        let _ = writeln!(
-            out,
-            "# HELP pollen_client_results_total Client fit results, successful or failed.\n# TYPE pollen_client_results_total counter\npollen_client_results_total{{result=\"success\"}} {}\npollen_client_results_total{{result=\"failure\"}} {}",
-            s.clients_succeeded,
-            s.failures_by_reason.values().sum::<u64>()
+        let failures: u64 = s.failures_by_reason.values().sum();
+        by_label(
+            &mut out,
+            "counter",
+            "pollen_client_results_total",
+            "Client fit results, successful or failed.",
+            "result",
+            [("success", s.clients_succeeded), ("failure", failures)],
         );
-        let _ = writeln!(
-            out,
-            "# HELP pollen_client_failures_total Client fit failures, by reason.\n# TYPE pollen_client_failures_total counter"
+        by_label(
+            &mut out,
+            "counter",
+            "pollen_client_failures_total",
+            "Client fit failures, by reason.",
+            "reason",
+            FAILURE_REASONS.map(|r| (r, s.failures_by_reason.get(r).copied().unwrap_or(0))),
         );
-        for reason in [
-            "timeout",
-            "client_error",
-            "rejected",
-            "disconnected",
-            "protocol_error",
-        ] {
-            let n = s.failures_by_reason.get(reason).copied().unwrap_or(0);
-            let _ = writeln!(
-                out,
-                "pollen_client_failures_total{{reason=\"{reason}\"}} {n}"
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP pollen_round_clients Clients of the last round, by outcome.\n# TYPE pollen_round_clients gauge\npollen_round_clients{{outcome=\"sampled\"}} {}\npollen_round_clients{{outcome=\"succeeded\"}} {}\npollen_round_clients{{outcome=\"failed\"}} {}",
-            s.last_sampled, s.last_succeeded, s.last_failed
+        by_label(
+            &mut out,
+            "gauge",
+            "pollen_round_clients",
+            "Clients of the last round, by outcome.",
+            "outcome",
+            [
+                ("sampled", s.last_sampled),
+                ("succeeded", s.last_succeeded),
+                ("failed", s.last_failed),
+            ],
         );
         s.round_seconds.render(
             &mut out,
@@ -284,10 +332,18 @@ impl Metrics {
             "Weight bytes received from clients.",
             c.bytes_received,
         );
-        let _ = writeln!(
-            out,
-            "# HELP pollen_replies_dropped_total Replies dropped, by reason.\n# TYPE pollen_replies_dropped_total counter\npollen_replies_dropped_total{{reason=\"late\"}} {}\npollen_replies_dropped_total{{reason=\"duplicate\"}} {}\npollen_replies_dropped_total{{reason=\"unknown\"}} {}\npollen_replies_dropped_total{{reason=\"wrong_client\"}} {}",
-            c.replies_late, c.replies_duplicate, c.replies_unknown, c.replies_wrong_client
+        by_label(
+            &mut out,
+            "counter",
+            "pollen_replies_dropped_total",
+            "Replies dropped, by reason.",
+            "reason",
+            [
+                ("late", c.replies_late),
+                ("duplicate", c.replies_duplicate),
+                ("unknown", c.replies_unknown),
+                ("wrong_client", c.replies_wrong_client),
+            ],
         );
         counter(
             &mut out,
@@ -309,7 +365,6 @@ impl Metrics {
 mod tests {
     use super::*;
     use crate::counters::Counters;
-    use std::sync::Arc;
 
     fn record(round: u64, status: RoundStatus, seconds: f64) -> RoundRecord {
         RoundRecord {
@@ -403,10 +458,5 @@ mod tests {
             }
         }
         assert!(queried >= 15, "{queried}");
-    }
-
-    #[test]
-    fn label_values_are_escaped() {
-        assert_eq!(label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
     }
 }

@@ -113,11 +113,35 @@ pub struct RunRow {
     pub dir: String,
 }
 
+/// A run with its latest and best accuracy: what run lists show.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunOverview {
+    #[serde(flatten)]
+    pub run: RunRow,
+    /// Accuracy after the last evaluated round.
+    pub accuracy: Option<f64>,
+    pub best_accuracy: Option<f64>,
+}
+
 /// The runs directory and its database.
 pub struct RunStore {
     root: PathBuf,
     db_path: PathBuf,
     db: Mutex<Connection>,
+}
+
+/// A `runs` row selected as `id, name, created_at, status, seed, num_rounds, last_round, dir`.
+fn run_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRow> {
+    Ok(RunRow {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        created_at: r.get(2)?,
+        status: r.get(3)?,
+        seed: r.get::<_, i64>(4)? as u64,
+        num_rounds: r.get::<_, i64>(5)? as u64,
+        last_round: r.get::<_, i64>(6)? as u64,
+        dir: r.get(7)?,
+    })
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RecordError + '_ {
@@ -245,22 +269,52 @@ impl RunStore {
             )
             .map_err(self.db_err())?;
         let rows = stmt
-            .query_map([], |r| {
-                Ok(RunRow {
-                    id: r.get(0)?,
-                    name: r.get(1)?,
-                    created_at: r.get(2)?,
-                    status: r.get(3)?,
-                    seed: r.get::<_, i64>(4)? as u64,
-                    num_rounds: r.get::<_, i64>(5)? as u64,
-                    last_round: r.get::<_, i64>(6)? as u64,
-                    dir: r.get(7)?,
-                })
-            })
+            .query_map([], run_row)
             .map_err(self.db_err())?
             .collect::<Result<Vec<_>, _>>()
             .map_err(self.db_err())?;
         Ok(rows)
+    }
+
+    /// All runs with their latest and best accuracy, newest first.
+    pub fn overviews(&self) -> Result<Vec<RunOverview>, RecordError> {
+        self.list_runs()?
+            .into_iter()
+            .map(|run| self.overview(run))
+            .collect()
+    }
+
+    /// `run` with its latest and best accuracy.
+    pub fn overview(&self, run: RunRow) -> Result<RunOverview, RecordError> {
+        let db = self.db();
+        let mut stmt = db
+            .prepare_cached(
+                "SELECT (SELECT accuracy FROM rounds WHERE run_id = ?1 AND accuracy IS NOT NULL
+                         ORDER BY round DESC LIMIT 1),
+                        (SELECT MAX(accuracy) FROM rounds WHERE run_id = ?1)",
+            )
+            .map_err(self.db_err())?;
+        let (accuracy, best_accuracy) = stmt
+            .query_row([&run.id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(self.db_err())?;
+        Ok(RunOverview {
+            run,
+            accuracy,
+            best_accuracy,
+        })
+    }
+
+    /// One run's row and its spec (TOML), if it exists.
+    pub fn run(&self, run_id: &str) -> Result<Option<(RunRow, String)>, RecordError> {
+        self.db()
+            .query_row(
+                "SELECT id, name, created_at, status, seed, num_rounds, last_round, dir, spec
+                 FROM runs WHERE id = ?1",
+                [run_id],
+                |r| Ok((run_row(r)?, r.get(8)?)),
+            )
+            .optional()
+            .map_err(self.db_err())
     }
 
     /// The recorded rounds of a run, in order.

@@ -49,6 +49,31 @@ struct Connected {
     info: ClientInfo,
     session: u64,
     tx: ClientSender,
+    since_ms: u64,
+    last_seen_ms: u64,
+}
+
+/// A client that was connected and left: kept so that dashboards can show it offline.
+struct Departed {
+    info: ClientInfo,
+    last_seen_ms: u64,
+}
+
+/// Departed clients remembered at most; beyond this, new departures are not listed.
+const MAX_DEPARTED: usize = 100_000;
+
+/// A client as dashboards show it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ClientView {
+    pub id: String,
+    /// `training` (a request is open), `online` or `offline`.
+    pub status: &'static str,
+    pub examples: u64,
+    pub agent_version: String,
+    /// Unix ms of the current connection; `None` once offline.
+    pub connected_since: Option<u64>,
+    /// Unix ms of the last message from the client (or of its connection).
+    pub last_seen: u64,
 }
 
 struct Pending {
@@ -60,6 +85,7 @@ struct Pending {
 #[derive(Default)]
 struct Inner {
     clients: BTreeMap<String, Connected>,
+    departed: BTreeMap<String, Departed>,
     pending: HashMap<u64, Pending>,
     closed: HashMap<u64, (Closed, u64)>,
 }
@@ -103,9 +129,18 @@ impl Registry {
         let old = {
             let mut inner = self.lock();
             let id = info.id.clone();
-            let old = inner
-                .clients
-                .insert(id.clone(), Connected { info, session, tx });
+            let now = pollen_proto::now_unix_ms();
+            inner.departed.remove(&id);
+            let old = inner.clients.insert(
+                id.clone(),
+                Connected {
+                    info,
+                    session,
+                    tx,
+                    since_ms: now,
+                    last_seen_ms: now,
+                },
+            );
             if old.is_some() {
                 inner.pending.retain(|_, p| p.client_id != id);
             }
@@ -128,7 +163,15 @@ impl Registry {
             let mut inner = self.lock();
             let current = inner.clients.get(client_id).map(|c| c.session);
             if current == Some(session) {
-                inner.clients.remove(client_id);
+                if let Some(c) = inner.clients.remove(client_id)
+                    && inner.departed.len() < MAX_DEPARTED
+                {
+                    let departed = Departed {
+                        info: c.info,
+                        last_seen_ms: pollen_proto::now_unix_ms(),
+                    };
+                    inner.departed.insert(client_id.to_string(), departed);
+                }
                 inner.pending.retain(|_, p| p.client_id != client_id);
                 true
             } else {
@@ -148,6 +191,45 @@ impl Registry {
             .values()
             .map(|c| c.info.clone())
             .collect()
+    }
+
+    /// Every client seen since this coordinator started: connected ones (training when a
+    /// request to them is open) and departed ones, sorted by id.
+    pub fn clients(&self) -> Vec<ClientView> {
+        let inner = self.lock();
+        let busy: std::collections::HashSet<&str> = inner
+            .pending
+            .values()
+            .map(|p| p.client_id.as_str())
+            .collect();
+        let connected = inner.clients.values().map(|c| ClientView {
+            id: c.info.id.clone(),
+            status: if busy.contains(c.info.id.as_str()) {
+                "training"
+            } else {
+                "online"
+            },
+            examples: c.info.num_examples,
+            agent_version: c.info.agent_version.clone(),
+            connected_since: Some(c.since_ms),
+            last_seen: c.last_seen_ms,
+        });
+        let departed = inner.departed.values().map(|d| ClientView {
+            id: d.info.id.clone(),
+            status: "offline",
+            examples: d.info.num_examples,
+            agent_version: d.info.agent_version.clone(),
+            connected_since: None,
+            last_seen: d.last_seen_ms,
+        });
+        let mut all: Vec<ClientView> = connected.chain(departed).collect();
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        all
+    }
+
+    /// Resolves at the next connection or disconnection.
+    pub async fn changed(&self) {
+        self.changed.notified().await
     }
 
     pub fn len(&self) -> usize {
@@ -240,6 +322,9 @@ impl Registry {
     /// Routes a reply from `client_id` to the request it answers, or counts and drops it.
     /// Returns false when the reply was dropped.
     pub fn route(&self, client_id: &str, msg: ClientMessage) -> bool {
+        if let Some(c) = self.lock().clients.get_mut(client_id) {
+            c.last_seen_ms = pollen_proto::now_unix_ms();
+        }
         let (request_id, reply) = match msg.msg {
             Some(ClientMsg::Fit(r)) => (r.request_id, Reply::Fit(r)),
             Some(ClientMsg::Evaluate(r)) => (r.request_id, Reply::Evaluate(r)),

@@ -11,11 +11,13 @@
 //! - [`scalar`]: conversions between wire [`fleet::Scalar`] maps and Rust values.
 //! - `mqtt` (feature `mqtt`): broker URLs (`mqtt://`, `mqtts://` + X.509 files) to `rumqttc`
 //!   options with Pollen's packet limits.
+//! - [`prometheus`]: the Prometheus text format every `/metrics` endpoint writes.
 //! - [`limits`]: message-size limits chosen deliberately (tonic defaults to 4 MiB).
 
 pub mod blob;
 #[cfg(feature = "mqtt")]
 pub mod mqtt;
+pub mod prometheus;
 pub mod scalar;
 pub mod topics;
 

@@ -18,7 +18,7 @@ use crate::mqtt::{StatusUpdate, decode_status};
 pub const DEFAULT_STALE_AFTER: Duration = Duration::from_secs(30);
 
 /// What is known about one device, as the CLI shows it (`pollen devices --json`).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct DeviceRecord {
     pub device_id: String,
     /// Online by its last status, and heard from within the staleness window.

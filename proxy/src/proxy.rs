@@ -305,6 +305,15 @@ impl ProxyHandle {
         lock(&self.shared.registry).records()
     }
 
+    /// Renders the proxy's Prometheus metrics at each call (for `/metrics`).
+    pub fn prometheus(&self) -> impl Fn() -> String + Clone + Send + Sync + 'static {
+        let shared = self.shared.clone();
+        move || {
+            let devices = lock(&shared.registry).records();
+            shared.stats.snapshot().render_prometheus(&devices)
+        }
+    }
+
     /// Waits until at least `n` bridges are joined to the coordinator; false if `timeout`
     /// passes first.
     pub async fn wait_for_bridges(&self, n: usize, timeout: Duration) -> bool {

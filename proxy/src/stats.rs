@@ -96,3 +96,110 @@ pub struct ProxyStatsSnapshot {
     /// MQTT reconnections after the first connection.
     pub reconnects: u64,
 }
+
+impl ProxyStatsSnapshot {
+    /// These counters and the devices the proxy knows, in the Prometheus text format (what
+    /// `pollen proxy --http` serves at `/metrics`).
+    pub fn render_prometheus(&self, devices: &[crate::DeviceRecord]) -> String {
+        use pollen_proto::prometheus::{by_label, counter, gauge};
+        let mut out = String::with_capacity(2048);
+        counter(
+            &mut out,
+            "pollen_proxy_commands_published_total",
+            "Commands (work and cancels) handed to the MQTT client.",
+            self.commands_published,
+        );
+        counter(
+            &mut out,
+            "pollen_proxy_replies_received_total",
+            "Messages received on device reply topics, well-formed or not.",
+            self.replies_received,
+        );
+        by_label(
+            &mut out,
+            "counter",
+            "pollen_proxy_replies_dropped_total",
+            "Device replies dropped, by reason.",
+            "reason",
+            [
+                ("duplicate", self.replies_duplicate),
+                ("late", self.replies_late),
+                ("unknown", self.replies_unknown),
+                ("malformed", self.replies_malformed),
+                ("inbox_full", self.replies_dropped),
+            ],
+        );
+        counter(
+            &mut out,
+            "pollen_proxy_status_malformed_total",
+            "Device status messages that did not decode or named another device.",
+            self.status_malformed,
+        );
+        counter(
+            &mut out,
+            "pollen_proxy_timeouts_total",
+            "Requests failed with TIMEOUT: the device missed the deadline.",
+            self.timeouts,
+        );
+        counter(
+            &mut out,
+            "pollen_proxy_cancels_total",
+            "Requests the coordinator cancelled while open.",
+            self.cancels,
+        );
+        counter(
+            &mut out,
+            "pollen_proxy_mqtt_reconnects_total",
+            "MQTT reconnections after the first connection.",
+            self.reconnects,
+        );
+        gauge(
+            &mut out,
+            "pollen_proxy_bridges",
+            "Devices bridged to the coordinator now (one Fleet stream each).",
+            self.bridges_open,
+        );
+        let online = devices.iter().filter(|d| d.online).count();
+        by_label(
+            &mut out,
+            "gauge",
+            "pollen_proxy_devices",
+            "Devices of the fleet known from their status messages, by state.",
+            "state",
+            [("online", online), ("offline", devices.len() - online)],
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_exposition_names_every_counter_and_the_device_states() {
+        let stats = ProxyStatsSnapshot {
+            replies_late: 2,
+            bridges_open: 3,
+            ..Default::default()
+        };
+        let device = |id: &str, online| crate::DeviceRecord {
+            device_id: id.into(),
+            online,
+            ..Default::default()
+        };
+        let text = stats.render_prometheus(&[device("a", true), device("b", false)]);
+        for line in [
+            "pollen_proxy_replies_dropped_total{reason=\"late\"} 2",
+            "pollen_proxy_bridges 3",
+            "pollen_proxy_devices{state=\"online\"} 1",
+            "pollen_proxy_devices{state=\"offline\"} 1",
+            "pollen_proxy_timeouts_total 0",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+    }
+}

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use pollen_client::agent::{Agent, AgentOptions};
 use pollen_client::fleet::{Client, ClientError, ClientEvaluate, ClientFit};
-use pollen_coordinator::http::serve_http;
+use pollen_coordinator::http::{HttpSources, serve_http};
 use pollen_coordinator::records::RoundStatus;
 use pollen_coordinator::server::{FleetServer, serve};
 use pollen_coordinator::storage::embedded::EmbeddedS3;
@@ -146,8 +146,11 @@ impl Harness {
         let metrics = Arc::new(Metrics::default());
         let http = serve_http(
             SocketAddr::from(([127, 0, 0, 1], 0)),
-            server.registry.clone(),
-            metrics.clone(),
+            HttpSources {
+                registry: Some(server.registry.clone()),
+                metrics: Some(metrics.clone()),
+                runs: None,
+            },
             stop.clone(),
         )
         .await

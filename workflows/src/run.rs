@@ -14,6 +14,7 @@ use std::time::Duration;
 use anyhow::Context;
 use pollen_client::mnist::{Mnist, MnistSplit};
 use pollen_client::model;
+use pollen_coordinator::http::{HttpServer, HttpSources, serve_http};
 use pollen_coordinator::records::RunHandle;
 use pollen_coordinator::registry::Registry;
 use pollen_coordinator::server::FleetServer;
@@ -124,6 +125,32 @@ pub fn create_run(spec: &RunSpec, runs_dir: &std::path::Path) -> anyhow::Result<
         spec.seed,
         spec.rounds,
     )?))
+}
+
+/// Serves the dashboard, its API and `/metrics` for the coordinator whose clients are in
+/// `registry`, over the records in `runs_dir`, until `shutdown`; prints where.
+pub async fn serve_dashboard(
+    addr: SocketAddr,
+    runs_dir: &std::path::Path,
+    registry: &Arc<Registry>,
+    metrics: &Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<HttpServer> {
+    let runs = RunStore::open(runs_dir)
+        .with_context(|| format!("opening the run records in {}", runs_dir.display()))?;
+    let sources = HttpSources {
+        registry: Some(registry.clone()),
+        metrics: Some(metrics.clone()),
+        runs: Some(runs),
+    };
+    let server = serve_http(addr, sources, shutdown)
+        .await
+        .with_context(|| format!("serving the dashboard on {addr}"))?;
+    eprintln!(
+        "Dashboard on http://{0}/ (Prometheus metrics at http://{0}/metrics)",
+        server.addr
+    );
+    Ok(server)
 }
 
 /// What [`drive`] runs over.
@@ -251,6 +278,8 @@ pub struct FleetRunOptions {
     pub discovery_wait: Duration,
     /// Heartbeat staleness after which a device counts as offline.
     pub stale_after: Duration,
+    /// Serve the live dashboard and `/metrics` here while the run goes.
+    pub dashboard: Option<SocketAddr>,
 }
 
 /// What `pollen run` did.
@@ -296,6 +325,22 @@ pub async fn run_on_fleet(
         coordinator.storage.store.is_some(),
         "devices reached over MQTT need object storage; configure S3 or use the embedded store"
     );
+    let metrics = match options.dashboard {
+        Some(addr) => {
+            let metrics = Arc::new(Metrics::default());
+            let registry = &coordinator.server.registry;
+            serve_dashboard(
+                addr,
+                &options.runs_dir,
+                registry,
+                &metrics,
+                coordinator.token(),
+            )
+            .await?;
+            Some(metrics)
+        }
+        None => None,
+    };
     let test = load_test_split(spec).await?;
     let run = create_run(spec, &options.runs_dir)?;
     let (run_id, run_dir) = (run.id().to_string(), run.dir().to_path_buf());
@@ -318,13 +363,11 @@ pub async fn run_on_fleet(
     )
     .await
     .context("starting the device proxy")?;
-    let summary = drive(
-        spec,
-        coordinator.drive_options(run, test),
-        on_round,
-        shutdown,
-    )
-    .await;
+    let drive_options = DriveOptions {
+        metrics,
+        ..coordinator.drive_options(run, test)
+    };
+    let summary = drive(spec, drive_options, on_round, shutdown).await;
     coordinator.token().cancel();
     proxy.join().await;
     coordinator.shut_down().await;

@@ -18,14 +18,14 @@ use pollen_client::fleet::ClientOptions;
 use pollen_client::mnist::{Mnist, MnistSplit};
 use pollen_client::trainer::{self, LocalData};
 use pollen_coordinator::strategy::Evaluation;
-use pollen_coordinator::{RoundRecord, RunSummary, StoreConfig};
+use pollen_coordinator::{Metrics, RoundRecord, RunSummary, StoreConfig};
 use pollen_proto::mqtt::BrokerConfig;
 use pollen_proxy::{Proxy, ProxyConfig, Selection};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::start_embedded_broker;
-use crate::run::{LocalCoordinator, Storage};
+use crate::run::{DriveOptions, LocalCoordinator, Storage, serve_dashboard};
 use crate::spec::RunSpec;
 
 /// How simulated clients reach the coordinator.
@@ -50,6 +50,9 @@ pub struct SimulateOptions {
     /// External object storage for the device path; `None` starts the embedded S3 server over
     /// `<runs_dir>/s3`.
     pub s3: Option<StoreConfig>,
+    /// Serve the live dashboard and `/metrics` on this address while the run goes (port 0:
+    /// any free port; the URL is printed).
+    pub dashboard: Option<SocketAddr>,
 }
 
 impl SimulateOptions {
@@ -60,6 +63,7 @@ impl SimulateOptions {
             transport: Transport::Device,
             broker: None,
             s3: None,
+            dashboard: None,
         }
     }
 }
@@ -134,6 +138,22 @@ pub async fn simulate(
     let endpoint = coordinator.endpoint();
     // Clients, agents and the proxy stop with the coordinator (also on an early return).
     let stop_all = coordinator.token();
+    let metrics = match options.dashboard {
+        Some(addr) => {
+            let metrics = Arc::new(Metrics::default());
+            let registry = &coordinator.server.registry;
+            serve_dashboard(
+                addr,
+                &options.runs_dir,
+                registry,
+                &metrics,
+                stop_all.clone(),
+            )
+            .await?;
+            Some(metrics)
+        }
+        None => None,
+    };
 
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let slots = Arc::new(Semaphore::new(options.parallelism.unwrap_or(cores).max(1)));
@@ -248,13 +268,11 @@ pub async fn simulate(
         );
     }
     let test = spec.evaluate.centralized.then_some(test);
-    let summary = crate::run::drive(
-        spec,
-        coordinator.drive_options(run, test),
-        on_round,
-        shutdown,
-    )
-    .await;
+    let options = DriveOptions {
+        metrics,
+        ..coordinator.drive_options(run, test)
+    };
+    let summary = crate::run::drive(spec, options, on_round, shutdown).await;
     stop_all.cancel();
     while tasks.join_next().await.is_some() {}
     if let Some(proxy) = proxy {

@@ -214,11 +214,18 @@ fn pollen_run_trains_on_agent_processes_discovered_over_mosquitto() {
     assert!(agent.exists(), "{} is missing", agent.display());
     let dir = tempfile::tempdir().expect("tempdir");
     let fleet = format!("cli-{:08x}", rand::random::<u32>());
-    let agents = Agents(
+    let mut agents = Agents(
         (0..3)
             .map(|i| {
-                Command::new(&agent)
-                    .env("POLLEN_DEVICE_ID", format!("gw-{i}"))
+                let mut cmd = Command::new(&agent);
+                if i == 0 {
+                    // gw-0 also serves its Prometheus metrics, on a port it picks and logs.
+                    cmd.args(["--metrics", "127.0.0.1:0"])
+                        .stderr(Stdio::piped());
+                } else {
+                    cmd.stderr(Stdio::null());
+                }
+                cmd.env("POLLEN_DEVICE_ID", format!("gw-{i}"))
                     .env("POLLEN_FLEET", &fleet)
                     .env("POLLEN_BROKER", "mqtt://127.0.0.1:1883")
                     .env("POLLEN_SHARD", format!("{i}/3"))
@@ -227,12 +234,30 @@ fn pollen_run_trains_on_agent_processes_discovered_over_mosquitto() {
                         "POLLEN_DATA_DIR",
                         concat!(env!("CARGO_MANIFEST_DIR"), "/../data/mnist"),
                     )
-                    .stderr(Stdio::null())
                     .spawn()
                     .expect("agent starts")
             })
             .collect(),
     );
+    let metrics_url = {
+        use std::io::{BufRead, BufReader};
+        let log = agents.0[0].stderr.take().expect("piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(log).lines().map_while(Result::ok) {
+                if let Some(at) = line.find("Prometheus metrics on http://") {
+                    // Up to and including "/metrics": the log line may carry colour codes after.
+                    let url = &line[at + "Prometheus metrics on ".len()..];
+                    let end = url
+                        .find("/metrics")
+                        .map_or(url.len(), |i| i + "/metrics".len());
+                    let _ = tx.send(url[..end].to_string());
+                }
+            }
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(60))
+            .expect("pollen-agent --metrics logs its URL")
+    };
 
     // The fleet as `pollen devices --json` sees it, once every agent has said it is online.
     let mut listed = Vec::new();
@@ -287,5 +312,31 @@ fn pollen_run_trains_on_agent_processes_discovered_over_mosquitto() {
         assert_eq!(r["succeeded"], 2, "{r}");
     }
     assert!(rounds[1]["accuracy"].as_f64().expect("accuracy") > 0.9);
+    // gw-0 trained in at least one of the two rounds (2 of 3 devices are sampled per round).
+    let metrics = http_get(&metrics_url);
+    let fits: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("pollen_agent_commands_total{outcome=\"fit_done\"} "))
+        .unwrap_or_else(|| panic!("no fit counter in\n{metrics}"))
+        .parse()
+        .expect("a count");
+    assert!(fits >= 1, "{metrics}");
     drop(agents);
+}
+
+/// GET over a plain TCP connection, for the tests that run without an async runtime.
+fn http_get(url: &str) -> String {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").expect("an http:// URL");
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let mut stream = std::net::TcpStream::connect(host).expect("connect");
+    write!(
+        stream,
+        "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read");
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response
 }

@@ -166,6 +166,57 @@ impl AgentStats {
     }
 }
 
+impl AgentStatsSnapshot {
+    /// The agent's counters in the Prometheus text format (what `pollen-agent --metrics`
+    /// serves at `/metrics`).
+    pub fn render_prometheus(&self) -> String {
+        use pollen_proto::prometheus::{by_label, counter};
+        let mut out = String::with_capacity(2048);
+        counter(
+            &mut out,
+            "pollen_agent_commands_received_total",
+            "Messages on the command topic, malformed ones included.",
+            self.commands_received,
+        );
+        by_label(
+            &mut out,
+            "counter",
+            "pollen_agent_commands_total",
+            "Commands by outcome: work done by kind, failed, cancelled, expired, ignored.",
+            "outcome",
+            [
+                ("fit_done", self.fits_done),
+                ("evaluate_done", self.evaluations_done),
+                ("get_parameters_done", self.parameters_done),
+                ("failed", self.failures_sent),
+                ("cancelled", self.commands_cancelled),
+                ("expired", self.commands_expired),
+                ("duplicate", self.commands_duplicate),
+                ("malformed", self.commands_malformed),
+            ],
+        );
+        counter(
+            &mut out,
+            "pollen_agent_replies_published_total",
+            "Replies handed to the MQTT client (progress and republications included).",
+            self.replies_published,
+        );
+        counter(
+            &mut out,
+            "pollen_agent_mqtt_reconnects_total",
+            "Broker connections after the first.",
+            self.reconnects,
+        );
+        counter(
+            &mut out,
+            "pollen_agent_mqtt_connection_errors_total",
+            "Failed connection attempts and lost connections.",
+            self.connection_errors,
+        );
+        out
+    }
+}
+
 /// Why an agent cannot start.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -387,5 +438,29 @@ impl Agent {
         );
         tracing::info!(device = %device, fleet = %fleet, "agent stopped");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_metrics_count_commands_by_outcome() {
+        let stats = AgentStats::default();
+        stats.fits_done.fetch_add(3, Ordering::Relaxed);
+        stats.commands_expired.fetch_add(1, Ordering::Relaxed);
+        let text = stats.snapshot().render_prometheus();
+        for line in [
+            "pollen_agent_commands_total{outcome=\"fit_done\"} 3",
+            "pollen_agent_commands_total{outcome=\"expired\"} 1",
+            "pollen_agent_commands_total{outcome=\"failed\"} 0",
+            "pollen_agent_mqtt_reconnects_total 0",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
     }
 }

@@ -172,7 +172,10 @@ impl Worker {
     ) -> Result<pollen_proto::Parameters, Halt> {
         let default = BlobGet::default();
         let get = command.global_weights.as_ref().unwrap_or(&default);
-        Ok(unless(cancel, transfer::download(&self.http, get)).await??)
+        let started = Instant::now();
+        let parameters = unless(cancel, transfer::download(&self.http, get)).await??;
+        log_transfer("global model downloaded", command, get.size_bytes, started);
+        Ok(parameters)
     }
 
     /// Runs `f` on the client on a blocking thread, holding a compute slot if slots are limited.
@@ -207,11 +210,13 @@ impl Worker {
         blob: &pollen_proto::blob::EncodedBlob,
     ) -> Result<(), Halt> {
         self.progress(command, 0.9, "uploading");
+        let started = Instant::now();
         unless(
             cancel,
             transfer::upload(&self.http, &command.upload_url, blob.bytes.clone()),
         )
         .await??;
+        log_transfer("update uploaded", command, blob.bytes.len() as u64, started);
         Ok(())
     }
 
@@ -260,6 +265,19 @@ impl Worker {
         self.upload(command, cancel, &blob).await?;
         Ok(uploaded(blob, self.num_examples, ScalarMap::new()))
     }
+}
+
+/// One line per weight transfer: what a person watching a gateway's log waits on.
+fn log_transfer(what: &str, command: &Command, bytes: u64, started: Instant) {
+    let seconds = started.elapsed().as_secs_f64();
+    tracing::info!(
+        request_id = %command.request_id,
+        round = command.round,
+        bytes,
+        seconds = format!("{seconds:.3}"),
+        mb_per_s = format!("{:.1}", bytes as f64 / 1e6 / seconds.max(1e-9)),
+        "{what}"
+    );
 }
 
 /// The reply naming a blob the agent uploaded (fit and get-parameters answer alike).

@@ -63,6 +63,10 @@ struct Args {
     /// or the config's seed].
     #[arg(long)]
     seed: Option<u64>,
+    /// MQTT mode: serve the agent's Prometheus metrics (commands by outcome, reconnects) at
+    /// http://ADDR/metrics; off by default.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 fn parse_shard(s: &str) -> anyhow::Result<Shard> {
@@ -203,7 +207,16 @@ async fn run_mqtt(args: Args) -> anyhow::Result<()> {
         work_dir = %config.work_dir.display(),
         "pollen-agent starting (MQTT)"
     );
-    agent.run(ctrl_c()).await?;
+    let shutdown = ctrl_c();
+    if let Some(addr) = args.metrics {
+        let stats = agent.stats();
+        let render = move || stats.snapshot().render_prometheus();
+        let server = pollen_proto::prometheus::serve(addr, render, shutdown.clone())
+            .await
+            .with_context(|| format!("serving metrics on {addr}"))?;
+        tracing::info!("Prometheus metrics on http://{}/metrics", server.addr);
+    }
+    agent.run(shutdown).await?;
     Ok(())
 }
 

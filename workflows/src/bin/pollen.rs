@@ -10,7 +10,9 @@ use pollen_coordinator::records::RunRow;
 use pollen_coordinator::{Metrics, RoundRecord, RunStore, StoreConfig};
 use pollen_proto::mqtt::BrokerConfig;
 use pollen_proxy::{DeviceRecord, Proxy, ProxyConfig, Selection};
-use pollen_workflows::run::{DriveOptions, FleetRunOptions, LocalCoordinator, Storage};
+use pollen_workflows::run::{
+    DriveOptions, FleetRunOptions, LocalCoordinator, Storage, serve_dashboard,
+};
 use pollen_workflows::simulate::{SimulateOptions, Transport, simulate};
 use pollen_workflows::spec::RunSpec;
 use tokio_util::sync::CancellationToken;
@@ -101,6 +103,10 @@ enum Command {
         /// Where run records go.
         #[arg(long, default_value = "runs")]
         runs_dir: PathBuf,
+        /// Serve the live web dashboard and Prometheus /metrics while the run goes, on
+        /// ADDR (default 127.0.0.1:0, any free port; the URL is printed).
+        #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:0")]
+        dashboard: Option<SocketAddr>,
     },
     /// Serve the Fleet gRPC API and run a spec's rounds with the clients that connect:
     /// `pollen proxy` bridges for MQTT devices, or direct `pollen-agent --coordinator` clients.
@@ -110,7 +116,8 @@ enum Command {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:50051")]
         listen: SocketAddr,
-        /// HTTP endpoint (Prometheus /metrics); port 0 picks a free port, printed at start.
+        /// HTTP endpoint: the web dashboard at /, Prometheus metrics at /metrics; port 0 picks
+        /// a free port. The URL is printed at start.
         #[arg(long, default_value = "127.0.0.1:0")]
         http: SocketAddr,
         #[arg(long)]
@@ -148,6 +155,10 @@ enum Command {
         min_examples: u64,
         #[arg(long)]
         max_devices: Option<usize>,
+        /// Serve the proxy's Prometheus metrics (bridges, devices online, dropped replies,
+        /// timeouts) at http://ADDR/metrics.
+        #[arg(long, value_name = "ADDR")]
+        http: Option<SocketAddr>,
     },
     /// List the devices of a fleet from their retained status messages.
     Devices {
@@ -202,6 +213,19 @@ enum Command {
         discovery_wait: std::time::Duration,
         #[arg(long)]
         json: bool,
+        /// Serve the live web dashboard and Prometheus /metrics while the run goes (default
+        /// 127.0.0.1:0).
+        #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:0")]
+        dashboard: Option<SocketAddr>,
+    },
+    /// Serve the web dashboard over the recorded runs (charts, participation, failures,
+    /// configs) until Ctrl-C. Live runs serve their own dashboard.
+    Dashboard {
+        #[arg(long, default_value = "runs")]
+        runs_dir: PathBuf,
+        /// Address to listen on; port 0 picks a free port.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
     },
 }
 
@@ -346,6 +370,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             storage,
             json,
             runs_dir,
+            dashboard,
         } => {
             let mut spec = load_spec(config.as_ref())?;
             if let Some(r) = rounds {
@@ -361,6 +386,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             options.transport = transport;
             options.broker = broker.map(BrokerConfig::new);
             options.s3 = storage.external();
+            options.dashboard = dashboard;
             let sim = simulate(&spec, &options, shutdown_on_ctrl_c(), report).await?;
             bar.finish_and_clear();
             print_summary(&sim.run_id, &sim.run_dir, &sim.summary.rounds);
@@ -389,15 +415,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let coordinator = LocalCoordinator::start(listen, &storage).await?;
             eprintln!("Fleet gRPC API on {}", coordinator.endpoint());
             let metrics = std::sync::Arc::new(Metrics::default());
-            let endpoint = pollen_coordinator::http::serve_http(
+            serve_dashboard(
                 http,
-                coordinator.server.registry.clone(),
-                metrics.clone(),
+                &runs_dir,
+                &coordinator.server.registry,
+                &metrics,
                 coordinator.token(),
             )
-            .await
-            .with_context(|| format!("listening on {http}"))?;
-            eprintln!("Prometheus metrics on http://{}/metrics", endpoint.addr);
+            .await?;
             eprintln!("object storage: {}", coordinator.storage.describe());
             let test = pollen_workflows::run::load_test_split(&spec).await?;
             let run = pollen_workflows::run::create_run(&spec, &runs_dir)?;
@@ -422,6 +447,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             devices,
             min_examples,
             max_devices,
+            http,
         } => {
             let shutdown = shutdown_on_ctrl_c();
             let proxy = Proxy::start(
@@ -446,33 +472,50 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 "proxy for fleet {fleet:?}: broker {}, coordinator {coordinator}; Ctrl-C to stop",
                 pollen_proto::mqtt::redact(&broker)
             );
+            if let Some(addr) = http {
+                let server =
+                    pollen_proto::prometheus::serve(addr, proxy.prometheus(), shutdown.clone())
+                        .await
+                        .with_context(|| format!("serving metrics on {addr}"))?;
+                eprintln!("Prometheus metrics on http://{}/metrics", server.addr);
+            }
             shutdown.cancelled().await;
             let stats = proxy.stats();
             proxy.join().await;
             eprintln!("proxy stopped: {stats:?}");
         }
+        Command::Dashboard { runs_dir, listen } => {
+            let runs = open_records(&runs_dir)?;
+            let shutdown = shutdown_on_ctrl_c();
+            let sources = pollen_coordinator::http::HttpSources {
+                runs: Some(runs),
+                ..Default::default()
+            };
+            let server = pollen_coordinator::http::serve_http(listen, sources, shutdown)
+                .await
+                .with_context(|| format!("serving the dashboard on {listen}"))?;
+            eprintln!(
+                "Dashboard of the runs in {} on http://{}/ (Ctrl-C to stop)",
+                runs_dir.display(),
+                server.addr
+            );
+            server.handle.await??;
+        }
         Command::Runs { runs_dir, json } => {
             let store = open_records(&runs_dir)?;
-            let runs = store.list_runs()?;
+            let runs = store.overviews()?;
             if !json {
                 println!(
                     "{:<36} {:<10} {:>7} {:>9} {:>9}  CREATED",
                     "RUN", "STATUS", "ROUNDS", "ACCURACY", "BEST"
                 );
             }
-            for run in runs {
-                let rounds = store.rounds(&run.id)?;
-                let last = rounds.last().and_then(|r| r.accuracy);
-                let best = rounds
-                    .iter()
-                    .filter_map(|r| r.accuracy)
-                    .max_by(f64::total_cmp);
+            for overview in runs {
                 if json {
-                    let mut v = serde_json::to_value(&run)?;
-                    v["accuracy"] = serde_json::json!(last);
-                    v["best_accuracy"] = serde_json::json!(best);
-                    println!("{v}");
+                    println!("{}", serde_json::to_string(&overview)?);
                 } else {
+                    let (run, last, best) =
+                        (&overview.run, overview.accuracy, overview.best_accuracy);
                     println!(
                         "{:<36} {:<10} {:>3}/{:<3} {:>9} {:>9}  {}",
                         run.id,
@@ -553,6 +596,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             runs_dir,
             discovery_wait,
             json,
+            dashboard,
         } => {
             let mut spec = load_spec(spec_path.as_ref())?;
             if let Some(f) = fleet {
@@ -572,6 +616,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 runs_dir,
                 discovery_wait,
                 stale_after: std::time::Duration::from_secs(30),
+                dashboard,
             };
             let (bar, report) = reporter(spec.rounds, json);
             let fleet_name = spec.devices.fleet.clone();
