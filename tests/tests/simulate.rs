@@ -132,3 +132,43 @@ async fn the_cnn_learns_in_a_two_round_federated_run() {
     assert!(acc > 0.85, "CNN accuracy after 2 rounds: {acc}");
     assert_eq!(sim.summary.parameters.num_params(), 1_663_370);
 }
+
+/// `simulation.failure_rate`: simulated devices fail some fits; each failure is recorded as the
+/// device's client error with its message, and rounds go on with the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreliable_simulated_devices_fail_with_client_errors_and_rounds_go_on() {
+    let mut spec = small_2nn();
+    spec.simulation.failure_rate = 0.4;
+    let StrategySpec::Fedavg(f) = &mut spec.strategy;
+    f.fraction_fit = 1.0;
+    f.min_fit_clients = 2;
+    let (sim, _dir) = run(spec).await;
+    let rounds = &sim.summary.rounds;
+    let failures: Vec<_> = rounds.iter().flat_map(|r| &r.failures).collect();
+    assert!(
+        !failures.is_empty(),
+        "no simulated failure in 18 fits at 40%"
+    );
+    for f in &failures {
+        assert_eq!(f.reason, "client_error", "{f:?}");
+        assert!(f.message.contains("simulated device failure"), "{f:?}");
+    }
+    for r in rounds {
+        assert_eq!(r.sampled, 6);
+        assert_eq!(r.succeeded + r.failed, 6, "{r:?}");
+        assert_eq!(
+            r.failures_by_reason
+                .get("client_error")
+                .copied()
+                .unwrap_or(0),
+            r.failed
+        );
+    }
+    // Fewer updates per round, still learning.
+    assert!(rounds.iter().any(|r| r.succeeded < 6));
+    assert!(
+        rounds[2].accuracy.expect("evaluated") > 0.85,
+        "{:?}",
+        rounds[2]
+    );
+}

@@ -15,12 +15,17 @@ use anyhow::Context;
 use pollen_client::TrainerClient;
 use pollen_client::agent::{Agent, AgentOptions};
 use pollen_client::fleet::ClientOptions;
+use pollen_client::fleet::{Client, ClientError, ClientEvaluate, ClientFit};
 use pollen_client::mnist::{Mnist, MnistSplit};
 use pollen_client::trainer::{self, LocalData};
 use pollen_coordinator::strategy::Evaluation;
 use pollen_coordinator::{Metrics, RoundRecord, RunSummary, StoreConfig};
+use pollen_proto::Parameters;
 use pollen_proto::mqtt::BrokerConfig;
+use pollen_proto::scalar::ScalarMap;
 use pollen_proxy::{Proxy, ProxyConfig, Selection};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
@@ -100,6 +105,49 @@ pub fn centralized_evaluator(
     )
 }
 
+/// A simulated device that fails a fraction of its fit commands (the spec's
+/// `simulation.failure_rate`), as devices of a real fleet do: the coordinator sees a
+/// `client_error` failure with the device's message, and the round goes on without it.
+struct Unreliable {
+    inner: TrainerClient,
+    failure_rate: f64,
+    rng: ChaCha8Rng,
+}
+
+impl Client for Unreliable {
+    fn num_examples(&self) -> u64 {
+        self.inner.num_examples()
+    }
+
+    fn get_parameters(&mut self, config: &ScalarMap) -> Result<Parameters, ClientError> {
+        self.inner.get_parameters(config)
+    }
+
+    fn fit(
+        &mut self,
+        round: u64,
+        parameters: Parameters,
+        config: &ScalarMap,
+    ) -> Result<ClientFit, ClientError> {
+        if self.failure_rate > 0.0 && self.rng.random::<f64>() < self.failure_rate {
+            return Err(ClientError::training(format!(
+                "simulated device failure in round {round} (simulation.failure_rate = {})",
+                self.failure_rate
+            )));
+        }
+        self.inner.fit(round, parameters, config)
+    }
+
+    fn evaluate(
+        &mut self,
+        round: u64,
+        parameters: Parameters,
+        config: &ScalarMap,
+    ) -> Result<ClientEvaluate, ClientError> {
+        self.inner.evaluate(round, parameters, config)
+    }
+}
+
 /// Runs `spec` with simulated clients; `on_round` sees each round's record as it is recorded.
 pub async fn simulate(
     spec: &RunSpec,
@@ -157,17 +205,25 @@ pub async fn simulate(
 
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let slots = Arc::new(Semaphore::new(options.parallelism.unwrap_or(cores).max(1)));
-    let clients: Vec<TrainerClient> = parts
+    let failure_rate = spec.simulation.failure_rate;
+    let clients: Vec<Unreliable> = parts
         .into_iter()
         .enumerate()
-        .map(|(i, indices)| TrainerClient {
-            model: spec.model,
-            train: LocalData {
-                split: train.clone(),
-                indices,
-            },
-            test: None,
-            seed: spec.seed.wrapping_add(i as u64 + 1),
+        .map(|(i, indices)| {
+            let seed = spec.seed.wrapping_add(i as u64 + 1);
+            Unreliable {
+                inner: TrainerClient {
+                    model: spec.model,
+                    train: LocalData {
+                        split: train.clone(),
+                        indices,
+                    },
+                    test: None,
+                    seed,
+                },
+                failure_rate,
+                rng: ChaCha8Rng::seed_from_u64(seed ^ 0x0fa1_1ed0),
+            }
         })
         .collect();
     let mut tasks = tokio::task::JoinSet::new();

@@ -28,6 +28,19 @@ pub struct RunSpec {
     /// Which devices a run on a real fleet (`pollen run`) selects from the device registry.
     #[serde(default)]
     pub devices: DevicesSpec,
+    /// How simulated devices misbehave (`pollen simulate` only).
+    #[serde(default)]
+    pub simulation: SimulationSpec,
+}
+
+/// Unreliable devices, for rehearsing what a real fleet does to a run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimulationSpec {
+    /// Fraction of fit commands a simulated device fails (it reports a training error instead
+    /// of an update), drawn from the run's seed. 0 by default.
+    #[serde(default)]
+    pub failure_rate: f64,
 }
 
 /// Device selection for runs on a fleet: the most recently seen online devices of `fleet` with
@@ -178,6 +191,12 @@ impl RunSpec {
         if self.evaluate.batch_size == 0 {
             return Err("evaluate.batch_size must be at least 1".into());
         }
+        let rate = self.simulation.failure_rate;
+        if !(0.0..1.0).contains(&rate) {
+            return Err(format!(
+                "simulation.failure_rate = {rate} must be at least 0 and below 1"
+            ));
+        }
         Ok(())
     }
 
@@ -268,5 +287,10 @@ mod tests {
         assert!(e.contains("batch_sise"), "{e}");
         let bad = DEFAULT_SPEC.replace("round_timeout = \"60s\"", "round_timeout = \"soon\"");
         assert!(RunSpec::parse(&bad, "x.toml").is_err());
+        let bad = format!("{DEFAULT_SPEC}\n[simulation]\nfailure_rate = 1.0\n");
+        let e = RunSpec::parse(&bad, "x.toml")
+            .expect_err("a device that always fails")
+            .to_string();
+        assert!(e.contains("simulation.failure_rate"), "{e}");
     }
 }

@@ -54,6 +54,9 @@ fn start_simulation(runs: &Path) -> (Killed, String) {
             "40",
             "--clients",
             "10",
+            // Some devices fail, so that failures show up as a user would see them.
+            "--failure-rate",
+            "0.25",
             "--runs-dir",
         ])
         .arg(runs)
@@ -124,6 +127,7 @@ const PAGE_STATE: &str = r#"(() => {
     return {
         rounds: Number(document.body.dataset.rounds || 0),
         liveRounds: Number(document.body.dataset.liveRounds || 0),
+        failures: document.querySelectorAll('#failures li[data-round]').length,
         devices: [...document.querySelectorAll('#devices tr[data-device]')]
             .map(r => [r.dataset.device, r.dataset.status]),
         charts, kpi,
@@ -216,6 +220,19 @@ async fn the_dashboard_shows_a_live_run_in_a_real_browser() {
         page["title"].as_str().unwrap_or("").contains(&run_id),
         "{page:#}"
     );
+
+    // The failure count and list agree with the records of the rounds shown.
+    let detail = get_json(&format!("{url}api/runs/{run_id}")).await;
+    let shown_rounds = page["rounds"].as_u64().expect("rounds");
+    let failed: u64 = detail["rounds"]
+        .as_array()
+        .expect("rounds")
+        .iter()
+        .filter(|r| r["round"].as_u64() <= Some(shown_rounds))
+        .map(|r| r["failed"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(page["kpi"]["failed"], failed.to_string(), "{page:#}");
+    assert_eq!(page["failures"].as_u64(), Some(failed.min(50)), "{page:#}");
 
     // New rounds arrive over the event stream, without a reload.
     let shown = page["rounds"].as_u64().expect("rounds");

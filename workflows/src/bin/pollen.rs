@@ -90,6 +90,10 @@ enum Command {
         /// Override the spec's number of clients.
         #[arg(long)]
         clients: Option<usize>,
+        /// Override the spec's simulation.failure_rate: the fraction of fit commands a
+        /// simulated device fails, to rehearse an unreliable fleet.
+        #[arg(long)]
+        failure_rate: Option<f64>,
         #[arg(long, value_enum, default_value_t = Transport::Device)]
         transport: Transport,
         /// MQTT broker for the device path (e.g. mqtt://127.0.0.1:1883); embedded when absent.
@@ -365,6 +369,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             config,
             rounds,
             clients,
+            failure_rate,
             transport,
             broker,
             storage,
@@ -378,6 +383,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if let Some(c) = clients {
                 spec.data.clients = c;
+            }
+            if let Some(f) = failure_rate {
+                spec.simulation.failure_rate = f;
             }
             spec.validate()
                 .map_err(|e| anyhow::anyhow!("invalid run: {e}"))?;
