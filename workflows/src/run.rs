@@ -129,7 +129,7 @@ pub fn create_run(spec: &RunSpec, runs_dir: &std::path::Path) -> anyhow::Result<
 
 /// Serves the dashboard, its API and `/metrics` for the coordinator whose clients are in
 /// `registry`, over the records in `runs_dir`, until `shutdown`; prints where.
-pub async fn serve_dashboard(
+async fn serve_dashboard(
     addr: SocketAddr,
     runs_dir: &std::path::Path,
     registry: &Arc<Registry>,
@@ -259,6 +259,28 @@ impl LocalCoordinator {
         }
     }
 
+    /// Serves the dashboard and `/metrics` for this coordinator on `addr` (if given) until it
+    /// shuts down; the returned metrics are what [`DriveOptions::metrics`] reports to.
+    pub async fn dashboard(
+        &self,
+        addr: Option<SocketAddr>,
+        runs_dir: &std::path::Path,
+    ) -> anyhow::Result<Option<Arc<Metrics>>> {
+        let Some(addr) = addr else {
+            return Ok(None);
+        };
+        let metrics = Arc::new(Metrics::default());
+        serve_dashboard(
+            addr,
+            runs_dir,
+            &self.server.registry,
+            &metrics,
+            self.token(),
+        )
+        .await?;
+        Ok(Some(metrics))
+    }
+
     /// Stops the service and the storage server, and waits for them.
     pub async fn shut_down(self) {
         self.stop.cancel();
@@ -325,22 +347,9 @@ pub async fn run_on_fleet(
         coordinator.storage.store.is_some(),
         "devices reached over MQTT need object storage; configure S3 or use the embedded store"
     );
-    let metrics = match options.dashboard {
-        Some(addr) => {
-            let metrics = Arc::new(Metrics::default());
-            let registry = &coordinator.server.registry;
-            serve_dashboard(
-                addr,
-                &options.runs_dir,
-                registry,
-                &metrics,
-                coordinator.token(),
-            )
-            .await?;
-            Some(metrics)
-        }
-        None => None,
-    };
+    let metrics = coordinator
+        .dashboard(options.dashboard, &options.runs_dir)
+        .await?;
     let test = load_test_split(spec).await?;
     let run = create_run(spec, &options.runs_dir)?;
     let (run_id, run_dir) = (run.id().to_string(), run.dir().to_path_buf());

@@ -19,7 +19,7 @@ use pollen_client::fleet::{Client, ClientError, ClientEvaluate, ClientFit};
 use pollen_client::mnist::{Mnist, MnistSplit};
 use pollen_client::trainer::{self, LocalData};
 use pollen_coordinator::strategy::Evaluation;
-use pollen_coordinator::{Metrics, RoundRecord, RunSummary, StoreConfig};
+use pollen_coordinator::{RoundRecord, RunSummary, StoreConfig};
 use pollen_proto::Parameters;
 use pollen_proto::mqtt::BrokerConfig;
 use pollen_proto::scalar::ScalarMap;
@@ -30,7 +30,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::start_embedded_broker;
-use crate::run::{DriveOptions, LocalCoordinator, Storage, serve_dashboard};
+use crate::run::{DriveOptions, LocalCoordinator, Storage};
 use crate::spec::RunSpec;
 
 /// How simulated clients reach the coordinator.
@@ -186,22 +186,9 @@ pub async fn simulate(
     let endpoint = coordinator.endpoint();
     // Clients, agents and the proxy stop with the coordinator (also on an early return).
     let stop_all = coordinator.token();
-    let metrics = match options.dashboard {
-        Some(addr) => {
-            let metrics = Arc::new(Metrics::default());
-            let registry = &coordinator.server.registry;
-            serve_dashboard(
-                addr,
-                &options.runs_dir,
-                registry,
-                &metrics,
-                stop_all.clone(),
-            )
-            .await?;
-            Some(metrics)
-        }
-        None => None,
-    };
+    let metrics = coordinator
+        .dashboard(options.dashboard, &options.runs_dir)
+        .await?;
 
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let slots = Arc::new(Semaphore::new(options.parallelism.unwrap_or(cores).max(1)));

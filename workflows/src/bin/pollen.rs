@@ -7,12 +7,10 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use pollen_coordinator::records::RunRow;
-use pollen_coordinator::{Metrics, RoundRecord, RunStore, StoreConfig};
+use pollen_coordinator::{RoundRecord, RunStore, StoreConfig};
 use pollen_proto::mqtt::BrokerConfig;
 use pollen_proxy::{DeviceRecord, Proxy, ProxyConfig, Selection};
-use pollen_workflows::run::{
-    DriveOptions, FleetRunOptions, LocalCoordinator, Storage, serve_dashboard,
-};
+use pollen_workflows::run::{DriveOptions, FleetRunOptions, LocalCoordinator, Storage};
 use pollen_workflows::simulate::{SimulateOptions, Transport, simulate};
 use pollen_workflows::spec::RunSpec;
 use tokio_util::sync::CancellationToken;
@@ -422,15 +420,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let coordinator = LocalCoordinator::start(listen, &storage).await?;
             eprintln!("Fleet gRPC API on {}", coordinator.endpoint());
-            let metrics = std::sync::Arc::new(Metrics::default());
-            serve_dashboard(
-                http,
-                &runs_dir,
-                &coordinator.server.registry,
-                &metrics,
-                coordinator.token(),
-            )
-            .await?;
+            let metrics = coordinator.dashboard(Some(http), &runs_dir).await?;
             eprintln!("object storage: {}", coordinator.storage.describe());
             let test = pollen_workflows::run::load_test_split(&spec).await?;
             let run = pollen_workflows::run::create_run(&spec, &runs_dir)?;
@@ -438,7 +428,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let (bar, report) = reporter(spec.rounds, json);
             let options = DriveOptions {
                 wait_for_clients,
-                metrics: Some(metrics),
+                metrics,
                 ..coordinator.drive_options(run, test)
             };
             let summary = pollen_workflows::run::drive(&spec, options, report, shutdown).await;
