@@ -91,3 +91,14 @@ fn a_config_file_error_names_the_file_and_the_field() {
         "{stderr}"
     );
 }
+
+#[test]
+fn metrics_in_direct_mode_are_refused_rather_than_ignored() {
+    let out = Command::new(env!("CARGO_BIN_EXE_pollen-agent"))
+        .args(["--client-id", "gw-1", "--metrics", "127.0.0.1:0"])
+        .output()
+        .expect("agent runs");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--metrics"), "{stderr}");
+}

@@ -14,12 +14,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::{FromRef, Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use pollen_proto::prometheus;
 use serde::Serialize;
 use tokio::sync::broadcast::error::RecvError;
@@ -46,6 +46,19 @@ pub struct HttpSources {
 /// A running HTTP endpoint.
 pub type HttpServer = prometheus::MetricsServer;
 
+/// The handlers' state: the sources, and the shutdown that ends event streams.
+#[derive(Clone)]
+struct AppState {
+    sources: HttpSources,
+    shutdown: CancellationToken,
+}
+
+impl FromRef<AppState> for HttpSources {
+    fn from_ref(app: &AppState) -> Self {
+        app.sources.clone()
+    }
+}
+
 /// Binds `addr` (port 0: any free port) and serves until `shutdown` fires.
 pub async fn serve_http(
     addr: SocketAddr,
@@ -60,7 +73,10 @@ pub async fn serve_http(
         .route("/api/runs/{id}", get(show_run))
         .route("/api/runs/{id}/devices", get(run_devices))
         .route("/api/events", get(events))
-        .with_state(sources);
+        .with_state(AppState {
+            sources,
+            shutdown: shutdown.clone(),
+        });
     let server = prometheus::serve_router(addr, app, shutdown).await?;
     tracing::info!(addr = %server.addr, "HTTP endpoint listening");
     Ok(server)
@@ -267,22 +283,42 @@ async fn run_devices(
 
 /// What the event stream tells: `round` (a recorded round), `run` (a run started or ended),
 /// `devices` (clients connected or left; refetch). Device changes are sent at most every
-/// 300 ms, so a thousand devices joining make a handful of events, not a thousand.
-async fn events(
-    State(s): State<HttpSources>,
-) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
-    let rx = s.metrics.as_ref().map(|m| m.subscribe());
-    let state = (rx, s.registry.clone(), s.metrics.clone());
-    let stream = futures::stream::unfold(state, |(mut rx, registry, metrics)| async move {
-        let event = loop {
+/// 300 ms, so a thousand devices joining make a handful of events, not a thousand. The stream
+/// ends when the server shuts down (graceful shutdown waits for open connections).
+async fn events(State(app): State<AppState>) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let s = app.sources;
+    let state = EventSources {
+        rounds: s.metrics.as_ref().map(|m| m.subscribe()),
+        clients: s.registry.as_ref().map(|r| r.watch()),
+        metrics: s.metrics.clone(),
+    };
+    let stream = futures::stream::unfold(state, |mut state| async move {
+        let event = state.next().await?;
+        Some((Ok(event), state))
+    })
+    .take_until(app.shutdown.cancelled_owned());
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+}
+
+/// What one event-stream subscriber listens to.
+struct EventSources {
+    rounds: Option<tokio::sync::broadcast::Receiver<LiveEvent>>,
+    clients: Option<tokio::sync::watch::Receiver<u64>>,
+    metrics: Option<Arc<Metrics>>,
+}
+
+impl EventSources {
+    /// The next event to send; `None` ends the stream.
+    async fn next(&mut self) -> Option<Event> {
+        loop {
             let changed = async {
-                match &registry {
-                    Some(r) => r.changed().await,
+                match &mut self.clients {
+                    Some(w) => w.changed().await.is_ok(),
                     None => std::future::pending().await,
                 }
             };
             let next = async {
-                match &mut rx {
+                match &mut self.rounds {
                     Some(rx) => rx.recv().await,
                     None => std::future::pending().await,
                 }
@@ -290,33 +326,36 @@ async fn events(
             tokio::select! {
                 ev = next => match ev {
                     Ok(LiveEvent::Round(r)) => match serde_json::to_string(&*r) {
-                        Ok(json) => break Event::default().event("round").data(json),
+                        Ok(json) => return Some(Event::default().event("round").data(json)),
                         Err(e) => tracing::error!("round {} not sent to the dashboard: {e}", r.round),
                     },
                     Ok(LiveEvent::Run { id, status }) => {
-                        break Event::default()
-                            .event("run")
-                            .data(serde_json::json!({ "id": id, "status": status }).to_string());
+                        let data = serde_json::json!({ "id": id, "status": status });
+                        return Some(Event::default().event("run").data(data.to_string()));
                     }
                     // Fell behind: whatever was missed is in the records; tell the page to
                     // refetch the run.
                     Err(RecvError::Lagged(_)) => {
-                        let id = metrics.as_ref().and_then(|m| m.live_run());
-                        break Event::default()
-                            .event("run")
-                            .data(serde_json::json!({ "id": id, "status": "running" }).to_string());
+                        let id = self.metrics.as_ref().and_then(|m| m.live_run());
+                        let data = serde_json::json!({ "id": id, "status": "running" });
+                        return Some(Event::default().event("run").data(data.to_string()));
                     }
                     Err(RecvError::Closed) => return None,
                 },
-                () = changed => {
+                alive = changed => {
+                    if !alive {
+                        return None;
+                    }
                     tokio::time::sleep(Duration::from_millis(300)).await;
-                    break Event::default().event("devices").data("{}");
+                    if let Some(w) = &mut self.clients {
+                        // Whatever changed during the pause is covered by this one event.
+                        w.borrow_and_update();
+                    }
+                    return Some(Event::default().event("devices").data("{}"));
                 }
             }
-        };
-        Some((Ok(event), (rx, registry, metrics)))
-    });
-    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        }
+    }
 }
 
 #[cfg(test)]

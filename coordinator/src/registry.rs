@@ -14,7 +14,7 @@ use pollen_proto::fleet::{
     Cancel, ClientMessage, EvaluateRes, Failure, FitRes, ParametersRes, ServerMessage,
     client_message::Msg as ClientMsg, server_message::Msg as ServerMsg,
 };
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tonic::Status;
 
 use crate::counters::Counters;
@@ -53,9 +53,12 @@ struct Connected {
     last_seen_ms: u64,
 }
 
-/// A client that was connected and left: kept so that dashboards can show it offline.
+/// A client that was connected and left: kept so that dashboards can show it offline. Only
+/// what they show is kept (not the client's properties, which a client may make large).
 struct Departed {
-    info: ClientInfo,
+    num_examples: u64,
+    agent_version: String,
+    /// When it left.
     last_seen_ms: u64,
 }
 
@@ -72,7 +75,8 @@ pub struct ClientView {
     pub agent_version: String,
     /// Unix ms of the current connection; `None` once offline.
     pub connected_since: Option<u64>,
-    /// Unix ms of the last message from the client (or of its connection).
+    /// Unix ms of the last message from the client, of its connection, or (offline) of its
+    /// disconnection.
     pub last_seen: u64,
 }
 
@@ -95,6 +99,8 @@ struct Inner {
 pub struct Registry {
     inner: Mutex<Inner>,
     changed: Notify,
+    /// Bumped at every connection and disconnection; watchers never miss a change.
+    generation: watch::Sender<u64>,
     next_request: AtomicU64,
     next_session: AtomicU64,
     counters: Arc<Counters>,
@@ -105,6 +111,7 @@ impl Registry {
         Self {
             inner: Mutex::new(Inner::default()),
             changed: Notify::new(),
+            generation: watch::Sender::new(0),
             next_request: AtomicU64::new(1),
             next_session: AtomicU64::new(1),
             counters,
@@ -153,6 +160,7 @@ impl Registry {
             )));
         }
         self.changed.notify_waiters();
+        self.generation.send_modify(|g| *g += 1);
         session
     }
 
@@ -167,7 +175,8 @@ impl Registry {
                     && inner.departed.len() < MAX_DEPARTED
                 {
                     let departed = Departed {
-                        info: c.info,
+                        num_examples: c.info.num_examples,
+                        agent_version: c.info.agent_version,
                         last_seen_ms: pollen_proto::now_unix_ms(),
                     };
                     inner.departed.insert(client_id.to_string(), departed);
@@ -181,6 +190,7 @@ impl Registry {
         if removed {
             tracing::info!(client = %client_id, "client disconnected");
             self.changed.notify_waiters();
+            self.generation.send_modify(|g| *g += 1);
         }
     }
 
@@ -214,11 +224,11 @@ impl Registry {
             connected_since: Some(c.since_ms),
             last_seen: c.last_seen_ms,
         });
-        let departed = inner.departed.values().map(|d| ClientView {
-            id: d.info.id.clone(),
+        let departed = inner.departed.iter().map(|(id, d)| ClientView {
+            id: id.clone(),
             status: "offline",
-            examples: d.info.num_examples,
-            agent_version: d.info.agent_version.clone(),
+            examples: d.num_examples,
+            agent_version: d.agent_version.clone(),
             connected_since: None,
             last_seen: d.last_seen_ms,
         });
@@ -227,9 +237,10 @@ impl Registry {
         all
     }
 
-    /// Resolves at the next connection or disconnection.
-    pub async fn changed(&self) {
-        self.changed.notified().await
+    /// Watches connections and disconnections: the receiver sees a change whenever one
+    /// happened since it last looked.
+    pub fn watch(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
     }
 
     pub fn len(&self) -> usize {

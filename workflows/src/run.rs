@@ -372,6 +372,16 @@ pub async fn run_on_fleet(
     )
     .await
     .context("starting the device proxy")?;
+    // Every selected device takes part from round 1, rather than whoever bridged first.
+    if !proxy
+        .wait_for_bridges(selected.len(), Duration::from_secs(30))
+        .await
+    {
+        tracing::warn!(
+            "not every selected device bridged within 30 s; starting with {}",
+            coordinator.server.registry.len()
+        );
+    }
     let drive_options = DriveOptions {
         metrics,
         ..coordinator.drive_options(run, test)

@@ -50,8 +50,9 @@ fn start_simulation(runs: &Path) -> (Killed, String) {
         .args([
             "simulate",
             "--dashboard",
+            // Far more rounds than the test needs: it ends the run itself.
             "--rounds",
-            "40",
+            "1000",
             "--clients",
             "10",
             // Some devices fail, so that failures show up as a user would see them.
@@ -377,19 +378,20 @@ impl Browser {
         }
     }
 
-    /// Evaluates a JavaScript expression in the page and returns its value as JSON.
-    async fn eval(&mut self, expression: &str) -> Value {
+    /// Evaluates a JavaScript expression in the page and returns its value as JSON, or what
+    /// went wrong.
+    async fn try_eval(&mut self, expression: &str) -> Result<Value, String> {
         let r = self
             .call(
                 "Runtime.evaluate",
                 json!({ "expression": expression, "returnByValue": true }),
             )
             .await
-            .unwrap_or_else(|e| panic!("Runtime.evaluate failed: {e}"));
+            .map_err(|e| format!("Runtime.evaluate failed: {e}"))?;
         if let Some(ex) = r.get("exceptionDetails") {
-            panic!("page script threw: {ex}");
+            return Err(format!("page script threw: {ex}"));
         }
-        r["result"]["value"].clone()
+        Ok(r["result"]["value"].clone())
     }
 
     /// Evaluates `expression` every 200 ms until `done` accepts its value.
@@ -402,10 +404,12 @@ impl Browser {
     ) -> Value {
         let until = Instant::now() + limit;
         loop {
-            let v = self.eval(expression).await;
-            if done(&v) {
-                return v;
-            }
+            // While the page loads, its context may be replaced under an evaluation: retry.
+            let v = match self.try_eval(expression).await {
+                Ok(v) if done(&v) => return v,
+                Ok(v) => v,
+                Err(e) => json!({ "error": e }),
+            };
             assert!(
                 Instant::now() < until,
                 "timed out after {limit:?} waiting for {what}; the page shows {v:#}"

@@ -226,6 +226,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     match (&args.coordinator, &args.client_id) {
+        (_, Some(_)) if args.metrics.is_some() => anyhow::bail!(
+            "--metrics serves the MQTT agent's counters; the direct mode (--client-id) has none"
+        ),
         (_, Some(id)) => {
             let id = id.clone();
             run_direct(args, id).await

@@ -105,10 +105,13 @@ enum Command {
         /// Where run records go.
         #[arg(long, default_value = "runs")]
         runs_dir: PathBuf,
-        /// Serve the live web dashboard and Prometheus /metrics while the run goes, on
-        /// ADDR (default 127.0.0.1:0, any free port; the URL is printed).
-        #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:0")]
-        dashboard: Option<SocketAddr>,
+        /// Serve the live web dashboard and Prometheus /metrics while the run goes (the URL
+        /// is printed).
+        #[arg(long)]
+        dashboard: bool,
+        /// Where the dashboard listens; port 0 picks a free port.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
+        http: SocketAddr,
     },
     /// Serve the Fleet gRPC API and run a spec's rounds with the clients that connect:
     /// `pollen proxy` bridges for MQTT devices, or direct `pollen-agent --coordinator` clients.
@@ -215,10 +218,13 @@ enum Command {
         discovery_wait: std::time::Duration,
         #[arg(long)]
         json: bool,
-        /// Serve the live web dashboard and Prometheus /metrics while the run goes (default
-        /// 127.0.0.1:0).
-        #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:0")]
-        dashboard: Option<SocketAddr>,
+        /// Serve the live web dashboard and Prometheus /metrics while the run goes (the URL
+        /// is printed).
+        #[arg(long)]
+        dashboard: bool,
+        /// Where the dashboard listens; port 0 picks a free port.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
+        http: SocketAddr,
     },
     /// Serve the web dashboard over the recorded runs (charts, participation, failures,
     /// configs) until Ctrl-C. Live runs serve their own dashboard.
@@ -238,12 +244,16 @@ fn load_spec(config: Option<&PathBuf>) -> anyhow::Result<RunSpec> {
     })
 }
 
-fn shutdown_on_ctrl_c() -> CancellationToken {
+/// What a run says when Ctrl-C stops it.
+const RUN_INTERRUPTED: &str = "interrupted: finishing the records of completed rounds";
+
+/// A token cancelled at Ctrl-C, after printing `message`.
+fn shutdown_on_ctrl_c(message: &'static str) -> CancellationToken {
     let token = CancellationToken::new();
     let t = token.clone();
     tokio::spawn(async move {
         if tokio::signal::ctrl_c().await.is_ok() {
-            eprintln!("interrupted: finishing the records of completed rounds");
+            eprintln!("{message}");
             t.cancel();
         }
     });
@@ -374,6 +384,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             json,
             runs_dir,
             dashboard,
+            http,
         } => {
             let mut spec = load_spec(config.as_ref())?;
             if let Some(r) = rounds {
@@ -392,8 +403,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             options.transport = transport;
             options.broker = broker.map(BrokerConfig::new);
             options.s3 = storage.external();
-            options.dashboard = dashboard;
-            let sim = simulate(&spec, &options, shutdown_on_ctrl_c(), report).await?;
+            options.dashboard = dashboard.then_some(http);
+            let sim =
+                simulate(&spec, &options, shutdown_on_ctrl_c(RUN_INTERRUPTED), report).await?;
             bar.finish_and_clear();
             print_summary(&sim.run_id, &sim.run_dir, &sim.summary.rounds);
         }
@@ -412,7 +424,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(r) = rounds {
                 spec.rounds = r;
             }
-            let shutdown = shutdown_on_ctrl_c();
+            let shutdown = shutdown_on_ctrl_c(RUN_INTERRUPTED);
             let storage = if inline_weights {
                 Storage::Inline
             } else {
@@ -447,7 +459,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             max_devices,
             http,
         } => {
-            let shutdown = shutdown_on_ctrl_c();
+            let shutdown = shutdown_on_ctrl_c("stopping the proxy");
             let proxy = Proxy::start(
                 ProxyConfig {
                     fleet: fleet.clone(),
@@ -484,7 +496,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Dashboard { runs_dir, listen } => {
             let runs = open_records(&runs_dir)?;
-            let shutdown = shutdown_on_ctrl_c();
+            let shutdown = shutdown_on_ctrl_c("stopping the dashboard");
             let sources = pollen_coordinator::http::HttpSources {
                 runs: Some(runs),
                 ..Default::default()
@@ -595,6 +607,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             discovery_wait,
             json,
             dashboard,
+            http,
         } => {
             let mut spec = load_spec(spec_path.as_ref())?;
             if let Some(f) = fleet {
@@ -614,14 +627,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 runs_dir,
                 discovery_wait,
                 stale_after: std::time::Duration::from_secs(30),
-                dashboard,
+                dashboard: dashboard.then_some(http),
             };
             let (bar, report) = reporter(spec.rounds, json);
             let fleet_name = spec.devices.fleet.clone();
             let done = pollen_workflows::run::run_on_fleet(
                 &spec,
                 &options,
-                shutdown_on_ctrl_c(),
+                shutdown_on_ctrl_c(RUN_INTERRUPTED),
                 |selected| {
                     eprintln!("fleet {fleet_name:?}: {} devices selected", selected.len());
                     if !json {
