@@ -181,7 +181,10 @@ impl Metrics {
     /// Takes in a finished round.
     pub fn observe_round(&self, r: &RoundRecord) {
         self.observe_round_numbers(r);
-        let _ = self.events.send(LiveEvent::Round(Arc::new(r.clone())));
+        // The record (participants included) is copied only when a dashboard is watching.
+        if self.events.receiver_count() > 0 {
+            let _ = self.events.send(LiveEvent::Round(Arc::new(r.clone())));
+        }
     }
 
     fn observe_round_numbers(&self, r: &RoundRecord) {

@@ -333,7 +333,10 @@ impl Registry {
     /// Routes a reply from `client_id` to the request it answers, or counts and drops it.
     /// Returns false when the reply was dropped.
     pub fn route(&self, client_id: &str, msg: ClientMessage) -> bool {
-        if let Some(c) = self.lock().clients.get_mut(client_id) {
+        // One lock per message, on every reply's path: it also records when the client was
+        // last heard from.
+        let mut inner = self.lock();
+        if let Some(c) = inner.clients.get_mut(client_id) {
             c.last_seen_ms = pollen_proto::now_unix_ms();
         }
         let (request_id, reply) = match msg.msg {
@@ -342,12 +345,12 @@ impl Registry {
             Some(ClientMsg::Parameters(r)) => (r.request_id, Reply::Parameters(r)),
             Some(ClientMsg::Failure(r)) => (r.request_id, Reply::Failure(r)),
             Some(ClientMsg::Progress(p)) => {
+                drop(inner);
                 tracing::debug!(client = %client_id, request = p.request_id, fraction = p.fraction, "{}", p.message);
                 return true;
             }
             Some(ClientMsg::Join(_)) | None => return false,
         };
-        let mut inner = self.lock();
         match inner.pending.get(&request_id) {
             Some(p) if p.client_id != client_id => {
                 drop(inner);
