@@ -4,6 +4,7 @@
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
+use futures::Stream;
 use pollen_proto::device::BlobGet;
 use pollen_proto::fleet::{
     ClientMessage, EvaluateRes, Failure, FailureCode, FitRes, Join, ParametersRes, ServerMessage,
@@ -14,6 +15,7 @@ use pollen_proto::limits::MAX_GRPC_MESSAGE_BYTES;
 use pollen_proto::scalar::ScalarMap;
 use pollen_proto::{BlobError, Parameters};
 use tokio::sync::{Semaphore, mpsc};
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
@@ -100,6 +102,20 @@ pub enum FleetClientError {
     Stream(tonic::Status),
 }
 
+impl FleetClientError {
+    /// A failure of the connection (worth another try), not a refusal by the coordinator.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            FleetClientError::Transport { .. } => true,
+            FleetClientError::Refused(status) => matches!(
+                status.code(),
+                tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+            ),
+            FleetClientError::Connect { .. } | FleetClientError::Stream(_) => false,
+        }
+    }
+}
+
 /// How the stream ended without error.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Exit {
@@ -119,6 +135,13 @@ pub struct ClientOptions {
     pub compute_slots: Option<Arc<Semaphore>>,
     pub agent_version: String,
     pub properties: ScalarMap,
+    /// Tries to connect and join this many times (at least once), backing off between tries,
+    /// while the failure is the connection's rather than the coordinator's refusal.
+    pub connect_attempts: u32,
+    /// Send inline weights without their SHA-256 (see `pollen_proto::blob::verify_inline`):
+    /// for clients in the coordinator's own process, where hashing every update would be
+    /// most of their work.
+    pub skip_inline_digest: bool,
 }
 
 /// Connects to `endpoint` (`http://host:port`), joins as `client_id` and serves instructions
@@ -130,6 +153,31 @@ pub async fn run_client<C: Client>(
     options: ClientOptions,
     shutdown: CancellationToken,
 ) -> Result<Exit, FleetClientError> {
+    let join = join_message(client_id, &client, &options);
+    let mut attempt = 1;
+    let (inbound, tx) = loop {
+        match open_stream(endpoint, join.clone()).await {
+            Ok(opened) => break opened,
+            Err(e) if attempt < options.connect_attempts && e.is_transient() => {
+                tracing::debug!(client = %client_id, attempt, "joining failed, retrying: {e}");
+                let backoff = std::time::Duration::from_millis(100 * u64::from(attempt));
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.cancelled() => return Ok(Exit::Shutdown),
+                }
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    serve(inbound, tx, client, options, shutdown).await
+}
+
+/// Connects and opens the Join stream: the coordinator's messages, and where to send ours.
+async fn open_stream(
+    endpoint: &str,
+    join: Join,
+) -> Result<(tonic::Streaming<ServerMessage>, mpsc::Sender<ClientMessage>), FleetClientError> {
     let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
         .map_err(|source| FleetClientError::Transport {
             endpoint: endpoint.to_string(),
@@ -146,42 +194,58 @@ pub async fn run_client<C: Client>(
         .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES);
     let (tx, rx) = mpsc::channel::<ClientMessage>(16);
-    let join = ClientMessage {
-        msg: Some(ClientMsg::Join(Join {
-            client_id: client_id.to_string(),
-            agent_version: if options.agent_version.is_empty() {
-                env!("CARGO_PKG_VERSION").to_string()
-            } else {
-                options.agent_version.clone()
-            },
-            num_examples: client.num_examples(),
-            properties: options.properties.clone(),
-        })),
-    };
-    tx.send(join).await.expect("receiver is alive");
-    let mut inbound = grpc
+    tx.send(ClientMessage {
+        msg: Some(ClientMsg::Join(join)),
+    })
+    .await
+    .expect("receiver is alive");
+    let inbound = grpc
         .join(ReceiverStream::new(rx))
         .await
         .map_err(FleetClientError::Refused)?
         .into_inner();
+    Ok((inbound, tx))
+}
 
+/// The `Join` a client sends first.
+pub fn join_message<C: Client>(client_id: &str, client: &C, options: &ClientOptions) -> Join {
+    Join {
+        client_id: client_id.to_string(),
+        agent_version: if options.agent_version.is_empty() {
+            env!("CARGO_PKG_VERSION").to_string()
+        } else {
+            options.agent_version.clone()
+        },
+        num_examples: client.num_examples(),
+        properties: options.properties.clone(),
+    }
+}
+
+/// Answers the instructions arriving on `inbound` with `client`, sending replies on `tx`, until
+/// the coordinator stops it, closes the stream, or `shutdown` fires. [`run_client`] runs it
+/// over a gRPC stream; a coordinator in the same process can hand it its in-memory stream.
+pub async fn serve<C: Client>(
+    mut inbound: impl Stream<Item = Result<ServerMessage, tonic::Status>> + Unpin,
+    tx: mpsc::Sender<ClientMessage>,
+    client: C,
+    options: ClientOptions,
+    shutdown: CancellationToken,
+) -> Result<Exit, FleetClientError> {
     let client = Arc::new(Mutex::new(client));
     let cancelled: Arc<Mutex<HashSet<u64>>> = Arc::default();
-    // Only used when the coordinator sends weights by reference (presigned URLs).
-    let http = crate::agent::transfer::http_client().map_err(|e| FleetClientError::Connect {
-        endpoint: endpoint.to_string(),
-        source_message: format!("cannot build the HTTP client for weight transfers: {e}"),
-    })?;
+    // Only needed when the coordinator sends weights by reference (presigned URLs): built on
+    // first use, so that thousands of simulated clients with inline weights hold none.
+    let http = Arc::new(LazyHttp::default());
     loop {
         let msg = tokio::select! {
-            m = inbound.message() => m,
+            m = inbound.next() => m,
             _ = shutdown.cancelled() => return Ok(Exit::Shutdown),
         };
         let msg = match msg {
-            Ok(Some(ServerMessage { msg: Some(m) })) => m,
-            Ok(Some(ServerMessage { msg: None })) => continue,
-            Ok(None) => return Ok(Exit::Closed),
-            Err(status) => return Err(FleetClientError::Stream(status)),
+            Some(Ok(ServerMessage { msg: Some(m) })) => m,
+            Some(Ok(ServerMessage { msg: None })) => continue,
+            None => return Ok(Exit::Closed),
+            Some(Err(status)) => return Err(FleetClientError::Stream(status)),
         };
         match msg {
             ServerMsg::Welcome(_) => {}
@@ -200,13 +264,15 @@ pub async fn run_client<C: Client>(
                 let (client, tx, cancelled) = (client.clone(), tx.clone(), cancelled.clone());
                 let slots = options.compute_slots.clone();
                 let http = http.clone();
+                let hash_inline = !options.skip_inline_digest;
                 // Work runs in its own task so that Cancel and Stop are still read meanwhile.
                 tokio::spawn(async move {
                     let _permit = match &slots {
                         Some(s) => Some(s.clone().acquire_owned().await),
                         None => None,
                     };
-                    let Some((request_id, reply)) = answer(client, work, &http).await else {
+                    let Some((request_id, reply)) = answer(client, work, &http, hash_inline).await
+                    else {
                         return;
                     };
                     if cancelled
@@ -221,6 +287,23 @@ pub async fn run_client<C: Client>(
                 });
             }
         }
+    }
+}
+
+/// The HTTP client for weight transfers, built on first use.
+#[derive(Default)]
+struct LazyHttp(std::sync::OnceLock<Result<reqwest::Client, String>>);
+
+impl LazyHttp {
+    fn get(&self) -> Result<&reqwest::Client, ClientError> {
+        self.0
+            .get_or_init(|| crate::agent::transfer::http_client().map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(|e| {
+                ClientError::training(format!(
+                    "cannot build the HTTP client for weight transfers: {e}"
+                ))
+            })
     }
 }
 
@@ -244,10 +327,7 @@ fn transfer_error(e: crate::agent::transfer::TransferError) -> ClientError {
 
 /// The parameters wire weights stand for: inline bytes decoded, or a reference downloaded from
 /// its presigned URL (size, digest and codec checked).
-async fn fetch(
-    weights: Option<Weights>,
-    http: &reqwest::Client,
-) -> Result<Parameters, ClientError> {
+async fn fetch(weights: Option<Weights>, http: &LazyHttp) -> Result<Parameters, ClientError> {
     match weights.and_then(|w| w.body) {
         Some(Body::Reference(r)) => {
             if r.url.is_empty() {
@@ -262,7 +342,7 @@ async fn fetch(
                 size_bytes: r.size_bytes,
                 codec: r.codec,
             };
-            crate::agent::transfer::download(http, &get)
+            crate::agent::transfer::download(http.get()?, &get)
                 .await
                 .map_err(transfer_error)
         }
@@ -281,15 +361,24 @@ async fn fetch(
 async fn deliver(
     parameters: Parameters,
     upload: Option<Upload>,
-    http: &reqwest::Client,
+    http: &LazyHttp,
+    hash_inline: bool,
 ) -> Result<Weights, ClientError> {
-    let blob = tokio::task::spawn_blocking(move || parameters.encode())
-        .await
-        .map_err(|e| ClientError::training(format!("encoding task failed: {e}")))?;
+    // Blobs by reference always carry their digest.
+    let hash = hash_inline || upload.is_some();
+    let blob = tokio::task::spawn_blocking(move || {
+        if hash {
+            parameters.encode()
+        } else {
+            parameters.encode_unhashed()
+        }
+    })
+    .await
+    .map_err(|e| ClientError::training(format!("encoding task failed: {e}")))?;
     match upload {
         None => Ok(blob.to_inline()),
         Some(Upload { location, url }) => {
-            crate::agent::transfer::upload(http, &url, blob.bytes.clone())
+            crate::agent::transfer::upload(http.get()?, &url, blob.bytes.clone())
                 .await
                 .map_err(transfer_error)?;
             Ok(blob.to_reference(location, ""))
@@ -314,13 +403,14 @@ async fn compute<C: Client, T: Send + 'static>(
 async fn answer<C: Client>(
     client: Arc<Mutex<C>>,
     work: ServerMsg,
-    http: &reqwest::Client,
+    http: &LazyHttp,
+    hash_inline: bool,
 ) -> Option<(u64, ClientMessage)> {
     match work {
         ServerMsg::GetParameters(ins) => {
             let config = ins.config;
             let result = match compute(client, move |c| c.get_parameters(&config)).await {
-                Ok(p) => deliver(p, ins.upload, http).await,
+                Ok(p) => deliver(p, ins.upload, http, hash_inline).await,
                 Err(e) => Err(e),
             };
             let msg = match result {
@@ -339,7 +429,7 @@ async fn answer<C: Client>(
             let result = async {
                 let global = fetch(ins.weights, http).await?;
                 let fit = compute(client, move |c| c.fit(round, global, &config)).await?;
-                let weights = deliver(fit.parameters, ins.upload, http).await?;
+                let weights = deliver(fit.parameters, ins.upload, http, hash_inline).await?;
                 Ok::<_, ClientError>((weights, fit.num_examples, fit.metrics))
             }
             .await;

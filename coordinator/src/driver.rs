@@ -921,10 +921,14 @@ async fn resolve_weights(
     specs: Option<Arc<Vec<TensorSpec>>>,
     limit: u64,
 ) -> Result<(Parameters, u64), String> {
-    let decode = |bytes: bytes::Bytes, sha256: String, codec: i32| async move {
+    let decode = |bytes: bytes::Bytes, sha256: String, codec: i32, inline: bool| async move {
         let size = bytes.len() as u64;
         tokio::task::spawn_blocking(move || {
-            pollen_proto::blob::verify(&bytes, &sha256, codec)?;
+            if inline {
+                pollen_proto::blob::verify_inline(&bytes, &sha256, codec)?;
+            } else {
+                pollen_proto::blob::verify(&bytes, &sha256, codec)?;
+            }
             Parameters::decode(&bytes, specs.as_deref().map(|s| s.as_slice()))
         })
         .await
@@ -934,7 +938,7 @@ async fn resolve_weights(
     };
     match weights.body {
         None => Err(pollen_proto::BlobError::Empty.to_string()),
-        Some(Body::Inline(b)) => decode(b.data, b.sha256, b.codec).await,
+        Some(Body::Inline(b)) => decode(b.data, b.sha256, b.codec, true).await,
         Some(Body::Reference(r)) => {
             let Some(store) = store else {
                 return Err(format!(
@@ -966,7 +970,7 @@ async fn resolve_weights(
                     r.size_bytes
                 ));
             }
-            decode(bytes, r.sha256, r.codec).await
+            decode(bytes, r.sha256, r.codec, false).await
         }
     }
 }

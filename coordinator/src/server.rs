@@ -16,6 +16,8 @@ use crate::service::FleetService;
 pub struct FleetServer {
     pub addr: SocketAddr,
     pub registry: Arc<Registry>,
+    /// The service itself, for clients in this process ([`FleetService::join_local`]).
+    pub service: FleetService,
     pub handle: JoinHandle<Result<(), tonic::transport::Error>>,
 }
 
@@ -33,7 +35,7 @@ pub async fn serve(addr: SocketAddr, shutdown: CancellationToken) -> std::io::Re
             // A proxy multiplexes one Join stream per device over a single connection; thousands
             // of devices means thousands of concurrent streams.
             .max_concurrent_streams(Some(1 << 20))
-            .add_service(service.into_server())
+            .add_service(service.clone().into_server())
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
                 shutdown.cancelled().await
             }),
@@ -42,6 +44,7 @@ pub async fn serve(addr: SocketAddr, shutdown: CancellationToken) -> std::io::Re
     Ok(FleetServer {
         addr,
         registry,
+        service,
         handle,
     })
 }

@@ -4,9 +4,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use pollen_proto::fleet::{
-    ClientMessage, ServerMessage, Welcome, client_message::Msg as ClientMsg, fleet_server,
+    ClientMessage, Join, ServerMessage, Welcome, client_message::Msg as ClientMsg, fleet_server,
     server_message::Msg as ServerMsg,
 };
 use pollen_proto::limits::MAX_GRPC_MESSAGE_BYTES;
@@ -92,6 +92,32 @@ impl fleet_server::Fleet for FleetService {
                 "{peer}: the first message on a Fleet stream must be Join"
             )));
         };
+        let outbound = self.attach(join, &peer, inbound).await?;
+        Ok(Response::new(Box::pin(outbound)))
+    }
+}
+
+impl FleetService {
+    /// Joins a client that lives in this process: the same registration, routing and checks
+    /// as a gRPC stream, over in-memory channels (no socket, no serialisation; weight blobs
+    /// are shared `Bytes`). What a simulation with many local clients uses.
+    pub async fn join_local(
+        &self,
+        join: Join,
+        inbound: impl Stream<Item = Result<ClientMessage, Status>> + Send + Unpin + 'static,
+    ) -> Result<ReceiverStream<Result<ServerMessage, Status>>, Status> {
+        self.attach(join, "in-process", inbound).await
+    }
+
+    /// Registers a client that has sent its `Join` and routes what it sends next until its
+    /// stream ends.
+    async fn attach(
+        &self,
+        join: Join,
+        peer: &str,
+        mut inbound: impl Stream<Item = Result<ClientMessage, Status>> + Send + Unpin + 'static,
+    ) -> Result<ReceiverStream<Result<ServerMessage, Status>>, Status> {
+        let counters = self.registry.counters().clone();
         validate_client_id(&join.client_id)?;
         let client_id = join.client_id.clone();
         let info = ClientInfo {
@@ -117,8 +143,8 @@ impl fleet_server::Fleet for FleetService {
         let registry = self.registry.clone();
         tokio::spawn(async move {
             loop {
-                match inbound.message().await {
-                    Ok(Some(msg)) => {
+                match inbound.next().await {
+                    Some(Ok(msg)) => {
                         if msg.msg.is_none() || matches!(msg.msg, Some(ClientMsg::Join(_))) {
                             Counters::bump(&counters.messages_malformed);
                             let _ = tx
@@ -130,8 +156,8 @@ impl fleet_server::Fleet for FleetService {
                         }
                         registry.route(&client_id, msg);
                     }
-                    Ok(None) => break,
-                    Err(status) => {
+                    None => break,
+                    Some(Err(status)) => {
                         // A message that does not decode ends this client's stream, never the
                         // coordinator; the client may reconnect and try again.
                         Counters::bump(&counters.messages_malformed);
@@ -149,6 +175,6 @@ impl fleet_server::Fleet for FleetService {
             registry.unregister(&client_id, session);
         });
 
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(ReceiverStream::new(rx))
     }
 }

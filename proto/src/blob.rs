@@ -7,6 +7,7 @@
 //! container, the dtype, the names and shapes against what the receiver expects, and that every
 //! value is finite, and names the tensor at fault when one check fails.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use bytes::Bytes;
@@ -164,13 +165,24 @@ impl Parameters {
         self.tensors.iter().find(|t| t.name == name)
     }
 
+    /// Encodes as safetensors without a digest, for inline weights whose transport protects
+    /// them (see [`verify_inline`]).
+    pub fn encode_unhashed(&self) -> EncodedBlob {
+        EncodedBlob {
+            bytes: self.safetensors(),
+            sha256: String::new(),
+        }
+    }
+
     /// Encodes as safetensors and hashes the result.
     pub fn encode(&self) -> EncodedBlob {
-        let raw: Vec<Vec<u8>> = self
-            .tensors
-            .iter()
-            .map(|t| t.data.iter().flat_map(|v| v.to_le_bytes()).collect())
-            .collect();
+        let bytes = self.safetensors();
+        let sha256 = sha256_hex(&bytes);
+        EncodedBlob { bytes, sha256 }
+    }
+
+    fn safetensors(&self) -> Bytes {
+        let raw: Vec<Cow<'_, [u8]>> = self.tensors.iter().map(|t| le_bytes(&t.data)).collect();
         let views = self.tensors.iter().zip(&raw).map(|(t, bytes)| {
             let view = TensorView::new(Dtype::F32, t.shape.clone(), bytes)
                 .expect("length was checked in Parameters::new");
@@ -178,11 +190,7 @@ impl Parameters {
         });
         let bytes = safetensors::serialize(views, None)
             .expect("serializing in-memory f32 tensors cannot fail");
-        let sha256 = sha256_hex(&bytes);
-        EncodedBlob {
-            bytes: Bytes::from(bytes),
-            sha256,
-        }
+        Bytes::from(bytes)
     }
 
     /// Decodes a safetensors blob of f32 tensors. `expected`, when given, must match the blob's
@@ -253,11 +261,25 @@ impl Parameters {
                 location: r.location.clone(),
             }),
             Some(Body::Inline(blob)) => {
-                verify(&blob.data, &blob.sha256, blob.codec)?;
+                verify_inline(&blob.data, &blob.sha256, blob.codec)?;
                 Self::decode(&blob.data, expected)
             }
         }
     }
+}
+
+/// Checks an inline blob: its codec, and its digest when the sender gave one. Inline bytes
+/// travel inside a message whose transport already protects them (HTTP/2 over TCP or TLS, or
+/// memory for in-process clients), so a sender may leave the digest out to save hashing
+/// every update; blobs by reference always carry one ([`verify`]).
+pub fn verify_inline(bytes: &[u8], sha256: &str, codec: i32) -> Result<(), BlobError> {
+    if sha256.is_empty() {
+        if codec != Codec::SafetensorsF32 as i32 {
+            return Err(BlobError::UnsupportedCodec(codec));
+        }
+        return Ok(());
+    }
+    verify(bytes, sha256, codec)
 }
 
 /// Checks a blob's codec and digest.
@@ -275,21 +297,45 @@ pub fn verify(bytes: &[u8], sha256: &str, codec: i32) -> Result<(), BlobError> {
     Ok(())
 }
 
+/// The little-endian bytes of `data`: a view of the floats themselves on little-endian
+/// machines (no copy), a converted copy elsewhere.
+fn le_bytes(data: &[f32]) -> Cow<'_, [u8]> {
+    if cfg!(target_endian = "little") {
+        Cow::Borrowed(bytemuck::cast_slice(data))
+    } else {
+        Cow::Owned(data.iter().flat_map(|v| v.to_le_bytes()).collect())
+    }
+}
+
 /// Little-endian bytes to f32s, refusing non-finite values. The source may be unaligned.
 fn f32s_checked(name: &str, bytes: &[u8]) -> Result<Vec<f32>, BlobError> {
-    let mut out = Vec::with_capacity(bytes.len() / 4);
-    for (index, chunk) in bytes.chunks_exact(4).enumerate() {
-        let value = f32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
-        if !value.is_finite() {
-            return Err(BlobError::NonFinite {
-                tensor: name.to_string(),
-                index,
-                value,
-            });
-        }
-        out.push(value);
+    // One bulk copy, then a branch-free scan the compiler vectorises; the slow search for
+    // the offending index only runs on a bad blob.
+    let out: Vec<f32> = if cfg!(target_endian = "little") {
+        bytemuck::pod_collect_to_vec(&bytes[..bytes.len() / 4 * 4])
+    } else {
+        bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    };
+    if !all_finite(&out)
+        && let Some((index, &value)) = out.iter().enumerate().find(|(_, v)| !v.is_finite())
+    {
+        return Err(BlobError::NonFinite {
+            tensor: name.to_string(),
+            index,
+            value,
+        });
     }
     Ok(out)
+}
+
+/// Whether every value is finite, without an early exit (so that it vectorises).
+pub fn all_finite(values: &[f32]) -> bool {
+    values
+        .chunks(1024)
+        .all(|c| c.iter().fold(true, |ok, v| ok & v.is_finite()))
 }
 
 #[cfg(test)]

@@ -221,6 +221,18 @@ fn tls_client_config(
     }
 }
 
+/// A client and its event loop for `options`, with Nagle's algorithm off: Pollen's messages
+/// are small request/reply exchanges, and Nagle holding a PUBACK or a reply behind the peer's
+/// delayed ACK (40 ms on Linux) would add that to every hop of a round.
+pub fn client(options: MqttOptions, capacity: usize) -> (rumqttc::AsyncClient, rumqttc::EventLoop) {
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, capacity);
+    let mut network = rumqttc::NetworkOptions::new();
+    network.set_tcp_nodelay(true);
+    network.set_connection_timeout(eventloop.network_options.connection_timeout());
+    eventloop.set_network_options(network);
+    (client, eventloop)
+}
+
 /// MQTT options for `client_id` on `broker`, with Pollen's packet limits. Callers set the
 /// session (clean or persistent), keep-alive and last-will.
 pub fn mqtt_options(broker: &BrokerConfig, client_id: &str) -> Result<MqttOptions, BrokerError> {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use pollen_proto::device::DeviceStatus;
 use pollen_proto::fleet::{Scalar, scalar::Value};
 use pollen_proto::mqtt::BrokerConfig;
-use rumqttc::{AsyncClient, Event, Packet, QoS};
+use rumqttc::{Event, Packet, QoS};
 use serde::{Deserialize, Serialize};
 
 use crate::ProxyError;
@@ -233,7 +233,7 @@ pub async fn discover(
     let client_id = format!("pollen-discover-{}", crate::random_hex(8));
     let mut options = pollen_proto::mqtt::mqtt_options(broker, &client_id)?;
     options.set_clean_session(true);
-    let (client, mut eventloop) = AsyncClient::new(options, 16);
+    let (client, mut eventloop) = pollen_proto::mqtt::client(options, 16);
     let filter = pollen_proto::topics::all_status(fleet);
     let mut registry = DeviceRegistry::new(DEFAULT_STALE_AFTER);
 

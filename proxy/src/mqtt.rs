@@ -37,7 +37,7 @@ pub(crate) fn connect(config: &ProxyConfig) -> Result<(AsyncClient, EventLoop), 
         .set_clean_session(!config.persistent_session)
         .set_keep_alive(config.keep_alive)
         .set_inflight(INFLIGHT);
-    Ok(AsyncClient::new(options, REQUEST_CAPACITY))
+    Ok(pollen_proto::mqtt::client(options, REQUEST_CAPACITY))
 }
 
 /// What a message on a status topic says.

@@ -300,6 +300,12 @@ impl ProxyHandle {
         self.shared.stats.snapshot()
     }
 
+    /// Reads the proxy's counters at each call, for observers that outlive a borrow.
+    pub fn stats_reader(&self) -> impl Fn() -> ProxyStatsSnapshot + Clone + Send + Sync + 'static {
+        let shared = self.shared.clone();
+        move || shared.stats.snapshot()
+    }
+
     /// Every device the proxy has heard of, sorted by id.
     pub fn devices(&self) -> Vec<DeviceRecord> {
         lock(&self.shared.registry).records()

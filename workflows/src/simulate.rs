@@ -3,8 +3,9 @@
 //!
 //! By default the clients are edge agents behind the device path, exactly as in production:
 //! coordinator --gRPC--> proxy bridges --MQTT (embedded broker)--> agents, with weights through
-//! the embedded S3 server and presigned URLs. `Transport::Grpc` keeps the direct gRPC clients
-//! with inline weights (the algorithm fast path).
+//! the embedded S3 server and presigned URLs. `Transport::Grpc` uses direct gRPC clients with
+//! inline weights over loopback sockets; `Transport::InProcess` joins the clients to the
+//! Fleet service in memory (the algorithm fast path).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -23,7 +24,7 @@ use pollen_coordinator::{RoundRecord, RunSummary, StoreConfig};
 use pollen_proto::Parameters;
 use pollen_proto::mqtt::BrokerConfig;
 use pollen_proto::scalar::ScalarMap;
-use pollen_proxy::{Proxy, ProxyConfig, Selection};
+use pollen_proxy::{Proxy, ProxyConfig, ProxyHandle, Selection};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokio::sync::Semaphore;
@@ -39,8 +40,22 @@ pub enum Transport {
     /// The production device path: proxy bridges + MQTT agents + weights through S3.
     #[default]
     Device,
-    /// Direct gRPC Fleet clients, weights inline (the algorithm fast path).
+    /// Direct gRPC Fleet clients over loopback sockets, weights inline.
     Grpc,
+    /// Clients joined to the coordinator's Fleet service in memory: the same registry,
+    /// protocol messages and checks, no sockets and no serialisation (weights inline, shared).
+    /// The algorithm fast path, as Flower's simulation engine is for Flower.
+    InProcess,
+}
+
+impl Transport {
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Device => "device",
+            Transport::Grpc => "grpc",
+            Transport::InProcess => "in-process",
+        }
+    }
 }
 
 /// Where and how a simulation runs.
@@ -172,7 +187,7 @@ pub async fn simulate(
     let run_dir = run.dir().to_path_buf();
 
     let storage = match options.transport {
-        Transport::Grpc => Storage::Inline,
+        Transport::Grpc | Transport::InProcess => Storage::Inline,
         Transport::Device => match &options.s3 {
             Some(config) => Storage::External(config.clone()),
             None => Storage::Embedded {
@@ -183,7 +198,6 @@ pub async fn simulate(
     };
     let coordinator =
         LocalCoordinator::start(SocketAddr::from(([127, 0, 0, 1], 0)), &storage).await?;
-    let endpoint = coordinator.endpoint();
     // Clients, agents and the proxy stop with the coordinator (also on an early return).
     let stop_all = coordinator.token();
     let metrics = coordinator
@@ -213,103 +227,24 @@ pub async fn simulate(
             }
         })
         .collect();
-    let mut tasks = tokio::task::JoinSet::new();
-    let mut proxy = None;
-    match options.transport {
-        Transport::Grpc => {
-            for (i, client) in clients.into_iter().enumerate() {
-                let (endpoint, stop) = (endpoint.clone(), stop_all.clone());
-                let opts = ClientOptions {
-                    compute_slots: Some(slots.clone()),
-                    ..Default::default()
-                };
-                let id = format!("sim-{i:04}");
-                tasks.spawn(async move {
-                    if let Err(e) =
-                        pollen_client::run_client(&endpoint, &id, client, opts, stop).await
-                    {
-                        tracing::warn!(client = %id, "client ended: {e}");
-                    }
-                });
-            }
-        }
-        Transport::Device => {
-            let broker = match &options.broker {
-                Some(b) => b.clone(),
-                None => {
-                    let n = spec.data.clients;
-                    let embedded =
-                        tokio::task::spawn_blocking(move || start_embedded_broker(n + 8)).await??;
-                    BrokerConfig::new(embedded.url)
-                }
-            };
-            // A fleet of its own per run, so runs sharing a broker never see each other.
-            let fleet = format!("sim-{run_id}");
-            // One HTTP connection pool for all simulated devices, as one host has.
-            let http = pollen_client::agent::transfer::http_client()
-                .context("building the HTTP client for weight transfers")?;
-            for (i, client) in clients.into_iter().enumerate() {
-                let agent = Agent::new(
-                    AgentOptions {
-                        device_id: format!("sim-{i:04}"),
-                        fleet: fleet.clone(),
-                        broker: broker.clone(),
-                        heartbeat: Duration::from_secs(10),
-                        keep_alive: Duration::from_secs(30),
-                        work_dir: None,
-                        model: spec.model.name().to_string(),
-                        compute_slots: Some(slots.clone()),
-                        properties: Default::default(),
-                    },
-                    client,
-                )?
-                .with_http_client(http.clone());
-                let stop = stop_all.clone();
-                tasks.spawn(async move {
-                    if let Err(e) = agent.run(stop).await {
-                        tracing::warn!("simulated agent ended: {e}");
-                    }
-                });
-            }
-            proxy = Some(
-                Proxy::start(
-                    ProxyConfig {
-                        fleet,
-                        proxy_id: "sim".into(),
-                        coordinator: endpoint.clone(),
-                        broker,
-                        selection: Selection::default(),
-                        stale_after: Duration::from_secs(60),
-                        keep_alive: Duration::from_secs(30),
-                        persistent_session: false,
-                    },
-                    stop_all.clone(),
-                )
-                .await
-                .context("starting the device proxy")?,
-            );
-        }
-    }
-
+    let fleet = SimulatedFleet::start(
+        &coordinator,
+        clients,
+        FleetOptions {
+            transport: options.transport,
+            broker: options.broker.clone(),
+            fleet: format!("sim-{run_id}"),
+            model: spec.model.name().to_string(),
+            compute_slots: slots,
+            agent_process: None,
+        },
+    )
+    .await?;
     // Every simulated device is there from the start, so the first rounds sample from all of
     // them rather than from whoever connected first.
-    let everyone = spec.data.clients;
-    let joined = match &proxy {
-        Some(p) => p.wait_for_bridges(everyone, Duration::from_secs(120)).await,
-        None => {
-            coordinator
-                .server
-                .registry
-                .wait_for(everyone, Duration::from_secs(120))
-                .await
-        }
-    };
-    if !joined {
-        tracing::warn!(
-            "not all {everyone} simulated devices joined within 120 s; starting with {}",
-            coordinator.server.registry.len()
-        );
-    }
+    fleet
+        .wait_joined(&coordinator, Duration::from_secs(120))
+        .await;
     let test = spec.evaluate.centralized.then_some(test);
     let options = DriveOptions {
         metrics,
@@ -317,14 +252,270 @@ pub async fn simulate(
     };
     let summary = crate::run::drive(spec, options, on_round, shutdown).await;
     stop_all.cancel();
-    while tasks.join_next().await.is_some() {}
-    if let Some(proxy) = proxy {
-        proxy.join().await;
-    }
+    fleet.join().await;
     coordinator.shut_down().await;
     Ok(Simulation {
         run_id,
         run_dir,
         summary: summary?,
     })
+}
+
+/// How [`SimulatedFleet::start`] connects its clients.
+pub struct FleetOptions {
+    pub transport: Transport,
+    /// External broker for the device path; `None` starts the embedded one.
+    pub broker: Option<BrokerConfig>,
+    /// The MQTT fleet name (device path); one per run, so runs sharing a broker never see
+    /// each other.
+    pub fleet: String,
+    /// The model name devices report in their status.
+    pub model: String,
+    /// Clients computing at once.
+    pub compute_slots: Arc<Semaphore>,
+    /// Device path: run each device's agent as a process of its own, as on a real fleet (the
+    /// clients given are then only counted: the process brings its own).
+    pub agent_process: Option<AgentProcess>,
+}
+
+/// A command that runs one device's edge agent: `program args.. --broker URL --fleet F
+/// --device-id ID`. The process must stop, publishing its offline status, when its stdin
+/// closes.
+#[derive(Debug, Clone)]
+pub struct AgentProcess {
+    pub program: PathBuf,
+    pub args: Vec<String>,
+}
+
+impl AgentProcess {
+    fn spawn(
+        &self,
+        device_id: &str,
+        broker: &BrokerConfig,
+        fleet: &str,
+    ) -> std::io::Result<tokio::process::Child> {
+        tokio::process::Command::new(&self.program)
+            .args(&self.args)
+            .args([
+                "--broker",
+                &broker.url,
+                "--fleet",
+                fleet,
+                "--device-id",
+                device_id,
+            ])
+            .stdin(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+    }
+}
+
+/// Simulated clients `sim-0000`, `sim-0001`, ... connected to a local coordinator: direct gRPC
+/// clients, or edge agents behind a proxy over MQTT (weights through the coordinator's
+/// object storage). They stop when the coordinator's token fires.
+pub struct SimulatedFleet {
+    tasks: tokio::task::JoinSet<()>,
+    proxy: Option<ProxyHandle>,
+    /// Agent processes (with [`FleetOptions::agent_process`]); closing their stdin stops them.
+    children: Vec<tokio::process::Child>,
+    size: usize,
+}
+
+impl SimulatedFleet {
+    pub async fn start<C: Client>(
+        coordinator: &LocalCoordinator,
+        clients: Vec<C>,
+        options: FleetOptions,
+    ) -> anyhow::Result<Self> {
+        let endpoint = coordinator.endpoint();
+        let stop_all = coordinator.token();
+        let size = clients.len();
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut fleet = Self {
+            tasks: tokio::task::JoinSet::new(),
+            proxy: None,
+            children: Vec::new(),
+            size,
+        };
+        match options.transport {
+            Transport::Grpc => {
+                for (i, client) in clients.into_iter().enumerate() {
+                    let (endpoint, stop) = (endpoint.clone(), stop_all.clone());
+                    let opts = ClientOptions {
+                        compute_slots: Some(options.compute_slots.clone()),
+                        // A thousand clients connecting at once can overflow the listener's
+                        // accept queue; a reset there is not the end of a client.
+                        connect_attempts: 10,
+                        ..Default::default()
+                    };
+                    let id = format!("sim-{i:04}");
+                    tasks.spawn(async move {
+                        if let Err(e) =
+                            pollen_client::run_client(&endpoint, &id, client, opts, stop).await
+                        {
+                            tracing::warn!(client = %id, "client ended: {e}");
+                        }
+                    });
+                }
+            }
+            Transport::InProcess => {
+                let service = coordinator.server.service.clone();
+                for (i, client) in clients.into_iter().enumerate() {
+                    let (service, stop) = (service.clone(), stop_all.clone());
+                    let opts = ClientOptions {
+                        compute_slots: Some(options.compute_slots.clone()),
+                        // Bytes that never leave this process need no digest.
+                        skip_inline_digest: true,
+                        ..Default::default()
+                    };
+                    let id = format!("sim-{i:04}");
+                    tasks.spawn(async move {
+                        let (tx, rx) = tokio::sync::mpsc::channel(16);
+                        let join = pollen_client::fleet::join_message(&id, &client, &opts);
+                        let inbound = tokio_stream::StreamExt::map(
+                            tokio_stream::wrappers::ReceiverStream::new(rx),
+                            Ok,
+                        );
+                        let outcome = match service.join_local(join, inbound).await {
+                            Ok(stream) => {
+                                pollen_client::fleet::serve(stream, tx, client, opts, stop)
+                                    .await
+                                    .map(drop)
+                                    .map_err(|e| e.to_string())
+                            }
+                            Err(status) => Err(status.message().to_string()),
+                        };
+                        if let Err(e) = outcome {
+                            tracing::warn!(client = %id, "client ended: {e}");
+                        }
+                    });
+                }
+            }
+            Transport::Device => {
+                let broker = match &options.broker {
+                    Some(b) => b.clone(),
+                    None => {
+                        let embedded =
+                            tokio::task::spawn_blocking(move || start_embedded_broker(size + 8))
+                                .await??;
+                        BrokerConfig::new(embedded.url)
+                    }
+                };
+                if let Some(process) = &options.agent_process {
+                    for i in 0..size {
+                        fleet.children.push(
+                            process
+                                .spawn(&format!("sim-{i:04}"), &broker, &options.fleet)
+                                .context("starting an agent process")?,
+                        );
+                    }
+                }
+                // One HTTP connection pool for all simulated devices, as one host has.
+                let http = pollen_client::agent::transfer::http_client()
+                    .context("building the HTTP client for weight transfers")?;
+                let in_tasks = if options.agent_process.is_some() {
+                    Vec::new()
+                } else {
+                    clients
+                };
+                for (i, client) in in_tasks.into_iter().enumerate() {
+                    let agent = Agent::new(
+                        AgentOptions {
+                            device_id: format!("sim-{i:04}"),
+                            fleet: options.fleet.clone(),
+                            broker: broker.clone(),
+                            heartbeat: Duration::from_secs(10),
+                            keep_alive: Duration::from_secs(30),
+                            work_dir: None,
+                            model: options.model.clone(),
+                            compute_slots: Some(options.compute_slots.clone()),
+                            properties: Default::default(),
+                        },
+                        client,
+                    )?
+                    .with_http_client(http.clone());
+                    let stop = stop_all.clone();
+                    tasks.spawn(async move {
+                        if let Err(e) = agent.run(stop).await {
+                            tracing::warn!("simulated agent ended: {e}");
+                        }
+                    });
+                }
+                fleet.proxy = Some(
+                    Proxy::start(
+                        ProxyConfig {
+                            fleet: options.fleet,
+                            proxy_id: "sim".into(),
+                            coordinator: endpoint,
+                            broker,
+                            selection: Selection::default(),
+                            stale_after: Duration::from_secs(60),
+                            keep_alive: Duration::from_secs(30),
+                            persistent_session: false,
+                        },
+                        stop_all,
+                    )
+                    .await
+                    .context("starting the device proxy")?,
+                );
+            }
+        }
+        fleet.tasks = tasks;
+        Ok(fleet)
+    }
+
+    /// Waits until every client has joined the coordinator (through its bridge on the device
+    /// path); false, with a warning, if they have not within `timeout`.
+    pub async fn wait_joined(&self, coordinator: &LocalCoordinator, timeout: Duration) -> bool {
+        let joined = match &self.proxy {
+            Some(p) => p.wait_for_bridges(self.size, timeout).await,
+            None => {
+                coordinator
+                    .server
+                    .registry
+                    .wait_for(self.size, timeout)
+                    .await
+            }
+        };
+        if !joined {
+            tracing::warn!(
+                "not all {} simulated devices joined within {timeout:?}; starting with {}",
+                self.size,
+                coordinator.server.registry.len()
+            );
+        }
+        joined
+    }
+
+    /// Reads, at each call, how many MQTT messages the proxy has exchanged with the devices
+    /// (commands published + replies received); device path only.
+    pub fn mqtt_messages(&self) -> Option<impl Fn() -> u64 + Clone + Send + Sync + 'static> {
+        self.proxy.as_ref().map(|p| {
+            let read = p.stats_reader();
+            move || {
+                let s = read();
+                s.commands_published + s.replies_received
+            }
+        })
+    }
+
+    /// Waits for every client (and the proxy) to end, once the coordinator's token fired.
+    pub async fn join(mut self) {
+        while self.tasks.join_next().await.is_some() {}
+        for child in &mut self.children {
+            drop(child.stdin.take());
+        }
+        for mut child in self.children.drain(..) {
+            if tokio::time::timeout(Duration::from_secs(10), child.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!("an agent process did not stop within 10 s of its stdin closing");
+                let _ = child.kill().await;
+            }
+        }
+        if let Some(proxy) = self.proxy.take() {
+            proxy.join().await;
+        }
+    }
 }

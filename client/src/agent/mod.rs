@@ -37,7 +37,7 @@ use pollen_proto::mqtt::{BrokerConfig, BrokerError, mqtt_options};
 use pollen_proto::scalar::ScalarMap;
 use pollen_proto::topics::{self, TopicError};
 use prost::Message;
-use rumqttc::{AsyncClient, LastWill, MqttOptions, QoS};
+use rumqttc::{LastWill, MqttOptions, QoS};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -387,7 +387,7 @@ impl Agent {
         } = self;
         // Room for a reconnect's worth of outbox republications; beyond it `try_publish`
         // refuses and the outbox retries on the next heartbeat.
-        let (mqtt_client, eventloop) = AsyncClient::new(mqtt, 256);
+        let (mqtt_client, eventloop) = pollen_proto::mqtt::client(mqtt, 256);
         let (net_tx, net_rx) = mpsc::channel(256);
         let (progress_tx, progress_rx) = mpsc::channel(16);
         let stop_connection = CancellationToken::new();

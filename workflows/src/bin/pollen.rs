@@ -10,6 +10,7 @@ use pollen_coordinator::records::RunRow;
 use pollen_coordinator::{RoundRecord, RunStore, StoreConfig};
 use pollen_proto::mqtt::BrokerConfig;
 use pollen_proxy::{DeviceRecord, Proxy, ProxyConfig, Selection};
+use pollen_workflows::bench;
 use pollen_workflows::run::{DriveOptions, FleetRunOptions, LocalCoordinator, Storage};
 use pollen_workflows::simulate::{SimulateOptions, Transport, simulate};
 use pollen_workflows::spec::RunSpec;
@@ -77,7 +78,7 @@ impl StorageArgs {
 enum Command {
     /// Run a federated training run with simulated devices in this process. By default over
     /// the device path (proxy, embedded MQTT broker, embedded S3); --transport grpc uses direct
-    /// gRPC clients. Without --config: MNIST 2NN, 100 IID clients, C=0.1, E=1, B=10, lr=0.1.
+    /// gRPC clients, --transport in-process joins them to the coordinator in memory. Without --config: MNIST 2NN, 100 IID clients, C=0.1, E=1, B=10, lr=0.1.
     Simulate {
         /// Run spec (TOML); defaults to the built-in workflows/mnist-2nn.toml.
         #[arg(long)]
@@ -176,6 +177,13 @@ enum Command {
         wait: std::time::Duration,
         #[arg(long)]
         json: bool,
+    },
+    /// Benchmarks of the whole system (build with --release): aggregation, no-op rounds,
+    /// local training, the default MNIST run. Each prints its workload, the machine and
+    /// min / median / max; --json prints one JSON object.
+    Bench {
+        #[command(subcommand)]
+        bench: BenchCommand,
     },
     /// List the recorded runs, newest first.
     Runs {
@@ -371,8 +379,222 @@ fn print_devices(devices: &[DeviceRecord]) {
     }
 }
 
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// FedAvg aggregation throughput (GB/s of update bytes folded) and its memory.
+    Aggregate {
+        #[arg(long, value_enum, default_value_t = bench::aggregate::Shape::Cnn)]
+        shape: bench::aggregate::Shape,
+        /// Parameters of --shape flat.
+        #[arg(long, default_value_t = 1_000_000)]
+        params: usize,
+        /// Client updates folded per aggregation.
+        #[arg(long, default_value_t = 100)]
+        updates: usize,
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+        /// Start each update from its safetensors blob and time digest check + decode +
+        /// fold, as the coordinator does in a round.
+        #[arg(long)]
+        from_wire: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rounds with no-op clients (they return the model they get): seconds per round, MQTT
+    /// messages per second and peak RSS. Lists of --clients and --params run every
+    /// combination, each in its own process (one JSON object per line with --json).
+    Rounds {
+        #[arg(long, value_delimiter = ',', default_value = "100")]
+        clients: Vec<usize>,
+        #[arg(long, value_delimiter = ',', default_value = "1000000")]
+        params: Vec<usize>,
+        #[arg(long, value_enum, default_value_t = Transport::InProcess)]
+        transport: Transport,
+        /// MQTT broker for the device path (e.g. mqtt://127.0.0.1:1883); embedded when absent.
+        #[arg(long)]
+        broker: Option<String>,
+        /// Timed rounds (after one warm-up round).
+        #[arg(long, default_value_t = 5)]
+        rounds: u64,
+        /// Fraction of the clients sampled each round.
+        #[arg(long, default_value_t = 1.0)]
+        fraction: f64,
+        #[arg(long, default_value = "600s", value_parser = humantime::parse_duration)]
+        round_timeout: std::time::Duration,
+        /// Device path: run every agent as a process of its own (`pollen bench agent`), with
+        /// the coordinator, embedded S3 and proxy in this one, as `pollen run` deploys them.
+        #[arg(long)]
+        agent_processes: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One no-op edge agent (what `bench rounds --agent-processes` starts per device); it
+    /// stops when its stdin closes.
+    #[command(hide = true)]
+    Agent {
+        #[arg(long)]
+        broker: String,
+        #[arg(long)]
+        fleet: String,
+        #[arg(long)]
+        device_id: String,
+    },
+    /// Local training throughput (samples/s) for each model and batch size.
+    Train {
+        #[arg(long, value_delimiter = ',', default_value = "mnist-2nn,mnist-cnn")]
+        models: Vec<pollen_client::model::ModelKind>,
+        #[arg(long, value_delimiter = ',', default_value = "10,64")]
+        batch_sizes: Vec<usize>,
+        /// Images in the local epoch (600 = one of 100 IID clients).
+        #[arg(long, default_value_t = 600)]
+        examples: usize,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The default MNIST 2NN simulation: seconds per round and time to 97% test accuracy.
+    Mnist {
+        #[arg(long, value_enum, default_value_t = Transport::Device)]
+        transport: Transport,
+        #[arg(long)]
+        broker: Option<String>,
+        /// Stop after this many rounds if the target is not reached.
+        #[arg(long, default_value_t = 100)]
+        max_rounds: u64,
+        #[arg(long, default_value_t = 0.97)]
+        target: f64,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Runs one benchmark and prints its report.
+async fn run_bench(which: BenchCommand) -> anyhow::Result<()> {
+    match which {
+        BenchCommand::Aggregate {
+            shape,
+            params,
+            updates,
+            runs,
+            from_wire,
+            json,
+        } => {
+            let options = bench::aggregate::AggregateOptions {
+                shape,
+                params,
+                updates,
+                runs,
+                from_wire,
+            };
+            let report =
+                tokio::task::spawn_blocking(move || bench::aggregate::run(&options)).await??;
+            bench::print_report(&report, &report.human(), json)
+        }
+        BenchCommand::Rounds {
+            clients,
+            params,
+            transport,
+            broker,
+            rounds,
+            fraction,
+            round_timeout,
+            agent_processes,
+            json,
+        } => {
+            if clients.len() * params.len() > 1 {
+                // Each combination in a process of its own, so that its peak RSS is its own.
+                let exe = std::env::current_exe().context("locating the pollen binary")?;
+                for &n in &clients {
+                    for &p in &params {
+                        let mut cmd = std::process::Command::new(&exe);
+                        cmd.args(["bench", "rounds", "--clients", &n.to_string()])
+                            .args(["--params", &p.to_string()])
+                            .args(["--transport", transport.name()])
+                            .args(["--rounds", &rounds.to_string()])
+                            .args(["--fraction", &fraction.to_string()])
+                            .args([
+                                "--round-timeout",
+                                &humantime::format_duration(round_timeout).to_string(),
+                            ]);
+                        if let Some(b) = &broker {
+                            cmd.args(["--broker", b]);
+                        }
+                        if agent_processes {
+                            cmd.arg("--agent-processes");
+                        }
+                        if json {
+                            cmd.arg("--json");
+                        }
+                        let status = cmd.status().context("running a benchmark process")?;
+                        anyhow::ensure!(
+                            status.success(),
+                            "bench rounds --clients {n} --params {p} failed ({status})"
+                        );
+                        if !json {
+                            println!();
+                        }
+                    }
+                }
+                return Ok(());
+            }
+            let options = bench::rounds::RoundsOptions {
+                clients: clients[0],
+                params: params[0],
+                transport,
+                broker: broker.map(BrokerConfig::new),
+                rounds,
+                fraction,
+                round_timeout,
+                agent_processes,
+            };
+            let report = bench::rounds::run(&options).await?;
+            bench::print_report(&report, &report.human(), json)
+        }
+        BenchCommand::Agent {
+            broker,
+            fleet,
+            device_id,
+        } => bench::rounds::run_agent(BrokerConfig::new(broker), fleet, device_id).await,
+        BenchCommand::Train {
+            models,
+            batch_sizes,
+            examples,
+            runs,
+            json,
+        } => {
+            let options = bench::train::TrainOptions {
+                models,
+                batch_sizes,
+                examples,
+                runs,
+                data_dir: RunSpec::default_spec().resolve_data_dir(),
+            };
+            let report = tokio::task::spawn_blocking(move || bench::train::run(&options)).await??;
+            bench::print_report(&report, &report.human(), json)
+        }
+        BenchCommand::Mnist {
+            transport,
+            broker,
+            max_rounds,
+            target,
+            json,
+        } => {
+            let options = bench::mnist::MnistOptions {
+                transport,
+                broker: broker.map(BrokerConfig::new),
+                max_rounds,
+                target,
+            };
+            let report = bench::mnist::run(&options).await?;
+            bench::print_report(&report, &report.human(), json)
+        }
+    }
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Bench { bench } => run_bench(bench).await?,
         Command::Simulate {
             config,
             rounds,

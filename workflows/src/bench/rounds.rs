@@ -1,0 +1,364 @@
+//! `pollen bench rounds`: federated rounds with no-op clients, so that what is timed is the
+//! system (fan-out, transport, storage, decoding, aggregation), not training.
+//!
+//! A no-op client answers a fit with the model it was sent, as in Flower's no-op benchmark.
+//! Every round samples `fraction` of the clients (all of them by default) and must succeed
+//! with every sampled client, or the benchmark fails rather than report a fast broken round.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use pollen_client::fleet::{Client, ClientError, ClientEvaluate, ClientFit};
+use pollen_coordinator::fedavg::FedAvgConfig;
+use pollen_coordinator::records::RoundStatus;
+use pollen_coordinator::{DriverConfig, FedAvg, RoundDriver, RoundRecord};
+use pollen_proto::mqtt::BrokerConfig;
+use pollen_proto::scalar::ScalarMap;
+use pollen_proto::{NamedTensor, Parameters};
+use serde::Serialize;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use super::{Machine, Stats, human_bytes, peak_rss_bytes};
+use crate::run::{LocalCoordinator, Storage};
+use crate::simulate::{AgentProcess, FleetOptions, SimulatedFleet, Transport};
+
+#[derive(Debug, Clone)]
+pub struct RoundsOptions {
+    pub clients: usize,
+    pub params: usize,
+    pub transport: Transport,
+    /// External broker (device path); embedded when `None`.
+    pub broker: Option<BrokerConfig>,
+    /// Timed rounds, after one untimed warm-up round.
+    pub rounds: u64,
+    pub fraction: f64,
+    pub round_timeout: Duration,
+    /// Device path: every agent in a process of its own (`pollen bench agent`), the
+    /// coordinator, embedded S3 and proxy in this one, as `pollen run` deploys them.
+    pub agent_processes: bool,
+}
+
+/// Answers every fit with the model it received.
+pub struct NoOpClient {
+    pub examples: u64,
+}
+
+impl Client for NoOpClient {
+    fn num_examples(&self) -> u64 {
+        self.examples
+    }
+
+    fn get_parameters(&mut self, _config: &ScalarMap) -> Result<Parameters, ClientError> {
+        Err(ClientError::training(
+            "a no-op client holds no model of its own",
+        ))
+    }
+
+    fn fit(
+        &mut self,
+        _round: u64,
+        parameters: Parameters,
+        _config: &ScalarMap,
+    ) -> Result<ClientFit, ClientError> {
+        Ok(ClientFit {
+            parameters,
+            num_examples: self.examples,
+            metrics: Default::default(),
+        })
+    }
+
+    fn evaluate(
+        &mut self,
+        _round: u64,
+        _parameters: Parameters,
+        _config: &ScalarMap,
+    ) -> Result<ClientEvaluate, ClientError> {
+        Ok(ClientEvaluate {
+            loss: 0.0,
+            num_examples: self.examples,
+            metrics: Default::default(),
+        })
+    }
+}
+
+/// Where the embedded S3 server keeps objects for the benchmark: tmpfs when the machine has
+/// one. Every round creates and deletes one object per device; on ext4 that churn alone (inode
+/// allocation scanning recently deleted inodes, renames in one directory) took 9.6 s of kernel
+/// time in 21 rounds of 100 devices here: the disk's cost, not Pollen's.
+fn scratch_dir() -> std::path::PathBuf {
+    let shm = std::path::Path::new("/dev/shm");
+    let base = if shm.is_dir() {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    };
+    base.join(format!("pollen-bench-{}", std::process::id()))
+}
+
+#[derive(Debug, Serialize)]
+pub struct RoundsReport {
+    pub bench: &'static str,
+    pub workload: String,
+    pub transport: &'static str,
+    pub broker: String,
+    /// Where the embedded S3 server kept its objects (device path).
+    pub object_store: Option<String>,
+    pub clients: usize,
+    pub params: usize,
+    pub sampled_per_round: usize,
+    /// Whether each agent ran in a process of its own (else all in this process).
+    pub agent_processes: bool,
+    pub round_seconds: Stats,
+    pub median_round_seconds: f64,
+    /// Seconds from start until every client had joined (not part of any round).
+    pub setup_seconds: f64,
+    /// MQTT messages through the broker per second of the timed rounds, as the proxy counts
+    /// them (commands it published + replies it received); device path only.
+    pub mqtt_messages_per_second: Option<f64>,
+    /// Megabytes of weights the coordinator sent and received per round (median round).
+    pub bytes_per_round: u64,
+    pub peak_rss_bytes: Option<u64>,
+    pub machine: Machine,
+}
+
+pub async fn run(options: &RoundsOptions) -> anyhow::Result<RoundsReport> {
+    anyhow::ensure!(options.clients >= 1, "--clients must be at least 1");
+    anyhow::ensure!(options.params >= 1, "--params must be at least 1");
+    anyhow::ensure!(options.rounds >= 1, "--rounds must be at least 1");
+    anyhow::ensure!(
+        !options.agent_processes || options.transport == Transport::Device,
+        "--agent-processes needs --transport device"
+    );
+    anyhow::ensure!(
+        options.fraction > 0.0 && options.fraction <= 1.0,
+        "--fraction {} must be in (0, 1]",
+        options.fraction
+    );
+    let setup = std::time::Instant::now();
+    let scratch = scratch_dir();
+    let storage = match options.transport {
+        Transport::Grpc | Transport::InProcess => Storage::Inline,
+        Transport::Device => Storage::Embedded {
+            root: scratch.join("s3"),
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        },
+    };
+    let coordinator =
+        LocalCoordinator::start(SocketAddr::from(([127, 0, 0, 1], 0)), &storage).await?;
+    let clients: Vec<NoOpClient> = (0..options.clients)
+        .map(|_| NoOpClient { examples: 10 })
+        .collect();
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let fleet = SimulatedFleet::start(
+        &coordinator,
+        clients,
+        FleetOptions {
+            transport: options.transport,
+            broker: options.broker.clone(),
+            fleet: format!("bench-{}", std::process::id()),
+            model: "no-op".into(),
+            compute_slots: Arc::new(Semaphore::new(cores)),
+            agent_process: match options.agent_processes {
+                false => None,
+                true => Some(AgentProcess {
+                    program: std::env::current_exe().context("locating the pollen binary")?,
+                    args: vec!["bench".into(), "agent".into()],
+                }),
+            },
+        },
+    )
+    .await?;
+    anyhow::ensure!(
+        fleet
+            .wait_joined(&coordinator, Duration::from_secs(300))
+            .await,
+        "not every client joined within 300 s"
+    );
+    let setup_seconds = setup.elapsed().as_secs_f64();
+
+    let n = options.clients;
+    let sampled = ((n as f64) * options.fraction).floor().max(1.0) as usize;
+    let initial = Parameters::new(vec![NamedTensor::new(
+        "w",
+        vec![options.params],
+        (0..options.params)
+            .map(|i| (i % 1000) as f32 * 1e-3)
+            .collect(),
+    )])?;
+    let strategy = FedAvg::new(FedAvgConfig {
+        fraction_fit: options.fraction,
+        fraction_evaluate: 0.0,
+        min_fit_clients: sampled,
+        min_evaluate_clients: 1,
+        min_available_clients: n,
+        accept_failures: false,
+    })
+    .with_initial_parameters(initial);
+    let records: Arc<Mutex<Vec<(RoundRecord, Option<u64>)>>> = Arc::default();
+    let stats_at_round = {
+        let records = records.clone();
+        let proxy = fleet.mqtt_messages();
+        move |r: &RoundRecord| {
+            let messages = proxy.as_ref().map(|f| f());
+            records
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((r.clone(), messages));
+        }
+    };
+    let mut driver = RoundDriver::new(
+        coordinator.server.registry.clone(),
+        Box::new(strategy),
+        DriverConfig {
+            num_rounds: options.rounds + 1,
+            round_timeout: options.round_timeout,
+            wait_for_clients: Duration::from_secs(60),
+            seed: 1,
+        },
+    )
+    .on_round(stats_at_round);
+    if let Some(store) = coordinator.storage.store.clone() {
+        driver = driver.with_store(store);
+    }
+    let summary = driver.run(CancellationToken::new()).await;
+    let peak_rss_bytes = peak_rss_bytes();
+    coordinator.token().cancel();
+    fleet.join().await;
+    coordinator.shut_down().await;
+    let _ = std::fs::remove_dir_all(&scratch);
+    summary.context("driving the rounds")?;
+
+    let records = std::mem::take(&mut *records.lock().unwrap_or_else(|e| e.into_inner()));
+    for (r, _) in &records {
+        anyhow::ensure!(
+            r.status == RoundStatus::Ok && r.succeeded == sampled,
+            "round {} did not succeed with all {sampled} sampled clients ({} succeeded, failures {:?}{})",
+            r.round,
+            r.succeeded,
+            r.failures_by_reason,
+            r.error.as_ref().map_or(String::new(), |e| format!(": {e}"))
+        );
+    }
+    // Round 1 is the warm-up: connections, caches and allocator pools fill there.
+    let timed = &records[1..];
+    let seconds: Vec<f64> = timed.iter().map(|(r, _)| r.seconds).collect();
+    let round_seconds = Stats::of(&seconds).context("no timed rounds")?;
+    let mqtt_messages_per_second = match (records[0].1, timed.last().and_then(|(_, m)| *m)) {
+        (Some(start), Some(end)) => Some((end - start) as f64 / seconds.iter().sum::<f64>()),
+        _ => None,
+    };
+    let mut bytes: Vec<u64> = timed
+        .iter()
+        .map(|(r, _)| r.bytes_sent + r.bytes_received)
+        .collect();
+    bytes.sort_unstable();
+    let transport = options.transport.name();
+    let broker = match (options.transport, &options.broker) {
+        (Transport::Grpc | Transport::InProcess, _) => "none".to_string(),
+        (Transport::Device, None) => "embedded (rumqttd)".to_string(),
+        (Transport::Device, Some(b)) => b.url.clone(),
+    };
+    Ok(RoundsReport {
+        bench: "rounds",
+        workload: format!(
+            "no-op rounds, {n} clients x {} params, {sampled} sampled per round, over {}",
+            options.params,
+            match options.transport {
+                Transport::Grpc => "direct gRPC over loopback (weights inline)".to_string(),
+                Transport::InProcess => {
+                    "in-process clients (Fleet service in memory, weights inline)".to_string()
+                }
+                Transport::Device => format!(
+                    "the device path (proxy + MQTT broker {broker} + embedded S3 + agents{})",
+                    if options.agent_processes {
+                        ", one process per agent"
+                    } else {
+                        " in this process"
+                    }
+                ),
+            }
+        ),
+        transport,
+        broker,
+        object_store: (options.transport == Transport::Device)
+            .then(|| format!("embedded S3 over {}", scratch.display())),
+        clients: n,
+        params: options.params,
+        sampled_per_round: sampled,
+        agent_processes: options.agent_processes,
+        median_round_seconds: round_seconds.median,
+        round_seconds,
+        setup_seconds,
+        mqtt_messages_per_second,
+        bytes_per_round: bytes[bytes.len() / 2],
+        peak_rss_bytes,
+        machine: Machine::detect(),
+    })
+}
+
+impl RoundsReport {
+    pub fn human(&self) -> Vec<String> {
+        let mut lines = vec![
+            format!("bench rounds: {}", self.workload),
+            format!("machine: {}", self.machine.describe()),
+            format!(
+                "seconds per round: {} (set-up, not timed: {:.1} s)",
+                self.round_seconds.describe(3, " s"),
+                self.setup_seconds
+            ),
+            format!(
+                "weights moved per round: {:.1} MB",
+                self.bytes_per_round as f64 / 1e6
+            ),
+        ];
+        if let Some(m) = self.mqtt_messages_per_second {
+            lines.push(format!("MQTT messages per second: {m:.0}"));
+        }
+        if let Some(p) = self.peak_rss_bytes {
+            lines.push(format!("peak RSS: {}", human_bytes(p)));
+        }
+        lines
+    }
+}
+
+/// `pollen bench agent`: one no-op edge agent, for `bench rounds --agent-processes`. It
+/// stops (publishing its offline status) when its stdin closes or on Ctrl-C.
+pub async fn run_agent(
+    broker: BrokerConfig,
+    fleet: String,
+    device_id: String,
+) -> anyhow::Result<()> {
+    let agent = pollen_client::agent::Agent::new(
+        pollen_client::agent::AgentOptions {
+            device_id,
+            fleet,
+            broker,
+            heartbeat: Duration::from_secs(10),
+            keep_alive: Duration::from_secs(30),
+            work_dir: None,
+            model: "no-op".into(),
+            compute_slots: None,
+            properties: Default::default(),
+        },
+        NoOpClient { examples: 10 },
+    )?;
+    let stop = CancellationToken::new();
+    let on_eof = stop.clone();
+    tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        let mut stdin = tokio::io::stdin();
+        let mut buf = [0u8; 64];
+        loop {
+            tokio::select! {
+                n = stdin.read(&mut buf) => if !matches!(n, Ok(n) if n > 0) { break },
+                _ = tokio::signal::ctrl_c() => break,
+            }
+        }
+        on_eof.cancel();
+    });
+    agent.run(stop).await?;
+    Ok(())
+}

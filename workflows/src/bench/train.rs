@@ -1,0 +1,120 @@
+//! `pollen bench train`: local training throughput (samples/s) of one client, for each model
+//! and batch size asked for: one local epoch over `examples` MNIST images, as a device does
+//! for a fit command (weights imported, trained, exported).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use pollen_client::mnist::Mnist;
+use pollen_client::model::{ModelKind, initial_parameters};
+use pollen_client::trainer::{self, LocalData, TrainConfig};
+use serde::Serialize;
+
+use super::{Machine, Stats};
+
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    pub models: Vec<ModelKind>,
+    pub batch_sizes: Vec<usize>,
+    /// Examples in the local epoch (600 = one client's share of MNIST over 100 clients).
+    pub examples: usize,
+    pub runs: usize,
+    pub data_dir: std::path::PathBuf,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TrainResult {
+    pub model: &'static str,
+    pub batch_size: usize,
+    pub samples_per_second: Stats,
+    pub seconds_per_epoch: Stats,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TrainReport {
+    pub bench: &'static str,
+    pub workload: String,
+    pub examples: usize,
+    pub results: Vec<TrainResult>,
+    pub machine: Machine,
+}
+
+pub fn run(options: &TrainOptions) -> anyhow::Result<TrainReport> {
+    anyhow::ensure!(options.runs >= 1, "--runs must be at least 1");
+    anyhow::ensure!(options.examples >= 1, "--examples must be at least 1");
+    let mnist = Mnist::load(&options.data_dir)
+        .with_context(|| format!("loading MNIST from {}", options.data_dir.display()))?;
+    let train = Arc::new(mnist.train);
+    anyhow::ensure!(
+        options.examples <= train.len(),
+        "--examples {} exceeds the {} training images",
+        options.examples,
+        train.len()
+    );
+    let data = LocalData {
+        split: train,
+        indices: (0..options.examples).collect(),
+    };
+    let mut results = Vec::new();
+    for &kind in &options.models {
+        let global = initial_parameters(kind, 1)?;
+        for &batch_size in &options.batch_sizes {
+            anyhow::ensure!(batch_size >= 1, "batch sizes must be at least 1");
+            let config = TrainConfig {
+                local_epochs: 1,
+                batch_size,
+                learning_rate: 0.05,
+            };
+            // One untimed epoch first: the backend allocates and tunes on first use.
+            trainer::fit(kind, &global, &data, config, 0)?;
+            let mut seconds = Vec::with_capacity(options.runs);
+            for run in 0..options.runs {
+                let started = Instant::now();
+                let out = trainer::fit(kind, &global, &data, config, run as u64 + 1)?;
+                seconds.push(started.elapsed().as_secs_f64());
+                anyhow::ensure!(
+                    out.num_examples as usize == options.examples && out.loss.is_finite(),
+                    "training returned {} examples, loss {}",
+                    out.num_examples,
+                    out.loss
+                );
+            }
+            let seconds = Stats::of(&seconds).context("no runs")?;
+            results.push(TrainResult {
+                model: kind.name(),
+                batch_size,
+                samples_per_second: seconds.map_decreasing(|s| options.examples as f64 / s),
+                seconds_per_epoch: seconds,
+            });
+        }
+    }
+    Ok(TrainReport {
+        bench: "train",
+        workload: format!(
+            "one local epoch over {} MNIST images (E=1, SGD lr 0.05), weights in and out",
+            options.examples
+        ),
+        examples: options.examples,
+        results,
+        machine: Machine::detect(),
+    })
+}
+
+impl TrainReport {
+    pub fn human(&self) -> Vec<String> {
+        let mut lines = vec![
+            format!("bench train: {}", self.workload),
+            format!("machine: {}", self.machine.describe()),
+        ];
+        for r in &self.results {
+            lines.push(format!(
+                "{} B={}: samples/s {}",
+                r.model,
+                r.batch_size,
+                r.samples_per_second.describe(0, "")
+            ));
+        }
+        lines
+    }
+}
