@@ -91,11 +91,6 @@ pub enum FleetClientError {
         endpoint: String,
         source: tonic::transport::Error,
     },
-    #[error("client for {endpoint}: {source_message}")]
-    Connect {
-        endpoint: String,
-        source_message: String,
-    },
     #[error("coordinator refused the stream: {0}")]
     Refused(tonic::Status),
     #[error("stream ended with an error: {0}")]
@@ -111,7 +106,7 @@ impl FleetClientError {
                 status.code(),
                 tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
             ),
-            FleetClientError::Connect { .. } | FleetClientError::Stream(_) => false,
+            FleetClientError::Stream(_) => false,
         }
     }
 }

@@ -51,6 +51,7 @@ fn fold(c: &mut Criterion) {
                 .expect("fold")
         })
     });
+    group.throughput(Throughput::Bytes(10 * bytes));
     group.bench_function("fold_10_updates_and_finish_cnn", |b| {
         b.iter(|| {
             let mut agg = strategy.fit_aggregator(1, &global);

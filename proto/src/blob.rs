@@ -3,9 +3,10 @@
 //!
 //! Every component exchanges weights as [`Parameters`]: an ordered list of named f32 tensors in
 //! PyTorch layout (`Linear` weights are `[out, in]`), so a blob written by Pollen loads with
-//! `safetensors.torch.load_file` and vice versa. Decoding checks, in this order, the digest, the
-//! container, the dtype, the names and shapes against what the receiver expects, and that every
-//! value is finite, and names the tensor at fault when one check fails.
+//! `safetensors.torch.load_file` and vice versa. Decoding checks, in this order, the digest
+//! (always for blobs by reference, when given for inline ones), the container, the dtype, the
+//! names and shapes against what the receiver expects, and that every value is finite, and names
+//! the tensor at fault when one check fails.
 
 use std::borrow::Cow;
 use std::collections::HashMap;

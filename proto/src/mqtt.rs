@@ -226,9 +226,8 @@ fn tls_client_config(
 /// delayed ACK (40 ms on Linux) would add that to every hop of a round.
 pub fn client(options: MqttOptions, capacity: usize) -> (rumqttc::AsyncClient, rumqttc::EventLoop) {
     let (client, mut eventloop) = rumqttc::AsyncClient::new(options, capacity);
-    let mut network = rumqttc::NetworkOptions::new();
+    let mut network = eventloop.network_options.clone();
     network.set_tcp_nodelay(true);
-    network.set_connection_timeout(eventloop.network_options.connection_timeout());
     eventloop.set_network_options(network);
     (client, eventloop)
 }

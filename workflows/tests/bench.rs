@@ -41,16 +41,16 @@ fn machine_ok(v: &serde_json::Value) {
 }
 
 #[test]
-fn bench_aggregate_reports_throughput_and_memory() {
+fn bench_aggregate_reports_throughput_and_memory_of_one_model_not_all_updates() {
     for wire in [false, true] {
         let mut args = vec![
             "aggregate",
             "--shape",
             "flat",
             "--params",
-            "100000",
+            "1000000",
             "--updates",
-            "8",
+            "16",
             "--runs",
             "3",
         ];
@@ -60,16 +60,21 @@ fn bench_aggregate_reports_throughput_and_memory() {
         let v = bench(&args);
         assert_eq!(v["bench"], "aggregate");
         assert_eq!(v["from_wire"], wire);
-        assert_eq!(v["bytes_per_run"], 8 * 100_000 * 4);
+        let input = 16 * 1_000_000 * 4;
+        assert_eq!(v["bytes_per_run"], input);
         stats_ok(&v["seconds"], 3);
         stats_ok(&v["gbps_stats"], 3);
-        let gbps = v["gbps"].as_f64().expect("gbps");
-        let median = v["seconds"]["median"].as_f64().expect("median");
-        assert!((gbps - 3.2e6 / median / 1e9).abs() / gbps < 1e-6, "{v}");
-        // The updates alone are 3.2 MB; the process holds more than that.
+        assert_eq!(v["gbps"], v["gbps_stats"]["median"]);
+        // The updates (64 MB) are all in memory, so the process peaks above them; aggregating
+        // them takes a few models' worth (the running sum, the result, one decoded update),
+        // far below holding them all again.
+        assert!(v["peak_rss_bytes"].as_u64().expect("rss") > input, "{v}");
+        let aggregation = v["aggregation_rss_bytes"]
+            .as_u64()
+            .expect("aggregation rss");
         assert!(
-            v["peak_rss_bytes"].as_u64().expect("rss") > 3_200_000,
-            "{v}"
+            aggregation < input / 2,
+            "aggregation took {aggregation} bytes: {v}"
         );
         machine_ok(&v);
     }
@@ -127,10 +132,11 @@ fn bench_train_reports_samples_per_second_per_model_and_batch_size() {
         assert_eq!(r["model"], "mnist-2nn");
         assert_eq!(r["batch_size"], b);
         stats_ok(&r["samples_per_second"], 2);
-        // samples/s x seconds per epoch = the epoch's examples.
+        // samples/s x seconds per epoch = the epoch's examples (the medians of two runs are
+        // means of two, so only nearly).
         let product = r["samples_per_second"]["median"].as_f64().expect("rate")
             * r["seconds_per_epoch"]["median"].as_f64().expect("s");
-        assert!((product - 64.0).abs() < 1.0, "{r}");
+        assert!((product / 64.0 - 1.0).abs() < 0.2, "{r}");
     }
 }
 

@@ -168,8 +168,8 @@ pub fn run(options: &AggregateOptions) -> anyhow::Result<AggregateReport> {
         "the aggregate is out of the updates' range: the fold is wrong"
     );
     let bytes_per_run = (options.updates * params * 4) as u64;
+    let gbps_stats = Stats::of_rates(bytes_per_run as f64 / 1e9, &seconds).context("no runs")?;
     let seconds = Stats::of(&seconds).context("no runs")?;
-    let gbps_stats = seconds.map_decreasing(|s| bytes_per_run as f64 / s / 1e9);
     let shape = match options.shape {
         Shape::Cnn => "MNIST CNN shapes".to_string(),
         Shape::Mlp => "MNIST 2NN shapes".to_string(),

@@ -48,11 +48,15 @@ pub async fn run(options: &MnistOptions) -> anyhow::Result<MnistReport> {
     let started = Instant::now();
     let mut spec = RunSpec::default_spec();
     spec.rounds = options.max_rounds;
-    let runs_dir = std::env::temp_dir().join(format!("pollen-bench-mnist-{}", std::process::id()));
+    // Records and objects of this run only; removed when the benchmark ends, however it ends.
+    let runs_dir = tempfile::Builder::new()
+        .prefix("pollen-bench-mnist-")
+        .tempdir()
+        .context("creating a scratch folder for the run")?;
     let sim_options = SimulateOptions {
         transport: options.transport,
         broker: options.broker.clone(),
-        ..SimulateOptions::new(&runs_dir)
+        ..SimulateOptions::new(runs_dir.path())
     };
     let stop = CancellationToken::new();
     let reached: Arc<Mutex<Option<(u64, f64)>>> = Arc::default();
@@ -68,7 +72,6 @@ pub async fn run(options: &MnistOptions) -> anyhow::Result<MnistReport> {
     };
     let sim = simulate(&spec, &sim_options, stop, on_round).await;
     let peak_rss_bytes = peak_rss_bytes();
-    let _ = std::fs::remove_dir_all(&runs_dir);
     let sim = sim.context("running the simulation")?;
     let rounds = &sim.summary.rounds;
     let seconds: Vec<f64> = rounds.iter().map(|r| r.seconds).collect();

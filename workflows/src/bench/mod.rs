@@ -50,15 +50,10 @@ impl Stats {
         })
     }
 
-    /// The same statistics of `f(sample)` for a decreasing `f` (a rate from a duration):
-    /// the slowest run gives the minimum rate.
-    pub fn map_decreasing(&self, f: impl Fn(f64) -> f64) -> Self {
-        Self {
-            min: f(self.max),
-            median: f(self.median),
-            max: f(self.min),
-            runs: self.runs,
-        }
+    /// Statistics of `work / seconds` over every run: a rate (GB/s, samples/s) per run.
+    pub fn of_rates(work: f64, seconds: &[f64]) -> Option<Self> {
+        let rates: Vec<f64> = seconds.iter().map(|s| work / s).collect();
+        Self::of(&rates)
     }
 
     /// Every figure times `k` (a change of unit).
@@ -196,11 +191,12 @@ mod tests {
         let s = Stats::of(&[4.0, 1.0, 2.0, 3.0]).expect("samples");
         assert_eq!(s.median, 2.5);
         assert!(Stats::of(&[]).is_none());
-        // Rates from durations: the slowest run is the lowest rate.
-        let r = Stats::of(&[1.0, 2.0, 4.0])
-            .expect("samples")
-            .map_decreasing(|t| 8.0 / t);
+        // Rates from durations: the slowest run is the lowest rate; with an even count the
+        // median is the mean of the two middle rates, not the rate of the mean time.
+        let r = Stats::of_rates(8.0, &[1.0, 2.0, 4.0]).expect("samples");
         assert_eq!((r.min, r.median, r.max), (2.0, 4.0, 8.0));
+        let r = Stats::of_rates(8.0, &[1.0, 4.0]).expect("samples");
+        assert_eq!(r.median, 5.0);
     }
 
     #[test]

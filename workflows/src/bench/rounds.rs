@@ -84,18 +84,25 @@ impl Client for NoOpClient {
     }
 }
 
-/// Where the embedded S3 server keeps objects for the benchmark: tmpfs when the machine has
-/// one. Every round creates and deletes one object per device; on ext4 that churn alone (inode
-/// allocation scanning recently deleted inodes, renames in one directory) took 9.6 s of kernel
-/// time in 21 rounds of 100 devices here: the disk's cost, not Pollen's.
-fn scratch_dir() -> std::path::PathBuf {
+/// Where the embedded S3 server keeps objects for the benchmark (removed when dropped):
+/// tmpfs when the machine has one with room for a round's objects. Every round creates and
+/// deletes one object per device; on ext4 that churn alone (inode allocation scanning recently
+/// deleted inodes, renames in one directory) took 9.6 s of kernel time in 21 rounds of 100
+/// devices here: the disk's cost, not Pollen's.
+fn scratch_dir(round_bytes: u64) -> anyhow::Result<tempfile::TempDir> {
     let shm = std::path::Path::new("/dev/shm");
-    let base = if shm.is_dir() {
+    let roomy = |dir: &std::path::Path| {
+        fs2::available_space(dir).is_ok_and(|free| free > 2 * round_bytes + (256 << 20))
+    };
+    let base = if shm.is_dir() && roomy(shm) {
         shm.to_path_buf()
     } else {
         std::env::temp_dir()
     };
-    base.join(format!("pollen-bench-{}", std::process::id()))
+    tempfile::Builder::new()
+        .prefix("pollen-bench-")
+        .tempdir_in(&base)
+        .with_context(|| format!("creating a scratch folder in {}", base.display()))
 }
 
 #[derive(Debug, Serialize)]
@@ -118,7 +125,7 @@ pub struct RoundsReport {
     /// MQTT messages through the broker per second of the timed rounds, as the proxy counts
     /// them (commands it published + replies it received); device path only.
     pub mqtt_messages_per_second: Option<f64>,
-    /// Megabytes of weights the coordinator sent and received per round (median round).
+    /// Bytes of weights the coordinator sent and received in the median round.
     pub bytes_per_round: u64,
     pub peak_rss_bytes: Option<u64>,
     pub machine: Machine,
@@ -138,11 +145,12 @@ pub async fn run(options: &RoundsOptions) -> anyhow::Result<RoundsReport> {
         options.fraction
     );
     let setup = std::time::Instant::now();
-    let scratch = scratch_dir();
+    // The global model and one update per sampled device live in storage during a round.
+    let scratch = scratch_dir((options.clients as u64 + 1) * options.params as u64 * 4)?;
     let storage = match options.transport {
         Transport::Grpc | Transport::InProcess => Storage::Inline,
         Transport::Device => Storage::Embedded {
-            root: scratch.join("s3"),
+            root: scratch.path().join("s3"),
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         },
     };
@@ -197,16 +205,19 @@ pub async fn run(options: &RoundsOptions) -> anyhow::Result<RoundsReport> {
         accept_failures: false,
     })
     .with_initial_parameters(initial);
-    let records: Arc<Mutex<Vec<(RoundRecord, Option<u64>)>>> = Arc::default();
+    // Each round's record, the proxy's MQTT message count and the time when it ended.
+    type Ended = (RoundRecord, Option<u64>, std::time::Instant);
+    let records: Arc<Mutex<Vec<Ended>>> = Arc::default();
     let stats_at_round = {
         let records = records.clone();
         let proxy = fleet.mqtt_messages();
         move |r: &RoundRecord| {
             let messages = proxy.as_ref().map(|f| f());
-            records
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push((r.clone(), messages));
+            records.lock().unwrap_or_else(|e| e.into_inner()).push((
+                r.clone(),
+                messages,
+                std::time::Instant::now(),
+            ));
         }
     };
     let mut driver = RoundDriver::new(
@@ -228,11 +239,10 @@ pub async fn run(options: &RoundsOptions) -> anyhow::Result<RoundsReport> {
     coordinator.token().cancel();
     fleet.join().await;
     coordinator.shut_down().await;
-    let _ = std::fs::remove_dir_all(&scratch);
     summary.context("driving the rounds")?;
 
     let records = std::mem::take(&mut *records.lock().unwrap_or_else(|e| e.into_inner()));
-    for (r, _) in &records {
+    for (r, _, _) in &records {
         anyhow::ensure!(
             r.status == RoundStatus::Ok && r.succeeded == sampled,
             "round {} did not succeed with all {sampled} sampled clients ({} succeeded, failures {:?}{})",
@@ -244,17 +254,21 @@ pub async fn run(options: &RoundsOptions) -> anyhow::Result<RoundsReport> {
     }
     // Round 1 is the warm-up: connections, caches and allocator pools fill there.
     let timed = &records[1..];
-    let seconds: Vec<f64> = timed.iter().map(|(r, _)| r.seconds).collect();
+    let seconds: Vec<f64> = timed.iter().map(|(r, _, _)| r.seconds).collect();
     let round_seconds = Stats::of(&seconds).context("no timed rounds")?;
-    let mqtt_messages_per_second = match (records[0].1, timed.last().and_then(|(_, m)| *m)) {
-        (Some(start), Some(end)) => Some((end - start) as f64 / seconds.iter().sum::<f64>()),
+    // Messages from the end of the warm-up round to the end of the last, over that wall time.
+    let (_, first_count, first_end) = &records[0];
+    let (_, last_count, last_end) = records.last().context("no rounds")?;
+    let mqtt_messages_per_second = match (first_count, last_count) {
+        (Some(start), Some(end)) => {
+            Some((end - start) as f64 / last_end.duration_since(*first_end).as_secs_f64())
+        }
         _ => None,
     };
-    let mut bytes: Vec<u64> = timed
+    let bytes: Vec<f64> = timed
         .iter()
-        .map(|(r, _)| r.bytes_sent + r.bytes_received)
+        .map(|(r, _, _)| (r.bytes_sent + r.bytes_received) as f64)
         .collect();
-    bytes.sort_unstable();
     let transport = options.transport.name();
     let broker = match (options.transport, &options.broker) {
         (Transport::Grpc | Transport::InProcess, _) => "none".to_string(),
@@ -284,7 +298,7 @@ pub async fn run(options: &RoundsOptions) -> anyhow::Result<RoundsReport> {
         transport,
         broker,
         object_store: (options.transport == Transport::Device)
-            .then(|| format!("embedded S3 over {}", scratch.display())),
+            .then(|| format!("embedded S3 over {}", scratch.path().display())),
         clients: n,
         params: options.params,
         sampled_per_round: sampled,
@@ -293,7 +307,7 @@ pub async fn run(options: &RoundsOptions) -> anyhow::Result<RoundsReport> {
         round_seconds,
         setup_seconds,
         mqtt_messages_per_second,
-        bytes_per_round: bytes[bytes.len() / 2],
+        bytes_per_round: Stats::of(&bytes).map_or(0, |b| b.median as u64),
         peak_rss_bytes,
         machine: Machine::detect(),
     })
@@ -346,18 +360,18 @@ pub async fn run_agent(
         NoOpClient { examples: 10 },
     )?;
     let stop = CancellationToken::new();
+    // A plain thread: tokio's stdin would keep the runtime from shutting down while it reads.
     let on_eof = stop.clone();
-    tokio::spawn(async move {
-        use tokio::io::AsyncReadExt;
-        let mut stdin = tokio::io::stdin();
-        let mut buf = [0u8; 64];
-        loop {
-            tokio::select! {
-                n = stdin.read(&mut buf) => if !matches!(n, Ok(n) if n > 0) { break },
-                _ = tokio::signal::ctrl_c() => break,
-            }
-        }
+    std::thread::spawn(move || {
+        let mut sink = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
         on_eof.cancel();
+    });
+    let on_ctrl_c = stop.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            on_ctrl_c.cancel();
+        }
     });
     agent.run(stop).await?;
     Ok(())

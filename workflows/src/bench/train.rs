@@ -80,12 +80,12 @@ pub fn run(options: &TrainOptions) -> anyhow::Result<TrainReport> {
                     out.loss
                 );
             }
-            let seconds = Stats::of(&seconds).context("no runs")?;
             results.push(TrainResult {
                 model: kind.name(),
                 batch_size,
-                samples_per_second: seconds.map_decreasing(|s| options.examples as f64 / s),
-                seconds_per_epoch: seconds,
+                samples_per_second: Stats::of_rates(options.examples as f64, &seconds)
+                    .context("no runs")?,
+                seconds_per_epoch: Stats::of(&seconds).context("no runs")?,
             });
         }
     }
