@@ -377,6 +377,57 @@ mod tests {
     }
 
     #[test]
+    fn an_inline_blob_may_leave_its_digest_out_but_a_reference_may_not() {
+        let p = sample();
+        let unhashed = p.encode_unhashed();
+        assert!(unhashed.sha256.is_empty());
+        assert_eq!(
+            unhashed.bytes,
+            p.encode().bytes,
+            "same bytes, only no digest"
+        );
+        let back = Parameters::from_wire(&unhashed.to_inline(), Some(&p.specs())).expect("decodes");
+        assert_eq!(back, p);
+        // The codec is still checked without a digest.
+        let err = verify_inline(&unhashed.bytes, "", 99).expect_err("unknown codec");
+        assert!(matches!(err, BlobError::UnsupportedCodec(99)), "{err}");
+        // A digest that is given is checked.
+        let err = verify_inline(
+            &unhashed.bytes,
+            &"0".repeat(64),
+            Codec::SafetensorsF32 as i32,
+        )
+        .expect_err("wrong digest");
+        assert!(matches!(err, BlobError::DigestMismatch { .. }), "{err}");
+        // What readers of referenced blobs use: no digest is a mismatch.
+        let err = verify(&unhashed.bytes, "", Codec::SafetensorsF32 as i32).expect_err("empty");
+        assert!(matches!(err, BlobError::DigestMismatch { .. }), "{err}");
+    }
+
+    #[test]
+    fn the_finiteness_scan_names_the_first_bad_value_past_any_chunk_boundary() {
+        let n = 5000;
+        let mut data = vec![0.5f32; n];
+        data[4097] = f32::NEG_INFINITY;
+        data[4999] = f32::NAN;
+        assert!(!all_finite(&data));
+        assert!(all_finite(&data[..4097]));
+        let p = Parameters::new(vec![NamedTensor::new("w", vec![n], data)]).expect("valid");
+        let err = Parameters::decode(&p.encode().bytes, None).expect_err("non-finite");
+        match err {
+            BlobError::NonFinite {
+                tensor,
+                index,
+                value,
+            } => {
+                assert_eq!((tensor.as_str(), index), ("w", 4097));
+                assert_eq!(value, f32::NEG_INFINITY);
+            }
+            other => panic!("{other}"),
+        }
+    }
+
+    #[test]
     fn wrong_shapes_missing_and_extra_tensors_are_named() {
         let p = sample();
         let bytes = p.encode().bytes;

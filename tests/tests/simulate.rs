@@ -117,6 +117,17 @@ async fn a_short_2nn_simulation_over_grpc_improves_test_accuracy() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn in_process_clients_learn_as_grpc_clients_do() {
+    let (sim, _dir) = run_with(small_2nn(), Transport::InProcess, None).await;
+    assert_learns(&sim);
+    for r in &sim.summary.rounds {
+        assert_eq!(r.failed, 0, "{r:?}");
+        // Each sampled client got the model and sent one back, counted like gRPC traffic.
+        assert!(r.bytes_sent > 0 && r.bytes_received > 0, "{r:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn the_cnn_learns_in_a_two_round_federated_run() {
     let mut spec = RunSpec::default_spec();
     spec.model = ModelKind::MnistCnn;

@@ -112,6 +112,28 @@ pub fn http_client() -> Result<reqwest::Client, reqwest::Error> {
         .build()
 }
 
+/// Tries of a request that fails before any answer arrives.
+const SEND_ATTEMPTS: u64 = 3;
+
+/// Sends the request `build` makes, again (after 100 ms, then 200 ms) when it failed before an
+/// answer arrived: a busy server's full accept queue resets new connections (seen with 1000
+/// devices starting transfers at once). GET and PUT of one presigned key are idempotent.
+async fn send_with_retries(
+    build: impl Fn() -> reqwest::RequestBuilder,
+) -> Result<reqwest::Response, reqwest::Error> {
+    let mut attempt = 1;
+    loop {
+        match build().send().await {
+            Err(e) if attempt < SEND_ATTEMPTS && (e.is_connect() || e.is_request()) => {
+                tracing::debug!(attempt, "transfer failed before an answer, retrying: {e}");
+                tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
 fn parse_url(method: &'static str, url: &str) -> Result<reqwest::Url, TransferError> {
     let parsed = reqwest::Url::parse(url).map_err(|e| TransferError::BadUrl {
         method,
@@ -164,7 +186,9 @@ pub async fn download(http: &reqwest::Client, get: &BlobGet) -> Result<Parameter
         url: shown.clone(),
         source: source.without_url(),
     };
-    let mut response = http.get(url).send().await.map_err(http_error)?;
+    let mut response = send_with_retries(|| http.get(url.clone()))
+        .await
+        .map_err(http_error)?;
     let status = response.status();
     if !status.is_success() {
         return Err(TransferError::Status {
@@ -225,17 +249,17 @@ pub async fn upload(http: &reqwest::Client, url: &str, bytes: Bytes) -> Result<(
     const PUT: &str = "PUT";
     let shown = redact(url);
     let parsed = parse_url(PUT, url)?;
-    let response = http
-        .put(parsed)
-        .header(reqwest::header::CONTENT_LENGTH, bytes.len())
-        .body(bytes)
-        .send()
-        .await
-        .map_err(|source| TransferError::Http {
-            method: PUT,
-            url: shown.clone(),
-            source: source.without_url(),
-        })?;
+    let response = send_with_retries(|| {
+        http.put(parsed.clone())
+            .header(reqwest::header::CONTENT_LENGTH, bytes.len())
+            .body(bytes.clone())
+    })
+    .await
+    .map_err(|source| TransferError::Http {
+        method: PUT,
+        url: shown.clone(),
+        source: source.without_url(),
+    })?;
     let status = response.status();
     if !status.is_success() {
         return Err(TransferError::Status {
