@@ -330,7 +330,6 @@ impl SimulatedFleet {
         let endpoint = coordinator.endpoint();
         let stop_all = coordinator.token();
         let size = clients.len();
-        let mut tasks = tokio::task::JoinSet::new();
         let mut fleet = Self {
             tasks: tokio::task::JoinSet::new(),
             proxy: None,
@@ -349,7 +348,7 @@ impl SimulatedFleet {
                         ..Default::default()
                     };
                     let id = format!("sim-{i:04}");
-                    tasks.spawn(async move {
+                    fleet.tasks.spawn(async move {
                         if let Err(e) =
                             pollen_client::run_client(&endpoint, &id, client, opts, stop).await
                         {
@@ -369,7 +368,7 @@ impl SimulatedFleet {
                         ..Default::default()
                     };
                     let id = format!("sim-{i:04}");
-                    tasks.spawn(async move {
+                    fleet.tasks.spawn(async move {
                         let (tx, rx) = tokio::sync::mpsc::channel(16);
                         let join = pollen_client::fleet::join_message(&id, &client, &opts);
                         let inbound = tokio_stream::StreamExt::map(
@@ -409,37 +408,8 @@ impl SimulatedFleet {
                                 .context("starting an agent process")?,
                         );
                     }
-                }
-                // One HTTP connection pool for all simulated devices, as one host has.
-                let http = pollen_client::agent::transfer::http_client()
-                    .context("building the HTTP client for weight transfers")?;
-                let in_tasks = if options.agent_process.is_some() {
-                    Vec::new()
                 } else {
-                    clients
-                };
-                for (i, client) in in_tasks.into_iter().enumerate() {
-                    let agent = Agent::new(
-                        AgentOptions {
-                            device_id: format!("sim-{i:04}"),
-                            fleet: options.fleet.clone(),
-                            broker: broker.clone(),
-                            heartbeat: Duration::from_secs(10),
-                            keep_alive: Duration::from_secs(30),
-                            work_dir: None,
-                            model: options.model.clone(),
-                            compute_slots: Some(options.compute_slots.clone()),
-                            properties: Default::default(),
-                        },
-                        client,
-                    )?
-                    .with_http_client(http.clone());
-                    let stop = stop_all.clone();
-                    tasks.spawn(async move {
-                        if let Err(e) = agent.run(stop).await {
-                            tracing::warn!("simulated agent ended: {e}");
-                        }
-                    });
+                    fleet.spawn_agents(clients, &broker, &options, &stop_all)?;
                 }
                 fleet.proxy = Some(
                     Proxy::start(
@@ -460,8 +430,43 @@ impl SimulatedFleet {
                 );
             }
         }
-        fleet.tasks = tasks;
         Ok(fleet)
+    }
+
+    /// One edge agent task per client, sharing one HTTP connection pool as one host does.
+    fn spawn_agents<C: Client>(
+        &mut self,
+        clients: Vec<C>,
+        broker: &BrokerConfig,
+        options: &FleetOptions,
+        stop_all: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        let http = pollen_client::agent::transfer::http_client()
+            .context("building the HTTP client for weight transfers")?;
+        for (i, client) in clients.into_iter().enumerate() {
+            let agent = Agent::new(
+                AgentOptions {
+                    device_id: format!("sim-{i:04}"),
+                    fleet: options.fleet.clone(),
+                    broker: broker.clone(),
+                    heartbeat: Duration::from_secs(10),
+                    keep_alive: Duration::from_secs(30),
+                    work_dir: None,
+                    model: options.model.clone(),
+                    compute_slots: Some(options.compute_slots.clone()),
+                    properties: Default::default(),
+                },
+                client,
+            )?
+            .with_http_client(http.clone());
+            let stop = stop_all.clone();
+            self.tasks.spawn(async move {
+                if let Err(e) = agent.run(stop).await {
+                    tracing::warn!("simulated agent ended: {e}");
+                }
+            });
+        }
+        Ok(())
     }
 
     /// Waits until every client has joined the coordinator (through its bridge on the device

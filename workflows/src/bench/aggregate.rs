@@ -20,7 +20,7 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::Serialize;
 
-use super::{Machine, Stats, human_bytes, peak_rss_bytes, reset_peak_rss, rss_bytes};
+use super::{Machine, Stats, header, human_bytes, peak_rss_bytes, reset_peak_rss, rss_bytes};
 
 /// The model whose updates are folded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -209,15 +209,12 @@ pub fn run(options: &AggregateOptions) -> anyhow::Result<AggregateReport> {
 
 impl AggregateReport {
     pub fn human(&self) -> Vec<String> {
-        let mut lines = vec![
-            format!("bench aggregate: {}", self.workload),
-            format!("machine: {}", self.machine.describe()),
-            format!(
-                "time per aggregation ({} MB of updates): {}",
-                self.bytes_per_run / 1_000_000,
-                self.seconds.scaled(1e3).describe(1, " ms")
-            ),
-        ];
+        let mut lines = header("aggregate", &self.workload, &self.machine);
+        lines.push(format!(
+            "time per aggregation ({} MB of updates): {}",
+            self.bytes_per_run / 1_000_000,
+            self.seconds.scaled(1e3).describe(1, " ms")
+        ));
         lines.push(format!(
             "throughput: {}",
             self.gbps_stats.describe(1, " GB/s")

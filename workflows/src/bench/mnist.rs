@@ -10,7 +10,7 @@ use pollen_proto::mqtt::BrokerConfig;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use super::{Machine, Stats, human_bytes, peak_rss_bytes};
+use super::{Machine, Stats, header, human_bytes, peak_rss_bytes};
 use crate::simulate::{SimulateOptions, Transport, simulate};
 use crate::spec::RunSpec;
 
@@ -117,14 +117,11 @@ pub async fn run(options: &MnistOptions) -> anyhow::Result<MnistReport> {
 
 impl MnistReport {
     pub fn human(&self) -> Vec<String> {
-        let mut lines = vec![
-            format!("bench mnist: {}", self.workload),
-            format!("machine: {}", self.machine.describe()),
-            format!(
-                "seconds per round: {}",
-                self.round_seconds.describe(3, " s")
-            ),
-        ];
+        let mut lines = header("mnist", &self.workload, &self.machine);
+        lines.push(format!(
+            "seconds per round: {}",
+            self.round_seconds.describe(3, " s")
+        ));
         lines.push(match (self.target_round, self.wall_seconds_to_target) {
             (Some(r), Some(wall)) => format!(
                 "{:.0}% test accuracy first at round {r}: {:.1} s of rounds, {wall:.1} s wall time from start",

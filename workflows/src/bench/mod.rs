@@ -142,14 +142,16 @@ fn proc_kib(text: &str, field: &str) -> Option<u64> {
 
 /// The process's peak resident set size (VmHWM) in bytes; `None` where `/proc` is missing.
 pub fn peak_rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    proc_kib(&status, "VmHWM:")
+    self_status("VmHWM:")
 }
 
 /// The process's current resident set size (VmRSS) in bytes.
 pub fn rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    proc_kib(&status, "VmRSS:")
+    self_status("VmRSS:")
+}
+
+fn self_status(field: &str) -> Option<u64> {
+    proc_kib(&std::fs::read_to_string("/proc/self/status").ok()?, field)
 }
 
 /// Resets the peak RSS to the current RSS (Linux `clear_refs` 5), so that a measurement's peak
@@ -166,6 +168,14 @@ pub fn human_bytes(b: u64) -> String {
     } else {
         format!("{:.1} MiB", b / MIB)
     }
+}
+
+/// The first lines every benchmark prints: what ran, and on what.
+pub fn header(bench: &str, workload: &str, machine: &Machine) -> Vec<String> {
+    vec![
+        format!("bench {bench}: {workload}"),
+        format!("machine: {}", machine.describe()),
+    ]
 }
 
 /// Prints a finished benchmark: one JSON object, or the human lines.

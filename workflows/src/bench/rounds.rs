@@ -21,7 +21,7 @@ use serde::Serialize;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use super::{Machine, Stats, human_bytes, peak_rss_bytes};
+use super::{Machine, Stats, header, human_bytes, peak_rss_bytes};
 use crate::run::{LocalCoordinator, Storage};
 use crate::simulate::{AgentProcess, FleetOptions, SimulatedFleet, Transport};
 
@@ -188,7 +188,16 @@ pub async fn run(options: &RoundsOptions) -> anyhow::Result<RoundsReport> {
     let setup_seconds = setup.elapsed().as_secs_f64();
 
     let n = options.clients;
-    let sampled = ((n as f64) * options.fraction).floor().max(1.0) as usize;
+    // Every round waits for the whole fleet; any failure fails the round (and the benchmark).
+    let config = FedAvgConfig {
+        fraction_fit: options.fraction,
+        fraction_evaluate: 0.0,
+        min_fit_clients: 1,
+        min_evaluate_clients: 1,
+        min_available_clients: n,
+        accept_failures: false,
+    };
+    let sampled = config.num_fit_clients(n);
     let initial = Parameters::new(vec![NamedTensor::new(
         "w",
         vec![options.params],
@@ -196,15 +205,7 @@ pub async fn run(options: &RoundsOptions) -> anyhow::Result<RoundsReport> {
             .map(|i| (i % 1000) as f32 * 1e-3)
             .collect(),
     )])?;
-    let strategy = FedAvg::new(FedAvgConfig {
-        fraction_fit: options.fraction,
-        fraction_evaluate: 0.0,
-        min_fit_clients: sampled,
-        min_evaluate_clients: 1,
-        min_available_clients: n,
-        accept_failures: false,
-    })
-    .with_initial_parameters(initial);
+    let strategy = FedAvg::new(config).with_initial_parameters(initial);
     // Each round's record, the proxy's MQTT message count and the time when it ended.
     type Ended = (RoundRecord, Option<u64>, std::time::Instant);
     let records: Arc<Mutex<Vec<Ended>>> = Arc::default();
@@ -315,9 +316,8 @@ pub async fn run(options: &RoundsOptions) -> anyhow::Result<RoundsReport> {
 
 impl RoundsReport {
     pub fn human(&self) -> Vec<String> {
-        let mut lines = vec![
-            format!("bench rounds: {}", self.workload),
-            format!("machine: {}", self.machine.describe()),
+        let mut lines = header("rounds", &self.workload, &self.machine);
+        lines.extend([
             format!(
                 "seconds per round: {} (set-up, not timed: {:.1} s)",
                 self.round_seconds.describe(3, " s"),
@@ -327,7 +327,7 @@ impl RoundsReport {
                 "weights moved per round: {:.1} MB",
                 self.bytes_per_round as f64 / 1e6
             ),
-        ];
+        ]);
         if let Some(m) = self.mqtt_messages_per_second {
             lines.push(format!("MQTT messages per second: {m:.0}"));
         }

@@ -11,7 +11,7 @@ use pollen_client::model::{ModelKind, initial_parameters};
 use pollen_client::trainer::{self, LocalData, TrainConfig};
 use serde::Serialize;
 
-use super::{Machine, Stats};
+use super::{Machine, Stats, header};
 
 #[derive(Debug, Clone)]
 pub struct TrainOptions {
@@ -103,10 +103,7 @@ pub fn run(options: &TrainOptions) -> anyhow::Result<TrainReport> {
 
 impl TrainReport {
     pub fn human(&self) -> Vec<String> {
-        let mut lines = vec![
-            format!("bench train: {}", self.workload),
-            format!("machine: {}", self.machine.describe()),
-        ];
+        let mut lines = header("train", &self.workload, &self.machine);
         for r in &self.results {
             lines.push(format!(
                 "{} B={}: samples/s {}",
