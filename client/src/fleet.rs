@@ -5,84 +5,23 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use futures::Stream;
+use pollen_proto::Parameters;
 use pollen_proto::device::BlobGet;
 use pollen_proto::fleet::{
-    ClientMessage, EvaluateRes, Failure, FailureCode, FitRes, Join, ParametersRes, ServerMessage,
-    Upload, Weights, client_message::Msg as ClientMsg, fleet_client::FleetClient,
+    ClientMessage, EvaluateRes, Failure, FitRes, Join, ParametersRes, ServerMessage, StatisticsRes,
+    TaskRef, Upload, Weights, client_message::Msg as ClientMsg, fleet_client::FleetClient,
     server_message::Msg as ServerMsg, weights::Body,
 };
 use pollen_proto::limits::MAX_GRPC_MESSAGE_BYTES;
 use pollen_proto::scalar::ScalarMap;
-use pollen_proto::{BlobError, Parameters};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
-/// Local training produced this.
-#[derive(Debug, Clone)]
-pub struct ClientFit {
-    pub parameters: Parameters,
-    pub num_examples: u64,
-    pub metrics: ScalarMap,
-}
-
-/// Local evaluation produced this.
-#[derive(Debug, Clone)]
-pub struct ClientEvaluate {
-    pub loss: f64,
-    pub num_examples: u64,
-    pub metrics: ScalarMap,
-}
-
-/// Why a client could not do what it was asked.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{message}")]
-pub struct ClientError {
-    pub code: FailureCode,
-    pub message: String,
-}
-
-impl ClientError {
-    pub fn training(message: impl Into<String>) -> Self {
-        Self {
-            code: FailureCode::TrainingError,
-            message: message.into(),
-        }
-    }
-
-    pub fn bad_instruction(message: impl Into<String>) -> Self {
-        Self {
-            code: FailureCode::BadInstruction,
-            message: message.into(),
-        }
-    }
-}
-
-impl From<BlobError> for ClientError {
-    fn from(e: BlobError) -> Self {
-        ClientError::bad_instruction(format!("global weights: {e}"))
-    }
-}
-
-/// A federated client (Flower's `NumPyClient`). Methods block: they run on a blocking thread.
-pub trait Client: Send + 'static {
-    /// Examples available for local training (sent with `Join`).
-    fn num_examples(&self) -> u64;
-    fn get_parameters(&mut self, config: &ScalarMap) -> Result<Parameters, ClientError>;
-    fn fit(
-        &mut self,
-        round: u64,
-        parameters: Parameters,
-        config: &ScalarMap,
-    ) -> Result<ClientFit, ClientError>;
-    fn evaluate(
-        &mut self,
-        round: u64,
-        parameters: Parameters,
-        config: &ScalarMap,
-    ) -> Result<ClientEvaluate, ClientError>;
-}
+use crate::client::{Client, ClientError, TaskBlob, Work};
+use crate::task::TaskCache;
+use crate::transfer::{self, TransferError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FleetClientError {
@@ -213,6 +152,7 @@ pub fn join_message<C: Client>(client_id: &str, client: &C, options: &ClientOpti
         },
         num_examples: client.num_examples(),
         properties: options.properties.clone(),
+        data: client.data_schema(),
     }
 }
 
@@ -231,6 +171,7 @@ pub async fn serve<C: Client>(
     // Only needed when the coordinator sends weights by reference (presigned URLs): built on
     // first use, so that thousands of simulated clients with inline weights hold none.
     let http = Arc::new(LazyHttp::default());
+    let tasks = Arc::new(TaskCache::default());
     loop {
         let msg = tokio::select! {
             m = inbound.next() => m,
@@ -258,7 +199,7 @@ pub async fn serve<C: Client>(
             work => {
                 let (client, tx, cancelled) = (client.clone(), tx.clone(), cancelled.clone());
                 let slots = options.compute_slots.clone();
-                let http = http.clone();
+                let (http, tasks) = (http.clone(), tasks.clone());
                 let hash_inline = !options.skip_inline_digest;
                 // Work runs in its own task so that Cancel and Stop are still read meanwhile.
                 tokio::spawn(async move {
@@ -266,8 +207,12 @@ pub async fn serve<C: Client>(
                         Some(s) => Some(s.clone().acquire_owned().await),
                         None => None,
                     };
-                    let Some((request_id, reply)) = answer(client, work, &http, hash_inline).await
-                    else {
+                    let ctx = Answering {
+                        http: &http,
+                        tasks: &tasks,
+                        hash_inline,
+                    };
+                    let Some((request_id, reply)) = ctx.answer(client, work).await else {
                         return;
                     };
                     if cancelled
@@ -292,7 +237,7 @@ struct LazyHttp(std::sync::OnceLock<Result<reqwest::Client, String>>);
 impl LazyHttp {
     fn get(&self) -> Result<&reqwest::Client, ClientError> {
         self.0
-            .get_or_init(|| crate::agent::transfer::http_client().map_err(|e| e.to_string()))
+            .get_or_init(|| transfer::http_client().map_err(|e| e.to_string()))
             .as_ref()
             .map_err(|e| {
                 ClientError::training(format!(
@@ -313,13 +258,6 @@ fn failure(request_id: u64, round: u64, e: ClientError) -> ClientMessage {
     }
 }
 
-fn transfer_error(e: crate::agent::transfer::TransferError) -> ClientError {
-    ClientError {
-        code: e.failure_code(),
-        message: e.to_string(),
-    }
-}
-
 /// The parameters wire weights stand for: inline bytes decoded, or a reference downloaded from
 /// its presigned URL (size, digest and codec checked).
 async fn fetch(weights: Option<Weights>, http: &LazyHttp) -> Result<Parameters, ClientError> {
@@ -337,9 +275,9 @@ async fn fetch(weights: Option<Weights>, http: &LazyHttp) -> Result<Parameters, 
                 size_bytes: r.size_bytes,
                 codec: r.codec,
             };
-            crate::agent::transfer::download(http.get()?, &get)
+            transfer::download(http.get()?, &get)
                 .await
-                .map_err(transfer_error)
+                .map_err(ClientError::from)
         }
         body => {
             let weights = Weights { body };
@@ -373,9 +311,9 @@ async fn deliver(
     match upload {
         None => Ok(blob.to_inline()),
         Some(Upload { location, url }) => {
-            crate::agent::transfer::upload(http.get()?, &url, blob.bytes.clone())
+            transfer::upload(http.get()?, &url, blob.bytes.clone())
                 .await
-                .map_err(transfer_error)?;
+                .map_err(|e: TransferError| ClientError::from(e))?;
             Ok(blob.to_reference(location, ""))
         }
     }
@@ -394,75 +332,147 @@ async fn compute<C: Client, T: Send + 'static>(
     .map_err(|e| ClientError::training(format!("client task failed: {e}")))?
 }
 
-/// Runs one instruction on the client, returning its request id and the message to send.
-async fn answer<C: Client>(
-    client: Arc<Mutex<C>>,
-    work: ServerMsg,
-    http: &LazyHttp,
+/// What answering an instruction needs besides the client.
+struct Answering<'a> {
+    http: &'a LazyHttp,
+    tasks: &'a TaskCache,
     hash_inline: bool,
-) -> Option<(u64, ClientMessage)> {
-    match work {
-        ServerMsg::GetParameters(ins) => {
-            let config = ins.config;
-            let result = match compute(client, move |c| c.get_parameters(&config)).await {
-                Ok(p) => deliver(p, ins.upload, http, hash_inline).await,
-                Err(e) => Err(e),
-            };
-            let msg = match result {
-                Ok(weights) => ClientMessage {
-                    msg: Some(ClientMsg::Parameters(ParametersRes {
-                        request_id: ins.request_id,
-                        weights: Some(weights),
-                    })),
-                },
-                Err(e) => failure(ins.request_id, 0, e),
-            };
-            Some((ins.request_id, msg))
+}
+
+/// An instruction's task, config and ids, owned so that they can move to a blocking thread.
+struct Owned {
+    run_id: String,
+    round: u64,
+    task: Option<Arc<TaskBlob>>,
+    config: ScalarMap,
+}
+
+impl Owned {
+    fn work(&self) -> Work<'_> {
+        Work {
+            run_id: &self.run_id,
+            round: self.round,
+            task: self.task.as_deref(),
+            config: &self.config,
         }
-        ServerMsg::Fit(ins) => {
-            let (round, config) = (ins.round, ins.config);
-            let result = async {
-                let global = fetch(ins.weights, http).await?;
-                let fit = compute(client, move |c| c.fit(round, global, &config)).await?;
-                let weights = deliver(fit.parameters, ins.upload, http, hash_inline).await?;
-                Ok::<_, ClientError>((weights, fit.num_examples, fit.metrics))
+    }
+}
+
+impl Answering<'_> {
+    async fn task(&self, task: Option<&TaskRef>) -> Result<Option<Arc<TaskBlob>>, ClientError> {
+        self.tasks.resolve(task, || self.http.get().cloned()).await
+    }
+
+    /// Runs one instruction on the client, returning its request id and the message to send.
+    async fn answer<C: Client>(
+        &self,
+        client: Arc<Mutex<C>>,
+        work: ServerMsg,
+    ) -> Option<(u64, ClientMessage)> {
+        match work {
+            ServerMsg::GetParameters(ins) => {
+                let result = async {
+                    let owned = Owned {
+                        run_id: ins.run_id,
+                        round: 0,
+                        task: self.task(ins.task.as_ref()).await?,
+                        config: ins.config,
+                    };
+                    let p = compute(client, move |c| c.get_parameters(&owned.work())).await?;
+                    deliver(p, ins.upload, self.http, self.hash_inline).await
+                }
+                .await;
+                let msg = match result {
+                    Ok(weights) => ClientMessage {
+                        msg: Some(ClientMsg::Parameters(ParametersRes {
+                            request_id: ins.request_id,
+                            weights: Some(weights),
+                        })),
+                    },
+                    Err(e) => failure(ins.request_id, 0, e),
+                };
+                Some((ins.request_id, msg))
             }
-            .await;
-            let msg = match result {
-                Ok((weights, num_examples, metrics)) => ClientMessage {
-                    msg: Some(ClientMsg::Fit(FitRes {
-                        request_id: ins.request_id,
+            ServerMsg::Fit(ins) => {
+                let round = ins.round;
+                let result = async {
+                    let owned = Owned {
+                        run_id: ins.run_id,
                         round,
-                        weights: Some(weights),
-                        num_examples,
-                        metrics,
-                    })),
-                },
-                Err(e) => failure(ins.request_id, round, e),
-            };
-            Some((ins.request_id, msg))
-        }
-        ServerMsg::Evaluate(ins) => {
-            let (round, config) = (ins.round, ins.config);
-            let result = async {
-                let global = fetch(ins.weights, http).await?;
-                compute(client, move |c| c.evaluate(round, global, &config)).await
+                        task: self.task(ins.task.as_ref()).await?,
+                        config: ins.config,
+                    };
+                    let global = fetch(ins.weights, self.http).await?;
+                    let fit = compute(client, move |c| c.fit(&owned.work(), global)).await?;
+                    let weights =
+                        deliver(fit.parameters, ins.upload, self.http, self.hash_inline).await?;
+                    Ok::<_, ClientError>((weights, fit.num_examples, fit.metrics))
+                }
+                .await;
+                let msg = match result {
+                    Ok((weights, num_examples, metrics)) => ClientMessage {
+                        msg: Some(ClientMsg::Fit(FitRes {
+                            request_id: ins.request_id,
+                            round,
+                            weights: Some(weights),
+                            num_examples,
+                            metrics,
+                        })),
+                    },
+                    Err(e) => failure(ins.request_id, round, e),
+                };
+                Some((ins.request_id, msg))
             }
-            .await;
-            let msg = match result {
-                Ok(ev) => ClientMessage {
-                    msg: Some(ClientMsg::Evaluate(EvaluateRes {
-                        request_id: ins.request_id,
+            ServerMsg::Evaluate(ins) => {
+                let round = ins.round;
+                let result = async {
+                    let owned = Owned {
+                        run_id: ins.run_id,
                         round,
-                        loss: ev.loss,
-                        num_examples: ev.num_examples,
-                        metrics: ev.metrics,
-                    })),
-                },
-                Err(e) => failure(ins.request_id, round, e),
-            };
-            Some((ins.request_id, msg))
+                        task: self.task(ins.task.as_ref()).await?,
+                        config: ins.config,
+                    };
+                    let global = fetch(ins.weights, self.http).await?;
+                    compute(client, move |c| c.evaluate(&owned.work(), global)).await
+                }
+                .await;
+                let msg = match result {
+                    Ok(ev) => ClientMessage {
+                        msg: Some(ClientMsg::Evaluate(EvaluateRes {
+                            request_id: ins.request_id,
+                            round,
+                            loss: ev.loss,
+                            num_examples: ev.num_examples,
+                            metrics: ev.metrics,
+                        })),
+                    },
+                    Err(e) => failure(ins.request_id, round, e),
+                };
+                Some((ins.request_id, msg))
+            }
+            ServerMsg::Statistics(ins) => {
+                let result = async {
+                    let owned = Owned {
+                        run_id: ins.run_id,
+                        round: 0,
+                        task: self.task(ins.task.as_ref()).await?,
+                        config: ins.config,
+                    };
+                    compute(client, move |c| c.statistics(&owned.work())).await
+                }
+                .await;
+                let msg = match result {
+                    Ok(statistics) => ClientMessage {
+                        msg: Some(ClientMsg::Statistics(StatisticsRes {
+                            request_id: ins.request_id,
+                            statistics: Some(statistics),
+                        })),
+                    },
+                    Err(e) => failure(ins.request_id, 0, e),
+                };
+                Some((ins.request_id, msg))
+            }
+            ServerMsg::Welcome(_) | ServerMsg::Stop(_) | ServerMsg::Cancel(_) => None,
         }
-        ServerMsg::Welcome(_) | ServerMsg::Stop(_) | ServerMsg::Cancel(_) => None,
     }
 }

@@ -1,29 +1,25 @@
-//! pollen-client: the edge side of Pollen.
+//! pollen-client: the edge side of Pollen's protocols, without any machine-learning code.
 //!
-//! Trains models locally with burn (pure-Rust `flex` CPU backend) and answers instructions
-//! with a [`Client`]: either directly over a gRPC Fleet stream ([`run_client`]), or as an MQTT
-//! edge agent ([`Agent`]) that receives commands from a proxy and moves weights through
-//! presigned object-storage URLs.
+//! A [`Client`] answers a coordinator's instructions (get parameters, fit, evaluate,
+//! statistics) for the task each instruction names; this crate carries the instructions to it
+//! and the answers back, either over a gRPC Fleet stream ([`run_client`]) or as an MQTT edge
+//! agent ([`Agent`]) that receives commands from a proxy and moves weights and task manifests
+//! through presigned object-storage URLs. What a client learns and from which data is
+//! `pollen-train`'s business: embedding this crate pulls in no training framework.
 //!
 //! # Layout
-//! - [`mnist`]: the IDX loader.
-//! - [`partition`]: IID, pathological shards and Dirichlet splits across clients.
-//! - [`model`]: the 2NN and CNN of McMahan et al. and weight export/import (PyTorch layout).
-//! - [`trainer`]: minibatch SGD and evaluation.
-//! - [`fleet`]: the `Client` trait and the gRPC Fleet client loop.
-//! - [`trainer_client`]: a `Client` that trains with [`trainer`].
-//! - [`agent`]: the MQTT edge agent (session, heartbeats, command queue, outbox), its config
-//!   file, and [`agent::transfer`] (presigned-URL download and upload, reusable by any client).
+//! - [`client`]: the `Client` trait, the [`Work`] an instruction is about, and its answers.
+//! - [`task`]: task manifests resolved from their references and cached by digest.
+//! - [`transfer`]: presigned-URL download (verified) and upload of blobs, shared by both paths.
+//! - [`fleet`]: the gRPC Fleet client loop.
+//! - [`agent`]: the MQTT edge agent (session, heartbeats, command queue, outbox).
 
 pub mod agent;
+pub mod client;
 pub mod fleet;
-pub mod mnist;
-pub mod model;
-pub mod partition;
-pub mod trainer;
-pub mod trainer_client;
+pub mod task;
+pub mod transfer;
 
-pub use agent::{Agent, AgentConfig, AgentError, AgentOptions, AgentStats};
-pub use fleet::{Client, ClientError, ClientOptions, Exit, run_client};
-pub use model::ModelKind;
-pub use trainer_client::TrainerClient;
+pub use agent::{Agent, AgentError, AgentOptions, AgentStats};
+pub use client::{Client, ClientError, ClientEvaluate, ClientFit, TaskBlob, Work};
+pub use fleet::{ClientOptions, Exit, run_client};

@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use pollen_client::agent::{Agent, AgentOptions, AgentStats};
-use pollen_client::fleet::{Client, ClientError, ClientEvaluate, ClientFit};
+use pollen_client::{Client, ClientError, ClientEvaluate, ClientFit, Work};
 use pollen_proto::blob::{NamedTensor, Parameters, sha256_hex};
 use pollen_proto::device::{BlobGet, Command, CommandKind, DeviceStatus, Reply, reply::Body};
 use pollen_proto::fleet::{Codec, FailureCode};
@@ -96,16 +96,11 @@ impl Client for PlusOne {
         NUM_EXAMPLES
     }
 
-    fn get_parameters(&mut self, _config: &ScalarMap) -> Result<Parameters, ClientError> {
+    fn get_parameters(&mut self, _: &Work<'_>) -> Result<Parameters, ClientError> {
         Ok(global_weights())
     }
 
-    fn fit(
-        &mut self,
-        _round: u64,
-        parameters: Parameters,
-        _config: &ScalarMap,
-    ) -> Result<ClientFit, ClientError> {
+    fn fit(&mut self, _work: &Work<'_>, parameters: Parameters) -> Result<ClientFit, ClientError> {
         if let Some(gate) = &self.gate {
             gate.pass();
         }
@@ -120,9 +115,8 @@ impl Client for PlusOne {
 
     fn evaluate(
         &mut self,
-        _round: u64,
+        _work: &Work<'_>,
         parameters: Parameters,
-        _config: &ScalarMap,
     ) -> Result<ClientEvaluate, ClientError> {
         let mut metrics = ScalarMap::new();
         metrics.insert("accuracy".into(), scalar::f64(0.75));
@@ -185,6 +179,18 @@ impl Storage {
     /// A "presigned" URL for `path`: the server ignores the query, the agent must hide it.
     fn url(&self, path: &str) -> String {
         format!("http://{}{path}?{SIGNATURE}", self.addr)
+    }
+
+    /// Stores a task manifest at `path` and returns the reference a command carries.
+    fn publish_task(&self, path: &str, manifest: &str) -> pollen_proto::fleet::TaskRef {
+        self.store
+            .put(path, Bytes::copy_from_slice(manifest.as_bytes()));
+        pollen_proto::fleet::TaskRef {
+            sha256: sha256_hex(manifest.as_bytes()),
+            size_bytes: manifest.len() as u64,
+            url: self.url(path),
+            ..Default::default()
+        }
     }
 
     /// Stores `p` at `path` and returns the download the command names.
@@ -902,8 +908,33 @@ async fn a_restarted_agent_redelivers_its_last_reply_and_does_not_redo_the_work(
     forget_device(&fleet, "gw-1").await;
 }
 
-/// `pollen-agent` in MQTT mode, as an operator runs it: it trains a real model on its MNIST
-/// shard when commanded, and Ctrl-C makes it say goodbye.
+/// The MNIST 2NN task as a coordinator publishes it (what `pollen-train` reads).
+const MNIST_2NN_TASK: &str = r#"{
+  "version": 1, "name": "agent-test", "seed": 1,
+  "task": {"kind": "classification", "classes": ["0","1","2","3","4","5","6","7","8","9"],
+           "shape": [1, 28, 28], "holdout": 0.0, "normalize": "none"},
+  "model": {"family": "mlp", "hidden": [200, 200], "activation": "relu", "dropout": 0.0},
+  "train": {"local_epochs": 1, "batch_size": 10, "learning_rate": 0.1}
+}"#;
+
+/// The `pollen-agent` binary, which `cargo test --workspace` builds next to this test.
+fn agent_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable");
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|dir| dir.join("pollen-agent"))
+        .expect("target folder");
+    assert!(
+        bin.exists(),
+        "{} is missing: `cargo test --workspace` builds it (or cargo build --bin pollen-agent)",
+        bin.display()
+    );
+    bin
+}
+
+/// `pollen-agent` in MQTT mode, as an operator runs it: it announces its data, trains a real
+/// model on its MNIST shard for the task a command names, and Ctrl-C makes it say goodbye.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_binary_trains_on_command_and_leaves_on_ctrl_c() {
     require_broker();
@@ -911,7 +942,7 @@ async fn the_agent_binary_trains_on_command_and_leaves_on_ctrl_c() {
     let storage = Storage::start().await;
     let work_dir = tempfile::tempdir().expect("tempdir");
     let mut proxy = Proxy::connect(&fleet, "gw-bin").await;
-    let mut agent = std::process::Command::new(env!("CARGO_BIN_EXE_pollen-agent"))
+    let mut agent = std::process::Command::new(agent_binary())
         .args([
             "--device-id",
             "gw-bin",
@@ -930,9 +961,13 @@ async fn the_agent_binary_trains_on_command_and_leaves_on_ctrl_c() {
         .expect("agent starts");
     let status = proxy.status(|s| s.online).await;
     assert_eq!(status.num_examples, 1000);
-    assert_eq!(status.model, "mnist-2nn");
+    let data = status.data.expect("the agent announces its data");
+    assert_eq!((data.format.as_str(), data.rows), ("mnist", 1000));
+    assert_eq!(data.example_shape, vec![1, 28, 28]);
+    let task = storage.publish_task("/task.json", MNIST_2NN_TASK);
 
     let mut params = command("init", CommandKind::GetParameters, 0);
+    params.task = Some(task.clone());
     params.upload_url = storage.url("/init");
     proxy.send(&params).await;
     assert!(matches!(proxy.reply().await.body, Some(Body::Fit(_))));
@@ -941,6 +976,7 @@ async fn the_agent_binary_trains_on_command_and_leaves_on_ctrl_c() {
     assert_eq!(initial.num_params(), 199_210);
 
     let mut fit = command("fit-1", CommandKind::Fit, 1);
+    fit.task = Some(task);
     fit.global_weights = Some(storage.publish("/global/round-1", &initial));
     fit.upload_url = storage.url("/updates/fit-1");
     fit.config.insert("batch_size".into(), scalar::int(50));

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use pollen_proto::blob::EncodedBlob;
 use pollen_proto::fleet::{
-    EvaluateIns, FailureCode, FitIns, GetParametersIns, ServerMessage, Stop, Upload, Weights,
-    server_message::Msg as ServerMsg, weights::Body,
+    EvaluateIns, FailureCode, FitIns, GetParametersIns, ServerMessage, StatisticsIns, Stop,
+    TaskRef, Upload, Weights, server_message::Msg as ServerMsg, weights::Body,
 };
 use pollen_proto::{Parameters, TensorSpec, scalar};
 use rand::SeedableRng;
@@ -25,10 +25,12 @@ use tokio_util::sync::CancellationToken;
 use crate::counters::Counters;
 use crate::records::{FailureRecord, RoundRecord, RoundStatus, RunHandle};
 use crate::registry::{Registry, Reply};
+use crate::statistics::{Combiner, FederatedStatistics};
 use crate::storage::{BlobStore, StoreError};
 use crate::strategy::{
     ClientFailure, EvaluateSummary, Evaluation, FailureReason, FitSummary, Instruction, Strategy,
 };
+use crate::task::{FitManifest, Fitted, Published, TaskSetup};
 
 /// How a run is driven (the strategy decides the rest).
 #[derive(Debug, Clone)]
@@ -41,6 +43,8 @@ pub struct DriverConfig {
     pub wait_for_clients: Duration,
     /// Seed of the client sampler.
     pub seed: u64,
+    /// The metric rounds are judged by (recorded with each round).
+    pub primary_metric: Option<String>,
 }
 
 impl Default for DriverConfig {
@@ -50,6 +54,7 @@ impl Default for DriverConfig {
             round_timeout: Duration::from_secs(120),
             wait_for_clients: Duration::from_secs(60),
             seed: 0,
+            primary_metric: None,
         }
     }
 }
@@ -66,6 +71,8 @@ pub enum DriverError {
     },
     #[error("no initial parameters: {0}")]
     NoInitialParameters(String),
+    #[error("federated statistics: {0}")]
+    Statistics(String),
     #[error("recording round {round}: {source}")]
     Record {
         round: u64,
@@ -106,6 +113,12 @@ pub struct RoundDriver {
     /// The round that produced the current global model (0 = initial), naming its object key.
     global_round: u64,
     metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// The run's task manifest, referenced by every instruction.
+    task: Option<Published>,
+    /// Fits the manifest from federated statistics before round 1.
+    fit_manifest: Option<FitManifest>,
+    /// The initial model a statistics phase produced.
+    fitted_initial: Option<Parameters>,
 }
 
 /// Which instruction a fan-out sends.
@@ -181,7 +194,18 @@ impl RoundDriver {
             store: None,
             global_round: 0,
             metrics: None,
+            task: None,
+            fit_manifest: None,
+            fitted_initial: None,
         }
+    }
+
+    /// Every instruction references this task; with a statistics phase, the manifest is fitted
+    /// from the clients' federated statistics before round 1.
+    pub fn with_task(mut self, setup: TaskSetup) -> Self {
+        self.task = Some(Published::new(setup.manifest));
+        self.fit_manifest = setup.statistics;
+        self
     }
 
     /// Reports every finished round to `metrics` (Prometheus).
@@ -248,6 +272,18 @@ impl RoundDriver {
 
     async fn run_inner(&mut self, shutdown: &CancellationToken) -> Result<RunSummary, DriverError> {
         self.wait_for_clients().await?;
+        if let Some(fit) = self.fit_manifest.take() {
+            let stats = tokio::select! {
+                s = self.statistics() => s?,
+                _ = shutdown.cancelled() => {
+                    return Err(DriverError::Statistics("the run was stopped before round 1".into()));
+                }
+            };
+            let Fitted { manifest, initial } = fit(&stats).map_err(DriverError::Statistics)?;
+            self.task = Some(Published::new(manifest));
+            self.fitted_initial = initial;
+        }
+        self.record_task()?;
         let mut global = Arc::new(self.initial_parameters().await?);
         let specs: Arc<Vec<TensorSpec>> = Arc::new(global.specs());
         tracing::info!(
@@ -302,9 +338,12 @@ impl RoundDriver {
     }
 
     async fn initial_parameters(&mut self) -> Result<Parameters, DriverError> {
-        if let Some(p) = lock(&self.strategy).initialize_parameters() {
+        // The strategy's initial model is taken either way, so that it never lingers.
+        let from_strategy = lock(&self.strategy).initialize_parameters();
+        if let Some(p) = self.fitted_initial.take().or(from_strategy) {
             return Ok(p);
         }
+        let task = self.task_ref().await?;
         // Flower's fallback: ask one connected client for its weights.
         let clients = self.registry.available();
         let client = clients
@@ -328,6 +367,7 @@ impl RoundDriver {
                     config: Default::default(),
                     upload,
                     run_id,
+                    task,
                 })),
             })
             .await
@@ -454,6 +494,11 @@ impl RoundDriver {
             other => other?,
         };
         let evaluate_seconds = eval_started.elapsed().as_secs_f64();
+        let evaluation = match (&central, &federated) {
+            (Some(_), _) => Some("centralized".to_string()),
+            (None, Some(_)) => Some("federated".to_string()),
+            (None, None) => None,
+        };
         let shown = central.as_ref().or(federated.as_ref());
 
         let mut failures_by_reason = BTreeMap::new();
@@ -470,6 +515,9 @@ impl RoundDriver {
             error,
             accuracy: shown.and_then(|e| e.metrics.get("accuracy").copied()),
             loss: shown.map(|e| e.loss),
+            metrics: shown.map(|e| e.metrics.clone()).unwrap_or_default(),
+            primary_metric: self.config.primary_metric.clone(),
+            evaluation,
             sampled: instructions.len(),
             succeeded: results.len(),
             failed: failures.len(),
@@ -559,6 +607,133 @@ impl RoundDriver {
         Ok((blob, weights))
     }
 
+    /// The reference every instruction carries: the manifest written to the store once (and
+    /// named by a presigned GET shared by the fan-out), or inline without a store.
+    async fn task_ref(&mut self) -> Result<Option<TaskRef>, DriverError> {
+        let ttl = self.presign_ttl();
+        let Some(task) = self.task.as_mut() else {
+            return Ok(None);
+        };
+        let Some(store) = self.store.clone() else {
+            return Ok(Some(task.inline()));
+        };
+        let key = match &task.key {
+            Some(key) => key.clone(),
+            None => {
+                let key = store.task_key(&self.run_id, &task.sha256);
+                store.put(&key, task.manifest.clone()).await?;
+                task.key = Some(key.clone());
+                key
+            }
+        };
+        let url = store.presign_get(&key, ttl).await?;
+        Ok(Some(task.by_reference(key, url)))
+    }
+
+    /// Keeps the manifest the rounds use next to the run's records (`task.json`).
+    fn record_task(&self) -> Result<(), DriverError> {
+        if let (Some(run), Some(task)) = (&self.run, &self.task) {
+            run.write_file("task.json", &task.manifest)
+                .map_err(|source| DriverError::Record { round: 0, source })?;
+            tracing::info!(sha256 = %task.sha256, bytes = task.manifest.len(), "task manifest published");
+        }
+        Ok(())
+    }
+
+    /// Asks every connected client for statistics of its data under the current manifest, and
+    /// combines those that answer in time and fit the others'. Refusals and silences are
+    /// logged and recorded; the phase fails only if no client's statistics were accepted.
+    async fn statistics(&mut self) -> Result<FederatedStatistics, DriverError> {
+        let started = Instant::now();
+        let task = self.task_ref().await?;
+        let deadline = tokio::time::Instant::now() + self.config.round_timeout;
+        let deadline_unix_ms = pollen_proto::unix_ms(SystemTime::now() + self.config.round_timeout);
+        let mut tasks = JoinSet::new();
+        let mut failures: Vec<ClientFailure> = Vec::new();
+        let clients = self.registry.available();
+        for client in &clients {
+            let (task, run_id) = (task.clone(), self.run_id.clone());
+            let build = move |request_id| ServerMessage {
+                msg: Some(ServerMsg::Statistics(StatisticsIns {
+                    request_id,
+                    task,
+                    config: Default::default(),
+                    deadline_unix_ms,
+                    run_id,
+                })),
+            };
+            match self.registry.request(&client.id, 0, build).await {
+                Ok((request_id, rx)) => {
+                    let registry = self.registry.clone();
+                    let client_id = client.id.clone();
+                    tasks.spawn(async move {
+                        let reply = await_reply(&registry, request_id, rx, deadline).await;
+                        (client_id, reply)
+                    });
+                }
+                Err(e) => failures.push(failure(
+                    &client.id,
+                    FailureReason::Disconnected,
+                    e.to_string(),
+                )),
+            }
+        }
+        let mut combiner = Combiner::default();
+        while let Some(joined) = tasks.join_next().await {
+            let (client_id, reply) = joined?;
+            match reply {
+                Ok(Reply::Statistics(res)) => {
+                    let added = match res.statistics {
+                        Some(s) => combiner.add(&client_id, &s),
+                        None => Err("an answer without statistics".into()),
+                    };
+                    if let Err(message) = added {
+                        Counters::bump(&self.registry.counters().updates_rejected);
+                        tracing::warn!(client = %client_id, "statistics rejected: {message}");
+                        failures.push(failure(&client_id, FailureReason::Rejected, message));
+                    }
+                }
+                Ok(other) => failures.push(unexpected(&client_id, other)),
+                Err((reason, message)) => failures.push(failure(&client_id, reason, message)),
+            }
+        }
+        for f in &failures {
+            tracing::warn!(client = %f.client_id, reason = f.reason.as_str(), "no statistics: {}", f.message);
+        }
+        let Some(combined) = combiner.finish() else {
+            let reasons: Vec<String> = failures
+                .iter()
+                .take(5)
+                .map(|f| format!("{}: {}", f.client_id, f.message))
+                .collect();
+            return Err(DriverError::Statistics(format!(
+                "none of the {} clients sent statistics that could be used ({})",
+                clients.len(),
+                reasons.join("; ")
+            )));
+        };
+        tracing::info!(
+            clients = combined.clients.len(),
+            failed = failures.len(),
+            examples = combined.num_examples,
+            seconds = format!("{:.2}", started.elapsed().as_secs_f64()),
+            "federated statistics combined"
+        );
+        if let Some(run) = &self.run {
+            let mut json = combined.to_json();
+            json["failures"] = serde_json::Value::Array(
+                failures
+                    .iter()
+                    .map(|f| serde_json::json!({"client": f.client_id, "reason": f.reason.as_str(), "message": f.message}))
+                    .collect(),
+            );
+            let text = serde_json::to_vec_pretty(&json).unwrap_or_default();
+            run.write_file("statistics.json", &text)
+                .map_err(|source| DriverError::Record { round: 0, source })?;
+        }
+        Ok(combined)
+    }
+
     /// Sends one instruction per sampled client, all sharing one encoding (or one stored
     /// object) of the global model and one deadline. Clients that cannot be reached become
     /// `disconnected` failures.
@@ -570,6 +745,7 @@ impl RoundDriver {
         phase: Phase,
     ) -> Result<FanOut, DriverError> {
         let (blob, weights) = self.global_weights(global).await?;
+        let task = self.task_ref().await?;
         let deadline = tokio::time::Instant::now() + self.config.round_timeout;
         let deadline_unix_ms = pollen_proto::unix_ms(SystemTime::now() + self.config.round_timeout);
         let mut open = Vec::with_capacity(instructions.len());
@@ -589,6 +765,7 @@ impl RoundDriver {
         }
         for (Instruction { client_id, config }, upload) in instructions.into_iter().zip(uploads) {
             let weights = Some(weights.clone());
+            let task = task.clone();
             let location = upload.as_ref().map(|u| u.location.clone());
             let run_id = self.run_id.clone();
             let build = move |request_id| {
@@ -601,6 +778,7 @@ impl RoundDriver {
                         deadline_unix_ms,
                         upload,
                         run_id,
+                        task,
                     }),
                     Phase::Evaluate => ServerMsg::Evaluate(EvaluateIns {
                         request_id,
@@ -609,6 +787,7 @@ impl RoundDriver {
                         config,
                         deadline_unix_ms,
                         run_id,
+                        task,
                     }),
                 };
                 ServerMessage { msg: Some(msg) }

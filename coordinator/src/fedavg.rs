@@ -15,6 +15,11 @@ use crate::strategy::{
 /// Server-side evaluation of a global model (Flower's `evaluate_fn`).
 pub type EvaluateFn = Box<dyn FnMut(u64, &Parameters) -> Option<Evaluation> + Send>;
 
+/// Combines clients' evaluation metrics, `(examples, metrics)` each (Flower's
+/// `evaluate_metrics_aggregation_fn`); the default weights every entry by examples.
+pub type MetricsAggregationFn =
+    Box<dyn Fn(&[(u64, &BTreeMap<String, f64>)]) -> BTreeMap<String, f64> + Send>;
+
 /// FedAvg's knobs, with Flower's names and meanings.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -113,6 +118,7 @@ pub struct FedAvg {
     fit_config: ScalarMap,
     evaluate_config: ScalarMap,
     evaluate_fn: Option<EvaluateFn>,
+    evaluate_metrics: Option<MetricsAggregationFn>,
 }
 
 impl FedAvg {
@@ -123,7 +129,14 @@ impl FedAvg {
             fit_config: ScalarMap::new(),
             evaluate_config: ScalarMap::new(),
             evaluate_fn: None,
+            evaluate_metrics: None,
         }
+    }
+
+    /// How federated evaluation metrics combine (a task's exact aggregation of sums, say).
+    pub fn with_evaluate_metrics_aggregation(mut self, f: MetricsAggregationFn) -> Self {
+        self.evaluate_metrics = Some(f);
+        self
     }
 
     /// The initial global model; without it the driver asks a client.
@@ -252,7 +265,16 @@ impl Strategy for FedAvg {
             .map(|r| r.loss * r.num_examples as f64)
             .sum::<f64>()
             / total as f64;
-        let metrics = weighted_metrics(results.iter().map(|r| (r.num_examples, &r.metrics)));
+        let metrics = match &self.evaluate_metrics {
+            Some(f) => {
+                let pairs: Vec<(u64, &BTreeMap<String, f64>)> = results
+                    .iter()
+                    .map(|r| (r.num_examples, &r.metrics))
+                    .collect();
+                f(&pairs)
+            }
+            None => weighted_metrics(results.iter().map(|r| (r.num_examples, &r.metrics))),
+        };
         Some(Evaluation { loss, metrics })
     }
 
@@ -400,6 +422,7 @@ mod tests {
                 num_examples: 10,
                 agent_version: "test".into(),
                 properties: Default::default(),
+                data: None,
             })
             .collect()
     }

@@ -372,6 +372,9 @@ mod tests {
             error: None,
             accuracy: None,
             loss: None,
+            metrics: Default::default(),
+            primary_metric: None,
+            evaluation: None,
             sampled: participants.len() + failures.len(),
             succeeded: participants.len(),
             failed: failures.len(),
@@ -430,6 +433,7 @@ mod tests {
             num_examples: 600,
             agent_version: "0.1.0".into(),
             properties: Default::default(),
+            data: None,
         };
         registry.register(info("a"), tx.clone());
         let gone = registry.register(info("b"), tx.clone());

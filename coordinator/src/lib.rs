@@ -17,6 +17,9 @@
 //! - [`server`]: binds the service to a listener and wires shutdown.
 //! - [`storage`]: weight blobs in object storage (S3 API, presigned URLs) and the embedded
 //!   S3 server used when nothing else is configured.
+//! - [`task`]: the run's task manifest, opaque bytes every instruction references, and the
+//!   statistics phase that fits it before round 1.
+//! - [`statistics`]: clients' federated statistics combined into those of their union.
 
 pub mod counters;
 pub mod driver;
@@ -27,8 +30,10 @@ pub mod records;
 pub mod registry;
 pub mod server;
 pub mod service;
+pub mod statistics;
 pub mod storage;
 pub mod strategy;
+pub mod task;
 
 pub use counters::Counters;
 pub use driver::{DriverConfig, DriverError, RoundDriver, RunSummary};
@@ -39,3 +44,4 @@ pub use registry::Registry;
 pub use service::FleetService;
 pub use storage::{BlobStore, StoreConfig};
 pub use strategy::Strategy;
+pub use task::{Fitted, TaskSetup};

@@ -66,6 +66,16 @@ pub struct RoundRecord {
     pub accuracy: Option<f64>,
     /// Test loss matching `accuracy`.
     pub loss: Option<f64>,
+    /// Every metric of the evaluation `accuracy` and `loss` come from (centralized if the run
+    /// has one, else federated): what a task reports, such as macro-F1, RMSE or ROC AUC.
+    #[serde(default)]
+    pub metrics: BTreeMap<String, f64>,
+    /// The key of `metrics` the run is judged by (`accuracy`, `rmse`, `auc`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary_metric: Option<String>,
+    /// Where `metrics` come from: `centralized` or `federated`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evaluation: Option<String>,
     pub sampled: usize,
     pub succeeded: usize,
     pub failed: usize,
@@ -121,6 +131,19 @@ pub struct RunOverview {
     /// Accuracy after the last evaluated round.
     pub accuracy: Option<f64>,
     pub best_accuracy: Option<f64>,
+    /// The metric the run is judged by, its value after the last round that has it, and its
+    /// best value (the highest, or the lowest for errors and losses).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metric: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best: Option<f64>,
+}
+
+/// Whether smaller values of a metric are better (errors and losses).
+pub fn lower_is_better(metric: &str) -> bool {
+    matches!(metric, "rmse" | "mae" | "loss" | "mean_score") || metric.ends_with("loss")
 }
 
 /// The runs directory and its database.
@@ -297,10 +320,31 @@ impl RunStore {
         let (accuracy, best_accuracy) = stmt
             .query_row([&run.id], |r| Ok((r.get(0)?, r.get(1)?)))
             .map_err(self.db_err())?;
+        drop(stmt);
+        drop(db);
+        let rounds = self.rounds(&run.id)?;
+        let metric = rounds.iter().rev().find_map(|r| r.primary_metric.clone());
+        let values: Vec<f64> = match &metric {
+            Some(m) => rounds
+                .iter()
+                .filter_map(|r| r.metrics.get(m).copied())
+                .collect(),
+            None => Vec::new(),
+        };
+        let best = metric.as_deref().and_then(|m| {
+            let lower = lower_is_better(m);
+            values
+                .iter()
+                .copied()
+                .reduce(|a, b| if (b < a) == lower { b } else { a })
+        });
         Ok(RunOverview {
             run,
             accuracy,
             best_accuracy,
+            value: values.last().copied(),
+            best,
+            metric,
         })
     }
 
@@ -416,6 +460,16 @@ impl RunHandle {
             params![self.id, record.round as i64],
         )
         .map_err(self.store.db_err())?;
+        Ok(())
+    }
+
+    /// Writes `name` into the run's directory (the task manifest, statistics, partitions),
+    /// replacing it atomically.
+    pub fn write_file(&self, name: &str, bytes: &[u8]) -> Result<(), RecordError> {
+        let path = self.dir.join(name);
+        let tmp = self.dir.join(format!(".{name}.tmp"));
+        fs::write(&tmp, bytes).map_err(io(&tmp))?;
+        fs::rename(&tmp, &path).map_err(io(&path))?;
         Ok(())
     }
 

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use pollen_proto::fleet::{
     Cancel, ClientMessage, EvaluateRes, Failure, FitRes, ParametersRes, ServerMessage,
-    client_message::Msg as ClientMsg, server_message::Msg as ServerMsg,
+    StatisticsRes, client_message::Msg as ClientMsg, server_message::Msg as ServerMsg,
 };
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tonic::Status;
@@ -26,6 +26,7 @@ pub enum Reply {
     Parameters(ParametersRes),
     Fit(FitRes),
     Evaluate(EvaluateRes),
+    Statistics(StatisticsRes),
     Failure(Failure),
 }
 
@@ -343,6 +344,7 @@ impl Registry {
             Some(ClientMsg::Fit(r)) => (r.request_id, Reply::Fit(r)),
             Some(ClientMsg::Evaluate(r)) => (r.request_id, Reply::Evaluate(r)),
             Some(ClientMsg::Parameters(r)) => (r.request_id, Reply::Parameters(r)),
+            Some(ClientMsg::Statistics(r)) => (r.request_id, Reply::Statistics(r)),
             Some(ClientMsg::Failure(r)) => (r.request_id, Reply::Failure(r)),
             Some(ClientMsg::Progress(p)) => {
                 drop(inner);

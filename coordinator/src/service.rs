@@ -125,6 +125,7 @@ impl FleetService {
             num_examples: join.num_examples,
             agent_version: join.agent_version,
             properties: join.properties,
+            data: join.data,
         };
 
         let (tx, rx) = mpsc::channel(OUTBOUND_BUFFER);

@@ -215,6 +215,13 @@ impl BlobStore {
         )
     }
 
+    /// Key of a task manifest, named by its digest: a manifest is written once per run and
+    /// content, whatever reads it.
+    pub fn task_key(&self, run_id: &str, sha256: &str) -> String {
+        let short = &sha256[..sha256.len().min(16)];
+        format!("{}runs/{run_id}/task-{short}.json", self.prefix)
+    }
+
     /// Key a client uploads its weights to when asked for initial parameters.
     pub fn initial_key(&self, run_id: &str, client_id: &str) -> String {
         format!(

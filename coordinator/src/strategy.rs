@@ -4,7 +4,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use pollen_proto::{Parameters, fleet::Scalar, scalar::ScalarMap};
+use pollen_proto::fleet::{DataSchema, Scalar};
+use pollen_proto::{Parameters, scalar::ScalarMap};
 use rand::RngCore;
 
 /// A connected client, as the strategy sees it when sampling.
@@ -14,6 +15,8 @@ pub struct ClientInfo {
     pub num_examples: u64,
     pub agent_version: String,
     pub properties: HashMap<String, Scalar>,
+    /// What the client's local data looks like, if it says.
+    pub data: Option<DataSchema>,
 }
 
 /// What one sampled client is asked to do.

@@ -288,6 +288,12 @@ pub fn verify(bytes: &[u8], sha256: &str, codec: i32) -> Result<(), BlobError> {
     if codec != Codec::SafetensorsF32 as i32 {
         return Err(BlobError::UnsupportedCodec(codec));
     }
+    check_digest(bytes, sha256)
+}
+
+/// Checks that `bytes` hash to `sha256` (hex, either case): any blob or document named by its
+/// digest, weights or task manifests.
+pub fn check_digest(bytes: &[u8], sha256: &str) -> Result<(), BlobError> {
     let actual = sha256_hex(bytes);
     if !actual.eq_ignore_ascii_case(sha256) {
         return Err(BlobError::DigestMismatch {

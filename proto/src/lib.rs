@@ -9,6 +9,8 @@
 //! - [`blob`]: the weight-blob format (safetensors of named f32 tensors + SHA-256) and
 //!   [`blob::Parameters`], the model-agnostic weights every component exchanges.
 //! - [`scalar`]: conversions between wire [`fleet::Scalar`] maps and Rust values.
+//! - [`stats`]: per-channel moments as devices accumulate and coordinators combine them
+//!   (federated statistics).
 //! - `mqtt` (feature `mqtt`): broker URLs (`mqtt://`, `mqtts://` + X.509 files) to `rumqttc`
 //!   options with Pollen's packet limits.
 //! - [`prometheus`]: the Prometheus text format every `/metrics` endpoint writes.
@@ -19,6 +21,7 @@ pub mod blob;
 pub mod mqtt;
 pub mod prometheus;
 pub mod scalar;
+pub mod stats;
 pub mod topics;
 
 /// Generated code, nested as the protobuf packages are (`pollen.fleet.v1`, ...) so that

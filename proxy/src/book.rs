@@ -9,8 +9,8 @@ use std::collections::{HashMap, VecDeque};
 use pollen_proto::device::{BlobGet, Command, CommandKind, Reply, reply::Body as ReplyBody};
 use pollen_proto::fleet::{
     BlobRef, ClientMessage, EvaluateRes, Failure, FailureCode, FitRes, ParametersRes, Progress,
-    Upload, Weights, client_message::Msg as ClientMsg, server_message::Msg as ServerMsg,
-    weights::Body as WeightsBody,
+    StatisticsRes, TaskRef, Upload, Weights, client_message::Msg as ClientMsg,
+    server_message::Msg as ServerMsg, weights::Body as WeightsBody,
 };
 use pollen_proto::limits::MAX_MQTT_PAYLOAD_BYTES;
 use prost::Message;
@@ -136,6 +136,7 @@ impl RequestBook {
                 };
                 self.open_command(
                     pending,
+                    ins.task.as_ref(),
                     ins.weights.as_ref(),
                     ins.upload.as_ref(),
                     ins.config,
@@ -150,7 +151,13 @@ impl RequestBook {
                     deadline_unix_ms: ins.deadline_unix_ms,
                     upload_location: String::new(),
                 };
-                self.open_command(pending, ins.weights.as_ref(), None, ins.config)
+                self.open_command(
+                    pending,
+                    ins.task.as_ref(),
+                    ins.weights.as_ref(),
+                    None,
+                    ins.config,
+                )
             }
             ServerMsg::GetParameters(ins) => {
                 let pending = Open {
@@ -161,7 +168,24 @@ impl RequestBook {
                     deadline_unix_ms: 0,
                     upload_location: String::new(),
                 };
-                self.open_command(pending, None, ins.upload.as_ref(), ins.config)
+                self.open_command(
+                    pending,
+                    ins.task.as_ref(),
+                    None,
+                    ins.upload.as_ref(),
+                    ins.config,
+                )
+            }
+            ServerMsg::Statistics(ins) => {
+                let pending = Open {
+                    coordinator_id: ins.request_id,
+                    kind: CommandKind::Statistics,
+                    run_id: ins.run_id,
+                    round: 0,
+                    deadline_unix_ms: ins.deadline_unix_ms,
+                    upload_location: String::new(),
+                };
+                self.open_command(pending, ins.task.as_ref(), None, None, ins.config)
             }
             ServerMsg::Cancel(cancel) => {
                 let found = self
@@ -181,12 +205,25 @@ impl RequestBook {
     fn open_command(
         &mut self,
         mut pending: Open,
+        task: Option<&TaskRef>,
         weights: Option<&Weights>,
         upload: Option<&Upload>,
         config: pollen_proto::scalar::ScalarMap,
     ) -> InstructionOutcome {
+        // A device reads the task manifest like the weights: by presigned URL, never inline.
+        let task = match task {
+            None => None,
+            Some(t) if !t.url.is_empty() => Some(TaskRef {
+                sha256: t.sha256.clone(),
+                size_bytes: t.size_bytes,
+                url: t.url.clone(),
+                location: String::new(),
+                inline: Default::default(),
+            }),
+            Some(_) => return self.reject_by_value(&pending),
+        };
         let global_weights = match (pending.kind, weights.and_then(|w| w.body.as_ref())) {
-            (CommandKind::GetParameters, _) => None,
+            (CommandKind::GetParameters | CommandKind::Statistics, _) => None,
             (_, Some(WeightsBody::Reference(r))) if !r.url.is_empty() => Some(BlobGet {
                 url: r.url.clone(),
                 sha256: r.sha256.clone(),
@@ -196,7 +233,7 @@ impl RequestBook {
             _ => return self.reject_by_value(&pending),
         };
         let upload_url = match (pending.kind, upload) {
-            (CommandKind::Evaluate, _) => String::new(),
+            (CommandKind::Evaluate | CommandKind::Statistics, _) => String::new(),
             (_, Some(u)) if !u.url.is_empty() && !u.location.is_empty() => {
                 pending.upload_location = u.location.clone();
                 u.url.clone()
@@ -213,6 +250,7 @@ impl RequestBook {
             upload_url,
             config,
             deadline_unix_ms: pending.deadline_unix_ms,
+            task,
         };
         let size = command.encoded_len();
         if size > MAX_MQTT_PAYLOAD_BYTES {
@@ -235,8 +273,8 @@ impl RequestBook {
             pending,
             FailureCode::BadInstruction,
             format!(
-                "device {} is reached over MQTT and needs weights by reference; run the \
-                 coordinator with object storage",
+                "device {} is reached over MQTT and needs weights and task manifests by \
+                 reference; run the coordinator with object storage",
                 self.device_id
             ),
         ))
@@ -302,6 +340,12 @@ impl RequestBook {
                     loss: e.loss,
                     num_examples: e.num_examples,
                     metrics: e.metrics,
+                })
+            }
+            (Some(ReplyBody::Statistics(statistics)), CommandKind::Statistics) => {
+                ClientMsg::Statistics(StatisticsRes {
+                    request_id,
+                    statistics: Some(statistics),
                 })
             }
             (Some(_), kind) => {
@@ -404,6 +448,7 @@ pub fn kind_name(kind: CommandKind) -> &'static str {
         CommandKind::Fit => "fit",
         CommandKind::Evaluate => "evaluate",
         CommandKind::GetParameters => "get-parameters",
+        CommandKind::Statistics => "statistics",
         CommandKind::Cancel => "cancel",
         CommandKind::Unspecified => "an unspecified command",
     }
@@ -487,7 +532,18 @@ mod tests {
             deadline_unix_ms,
             upload: Some(upload()),
             run_id: "r1".into(),
+            task: Some(task()),
         })
+    }
+
+    fn task() -> TaskRef {
+        TaskRef {
+            sha256: "cc".repeat(32),
+            size_bytes: 1200,
+            location: "runs/r1/task-cccccccccccccccc.json".into(),
+            url: "http://s3.test/bucket/runs/r1/task.json?X-Amz-Signature=get".into(),
+            inline: Default::default(),
+        }
     }
 
     fn fit_reply(request_id: &str) -> Reply {
@@ -669,8 +725,8 @@ mod tests {
             assert_eq!(f.code, FailureCode::BadInstruction as i32);
             assert_eq!(
                 f.message,
-                "device gw-1 is reached over MQTT and needs weights by reference; run the \
-                 coordinator with object storage"
+                "device gw-1 is reached over MQTT and needs weights and task manifests by \
+                 reference; run the coordinator with object storage"
             );
         }
         assert_eq!(book.open_len(), 0);
@@ -829,5 +885,69 @@ mod tests {
             ReplyOutcome::Unknown
         );
         assert_eq!(book.on_reply(fit_reply("abcd-1-1")), ReplyOutcome::Late);
+    }
+
+    #[test]
+    fn a_task_manifest_reaches_the_device_by_url_and_never_inline() {
+        let mut book = book();
+        let cmd = published(book.instruct(fit_ins(1, 10_000)));
+        let sent = cmd.task.expect("task");
+        assert_eq!(sent.url, task().url);
+        assert_eq!(sent.sha256, task().sha256);
+        // The device needs the URL and digest, not the store's key.
+        assert!(sent.location.is_empty());
+        let ServerMsg::Fit(mut inline) = fit_ins(2, 10_000) else {
+            unreachable!()
+        };
+        inline.task = Some(TaskRef {
+            url: String::new(),
+            inline: vec![b'{', b'}'].into(),
+            ..task()
+        });
+        assert!(matches!(
+            book.instruct(ServerMsg::Fit(inline)),
+            InstructionOutcome::Reject(_)
+        ));
+    }
+
+    #[test]
+    fn statistics_go_to_the_device_and_come_back_to_the_coordinator() {
+        use pollen_proto::fleet::{Moments, Statistics, StatisticsIns};
+        let mut book = book();
+        let cmd = published(book.instruct(ServerMsg::Statistics(StatisticsIns {
+            request_id: 7,
+            task: Some(task()),
+            config: Default::default(),
+            deadline_unix_ms: 10_000,
+            run_id: "r1".into(),
+        })));
+        assert_eq!(cmd.kind, CommandKind::Statistics as i32);
+        assert!(cmd.global_weights.is_none() && cmd.upload_url.is_empty());
+        let stats = Statistics {
+            num_examples: 5,
+            features: Some(Moments {
+                count: 5,
+                mean: vec![1.0],
+                m2: vec![2.0],
+                min: vec![0.0],
+                max: vec![3.0],
+            }),
+            ..Default::default()
+        };
+        let reply = Reply {
+            request_id: cmd.request_id.clone(),
+            device_id: DEVICE.into(),
+            round: 0,
+            body: Some(ReplyBody::Statistics(stats.clone())),
+        };
+        match book.on_reply(reply) {
+            ReplyOutcome::Answer(ClientMessage {
+                msg: Some(ClientMsg::Statistics(res)),
+            }) => {
+                assert_eq!(res.request_id, 7);
+                assert_eq!(res.statistics, Some(stats));
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

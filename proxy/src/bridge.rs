@@ -135,6 +135,7 @@ impl Bridge<'_> {
                 agent_version: status.agent_version,
                 num_examples: status.num_examples,
                 properties,
+                data: status.data,
             })),
         };
         let (tx, rx) = mpsc::channel(OUTBOUND_BUFFER);

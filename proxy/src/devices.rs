@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use pollen_proto::device::DeviceStatus;
-use pollen_proto::fleet::{Scalar, scalar::Value};
+use pollen_proto::fleet::{DataSchema, Scalar, scalar::Value};
 use pollen_proto::mqtt::BrokerConfig;
 use rumqttc::{Event, Packet, QoS};
 use serde::{Deserialize, Serialize};
@@ -30,6 +30,109 @@ pub struct DeviceRecord {
     pub model: String,
     pub free_disk_bytes: u64,
     pub properties: BTreeMap<String, serde_json::Value>,
+    /// What the device's local data looks like, as it announces it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data: Option<DataView>,
+}
+
+/// A device's data schema, as `pollen devices --json` shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataView {
+    pub format: String,
+    pub rows: u64,
+    /// CSV: the header; empty when the device left it out (`columns_omitted`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub columns: Vec<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub columns_omitted: bool,
+    /// Arrays: the shape of one example.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub example_shape: Vec<u64>,
+}
+
+impl From<&DataSchema> for DataView {
+    fn from(s: &DataSchema) -> Self {
+        Self {
+            format: s.format.clone(),
+            rows: s.rows,
+            columns: s.columns.clone(),
+            columns_omitted: s.columns_omitted,
+            example_shape: s.example_shape.clone(),
+        }
+    }
+}
+
+impl DataView {
+    /// One line for a device table: `csv 1200x8`, `npy 500x[3, 32]`.
+    pub fn summary(&self) -> String {
+        if self.example_shape.is_empty() {
+            let cols = if self.columns_omitted {
+                "?".to_string()
+            } else {
+                self.columns.len().to_string()
+            };
+            format!("{} {}x{cols}", self.format, self.rows)
+        } else {
+            format!("{} {}x{:?}", self.format, self.rows, self.example_shape)
+        }
+    }
+}
+
+/// What a run's task needs of a device's data, checked against the schema devices announce.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataRequirement {
+    /// Tabular devices must have every one of these columns.
+    pub columns: Vec<String>,
+    /// Array devices must hold this many values per example.
+    pub example_values: Option<u64>,
+}
+
+impl DataRequirement {
+    /// Whether data announced as `data` fits; the error says why not.
+    pub fn check(&self, data: Option<&DataView>) -> Result<(), String> {
+        if self.columns.is_empty() && self.example_values.is_none() {
+            return Ok(());
+        }
+        let Some(data) = data else {
+            return Err("announces no data schema".into());
+        };
+        if data.example_shape.is_empty() {
+            if self.columns.is_empty() {
+                return Err(format!("holds {} data; the task reads arrays", data.format));
+            }
+            if data.columns_omitted {
+                // Too wide to announce: the device checks the columns when the task arrives.
+                return Ok(());
+            }
+            let missing: Vec<&String> = self
+                .columns
+                .iter()
+                .filter(|c| !data.columns.contains(c))
+                .collect();
+            if !missing.is_empty() {
+                return Err(format!("has no column {missing:?}"));
+            }
+            return Ok(());
+        }
+        match self.example_values {
+            None => Err(format!(
+                "holds {} arrays; the task reads CSV columns",
+                data.format
+            )),
+            Some(want) => {
+                let have: u64 = data.example_shape.iter().product();
+                if have == want {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "examples have shape {:?} ({have} values); the task's input has {want}",
+                        data.example_shape
+                    ))
+                }
+            }
+        }
+    }
 }
 
 /// Which devices a run uses.
@@ -42,18 +145,37 @@ pub struct Selection {
     pub min_examples: u64,
     /// At most this many devices.
     pub max_devices: Option<usize>,
+    /// Only devices whose announced data fits the run's task.
+    pub data: Option<DataRequirement>,
 }
 
 impl Selection {
-    /// Whether `record` passes the filters (online, listed, enough examples); ignores
-    /// `max_devices`.
+    /// Whether `record` passes the filters (online, listed, enough examples, data that
+    /// fits); ignores `max_devices`.
     pub fn admits(&self, record: &DeviceRecord) -> bool {
-        record.online
-            && record.num_examples >= self.min_examples
-            && self
-                .devices
-                .as_ref()
-                .is_none_or(|list| list.contains(&record.device_id))
+        self.check(record).is_ok()
+    }
+
+    /// [`Self::admits`], saying why not.
+    pub fn check(&self, record: &DeviceRecord) -> Result<(), String> {
+        if !record.online {
+            return Err("is offline".into());
+        }
+        if record.num_examples < self.min_examples {
+            return Err(format!(
+                "has {} examples, fewer than {}",
+                record.num_examples, self.min_examples
+            ));
+        }
+        if let Some(list) = &self.devices
+            && !list.contains(&record.device_id)
+        {
+            return Err("is not in the device list".into());
+        }
+        match &self.data {
+            Some(requirement) => requirement.check(record.data.as_ref()),
+            None => Ok(()),
+        }
     }
 
     /// The admitted records, most recently seen first (ties by id), up to `max_devices`.
@@ -203,6 +325,7 @@ impl DeviceRegistry {
                 .iter()
                 .map(|(k, v)| (k.clone(), scalar_to_json(v)))
                 .collect(),
+            data: s.data.as_ref().map(DataView::from),
         }
     }
 }
@@ -311,6 +434,12 @@ mod tests {
             free_disk_bytes: 1 << 30,
             timestamp_unix_ms: 0,
             properties: [("site".to_string(), scalar::string("lab"))].into(),
+            data: Some(DataSchema {
+                format: "csv".into(),
+                columns: vec!["t".into(), "vibration".into(), "state".into()],
+                rows: num_examples,
+                ..Default::default()
+            }),
         }
     }
 
@@ -405,5 +534,45 @@ mod tests {
         assert_eq!(json["online"], true);
         assert_eq!(json["num_examples"], 600);
         assert_eq!(json["properties"]["site"], "lab");
+    }
+
+    #[test]
+    fn devices_whose_data_does_not_fit_the_task_are_not_selected() {
+        let r = registry();
+        let fits = DataRequirement {
+            columns: vec!["vibration".into(), "state".into()],
+            example_values: None,
+        };
+        let selection = Selection {
+            data: Some(fits),
+            ..Selection::default()
+        };
+        assert!(!r.select_at(&selection, 1_000).is_empty());
+        let missing = Selection {
+            data: Some(DataRequirement {
+                columns: vec!["temperature".into()],
+                example_values: None,
+            }),
+            ..Selection::default()
+        };
+        assert!(r.select_at(&missing, 1_000).is_empty());
+        let record = r.get_at("a", 1_000).expect("a");
+        let why = missing.check(&record).expect_err("no temperature");
+        assert!(why.contains("temperature"), "{why}");
+        let arrays = DataRequirement {
+            columns: Vec::new(),
+            example_values: Some(784),
+        };
+        assert!(
+            arrays
+                .check(record.data.as_ref())
+                .expect_err("csv")
+                .contains("arrays")
+        );
+        assert!(fits_nothing().check(None).is_ok());
+    }
+
+    fn fits_nothing() -> DataRequirement {
+        DataRequirement::default()
     }
 }

@@ -38,7 +38,7 @@ mod proxy;
 mod stats;
 
 pub use config::ProxyConfig;
-pub use devices::{DeviceRecord, DeviceRegistry, Selection, discover};
+pub use devices::{DataRequirement, DataView, DeviceRecord, DeviceRegistry, Selection, discover};
 pub use proxy::{Proxy, ProxyHandle};
 pub use stats::ProxyStatsSnapshot;
 

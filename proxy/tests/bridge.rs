@@ -183,6 +183,7 @@ fn device_status(device: &str, online: bool) -> DeviceStatus {
         free_disk_bytes: 1 << 30,
         timestamp_unix_ms: now_unix_ms(),
         properties: [("site".to_string(), scalar::string("lab"))].into(),
+        data: None,
     }
 }
 
@@ -366,6 +367,7 @@ fn fit_ins(request_id: u64, round: u64, deadline_unix_ms: u64) -> ServerMsg {
             url: PUT_URL.into(),
         }),
         run_id: "r1".into(),
+        task: None,
     })
 }
 
@@ -422,7 +424,9 @@ async fn proxy_joins_for_a_device_and_bridges_a_fit_by_reference() {
     assert_eq!(refused.request_id, 1);
     assert_eq!(refused.code, FailureCode::BadInstruction as i32);
     assert!(
-        refused.message.contains("needs weights by reference"),
+        refused
+            .message
+            .contains("needs weights and task manifests by reference"),
         "{}",
         refused.message
     );

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pollen_client::agent::{Agent, AgentOptions};
-use pollen_client::fleet::{Client, ClientError, ClientEvaluate, ClientFit};
+use pollen_client::{Client, ClientError, ClientEvaluate, ClientFit, Work};
 use pollen_coordinator::http::{HttpSources, serve_http};
 use pollen_coordinator::records::RoundStatus;
 use pollen_coordinator::server::{FleetServer, serve};
@@ -63,10 +63,10 @@ impl Client for TestClient {
             Behaviour::Hang(_) => 10,
         }
     }
-    fn get_parameters(&mut self, _: &ScalarMap) -> Result<Parameters, ClientError> {
+    fn get_parameters(&mut self, _: &Work<'_>) -> Result<Parameters, ClientError> {
         Ok(model([0.0; 4]))
     }
-    fn fit(&mut self, _: u64, global: Parameters, _: &ScalarMap) -> Result<ClientFit, ClientError> {
+    fn fit(&mut self, _: &Work<'_>, global: Parameters) -> Result<ClientFit, ClientError> {
         match &self.0 {
             Behaviour::Shift(delta, n) => {
                 let mut p = global;
@@ -86,12 +86,7 @@ impl Client for TestClient {
             }
         }
     }
-    fn evaluate(
-        &mut self,
-        _: u64,
-        _: Parameters,
-        _: &ScalarMap,
-    ) -> Result<ClientEvaluate, ClientError> {
+    fn evaluate(&mut self, _work: &Work<'_>, _: Parameters) -> Result<ClientEvaluate, ClientError> {
         Ok(ClientEvaluate {
             loss: 1.0,
             num_examples: self.num_examples(),
@@ -225,6 +220,7 @@ impl Harness {
                 num_rounds: rounds,
                 round_timeout: timeout,
                 wait_for_clients: Duration::from_secs(30),
+                primary_metric: None,
                 seed: 7,
             },
         )
@@ -317,6 +313,7 @@ async fn a_device_killed_mid_fit_is_cut_off_and_a_restarted_one_rejoins() {
             num_rounds: 2,
             round_timeout: Duration::from_secs(4),
             wait_for_clients: Duration::from_secs(30),
+            primary_metric: None,
             seed: 7,
         },
     )
@@ -647,8 +644,13 @@ async fn mqtt_payloads_stay_small_and_carry_no_storage_secret_for_a_cnn_sized_mo
     let (seen, observer) = observe(&h.broker, &h.fleet).await;
     let _a = h.agent("dev-a", TestClient(Behaviour::Shift(0.5, 10)));
     let _b = h.agent("dev-b", TestClient(Behaviour::Shift(0.5, 10)));
-    let cnn = pollen_client::model::initial_parameters(pollen_client::ModelKind::MnistCnn, 1)
-        .expect("cnn init");
+    let io = pollen_train::model::ModelIo {
+        kind: pollen_train::TaskKind::Classification,
+        input: vec![1, 28, 28],
+        outputs: 10,
+    };
+    let preset = pollen_train::ModelSpec::preset("mnist-cnn").expect("preset");
+    let cnn = pollen_train::model::initial_parameters(&preset, &io, 1).expect("cnn init");
     assert_eq!(cnn.num_params(), 1_663_370);
     let summary = h.run(1, all_of(2), Duration::from_secs(60), cnn).await;
     assert_eq!(
@@ -762,10 +764,10 @@ async fn a_broker_restart_mid_round_does_not_lose_the_run() {
         fn num_examples(&self) -> u64 {
             10
         }
-        fn get_parameters(&mut self, _: &ScalarMap) -> Result<Parameters, ClientError> {
+        fn get_parameters(&mut self, _: &Work<'_>) -> Result<Parameters, ClientError> {
             Ok(model([0.0; 4]))
         }
-        fn fit(&mut self, _: u64, g: Parameters, _: &ScalarMap) -> Result<ClientFit, ClientError> {
+        fn fit(&mut self, _: &Work<'_>, g: Parameters) -> Result<ClientFit, ClientError> {
             self.0.store(true, Ordering::SeqCst);
             std::thread::sleep(Duration::from_millis(1500));
             let mut p = g;
@@ -778,9 +780,8 @@ async fn a_broker_restart_mid_round_does_not_lose_the_run() {
         }
         fn evaluate(
             &mut self,
-            _: u64,
+            _work: &Work<'_>,
             _: Parameters,
-            _: &ScalarMap,
         ) -> Result<ClientEvaluate, ClientError> {
             Err(ClientError::training("not used"))
         }

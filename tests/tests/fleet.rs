@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use pollen_client::fleet::{Client, ClientError, ClientEvaluate, ClientFit, ClientOptions};
+use pollen_client::{Client, ClientError, ClientEvaluate, ClientFit, ClientOptions, Work};
 use pollen_coordinator::server::{FleetServer, serve};
 use pollen_coordinator::{DriverConfig, FedAvg, FedAvgConfig, RoundDriver, RunStore};
 use pollen_proto::fleet::{
@@ -45,10 +45,10 @@ impl Client for Scripted {
     fn num_examples(&self) -> u64 {
         10
     }
-    fn get_parameters(&mut self, _: &ScalarMap) -> Result<Parameters, ClientError> {
+    fn get_parameters(&mut self, _: &Work<'_>) -> Result<Parameters, ClientError> {
         Ok(model(0.0, [0.0; 3]))
     }
-    fn fit(&mut self, _: u64, global: Parameters, _: &ScalarMap) -> Result<ClientFit, ClientError> {
+    fn fit(&mut self, _: &Work<'_>, global: Parameters) -> Result<ClientFit, ClientError> {
         match &self.0 {
             Behaviour::Answer(p, n) => Ok(ClientFit {
                 parameters: p.clone(),
@@ -67,12 +67,7 @@ impl Client for Scripted {
         }
     }
     /// Reports a loss of n / 10 on n examples (n from `Answer`, else 1).
-    fn evaluate(
-        &mut self,
-        _: u64,
-        _: Parameters,
-        _: &ScalarMap,
-    ) -> Result<ClientEvaluate, ClientError> {
+    fn evaluate(&mut self, _work: &Work<'_>, _: Parameters) -> Result<ClientEvaluate, ClientError> {
         let n = match &self.0 {
             Behaviour::Answer(_, n) => *n,
             _ => 1,
@@ -161,6 +156,7 @@ impl Harness {
                 num_rounds: rounds,
                 round_timeout: timeout,
                 wait_for_clients: Duration::from_secs(20),
+                primary_metric: None,
                 seed: 1,
             },
         )
@@ -195,6 +191,7 @@ impl RawClient {
                 agent_version: "raw".into(),
                 num_examples: 10,
                 properties: HashMap::new(),
+                data: None,
             })),
         })
         .await
@@ -477,6 +474,7 @@ async fn a_malformed_grpc_message_ends_that_clients_stream_not_the_coordinator()
             agent_version: "raw".into(),
             num_examples: 1,
             properties: HashMap::new(),
+            data: None,
         })),
     }
     .encode_to_vec();

@@ -1,8 +1,8 @@
 //! Whole simulations: real models, real data, over the device path (proxy, MQTT, S3) and over
 //! direct gRPC.
 
-use pollen_client::ModelKind;
 use pollen_proto::mqtt::BrokerConfig;
+use pollen_train::ModelSpec;
 use pollen_workflows::RunSpec;
 use pollen_workflows::simulate::{SimulateOptions, Transport, simulate};
 use pollen_workflows::spec::StrategySpec;
@@ -31,7 +31,7 @@ async fn run(spec: RunSpec) -> (pollen_workflows::simulate::Simulation, tempfile
 fn small_2nn() -> RunSpec {
     let mut spec = RunSpec::default_spec();
     spec.rounds = 3;
-    spec.data.clients = 6;
+    spec.data.clients = Some(6);
     let StrategySpec::Fedavg(f) = &mut spec.strategy;
     f.fraction_fit = 0.5;
     f.min_available_clients = 6;
@@ -85,7 +85,7 @@ async fn the_default_simulation_uses_the_embedded_broker_and_s3() {
 async fn a_short_2nn_simulation_over_grpc_improves_test_accuracy() {
     let mut spec = RunSpec::default_spec();
     spec.rounds = 3;
-    spec.data.clients = 20;
+    spec.data.clients = Some(20);
     let StrategySpec::Fedavg(f) = &mut spec.strategy;
     f.fraction_fit = 0.2; // 4 of 20 clients, 3,000 examples each
     spec.evaluate.test_examples = Some(2000);
@@ -130,9 +130,9 @@ async fn in_process_clients_learn_as_grpc_clients_do() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_cnn_learns_in_a_two_round_federated_run() {
     let mut spec = RunSpec::default_spec();
-    spec.model = ModelKind::MnistCnn;
+    spec.model = ModelSpec::preset("mnist-cnn").expect("preset");
     spec.rounds = 2;
-    spec.data.clients = 60; // 1,000 examples each
+    spec.data.clients = Some(60); // 1,000 examples each
     spec.train.learning_rate = 0.05;
     spec.evaluate.test_examples = Some(1000);
     spec.evaluate.batch_size = 250;

@@ -2,6 +2,12 @@
 //!
 //! # Layout
 //! - [`spec`]: run specs (TOML), validated, saved with every run.
+//! - [`task`]: a spec's task manifest, resolved against data or devices, fitted from federated
+//!   statistics; server-side evaluation.
+//! - [`shares`]: a simulation's data split into one share per simulated device.
+//! - [`central`]: the centralized baseline (`pollen central`): the same model trained on the
+//!   union of the devices' training data.
+//! - [`data`]: `pollen data inspect` and `pollen data split`, for getting a CSV file ready.
 //! - [`simulate`]: coordinator + simulated clients in one process, over the device path
 //!   (proxy, MQTT, S3) or direct gRPC.
 //! - [`run`]: storage, strategy and driver wiring shared by every command; `pollen run` on a
@@ -12,8 +18,12 @@
 
 pub mod bench;
 pub mod broker;
+pub mod central;
+pub mod data;
 pub mod run;
+pub mod shares;
 pub mod simulate;
 pub mod spec;
+pub mod task;
 
 pub use spec::RunSpec;

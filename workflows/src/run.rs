@@ -12,8 +12,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use pollen_client::mnist::{Mnist, MnistSplit};
-use pollen_client::model;
 use pollen_coordinator::http::{HttpServer, HttpSources, serve_http};
 use pollen_coordinator::records::RunHandle;
 use pollen_coordinator::registry::Registry;
@@ -25,10 +23,12 @@ use pollen_coordinator::{
 };
 use pollen_proto::mqtt::BrokerConfig;
 use pollen_proxy::{DeviceRecord, Proxy, ProxyConfig, Selection};
+use pollen_train::TaskManifest;
+use pollen_train::data::Raw;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use crate::simulate::centralized_evaluator;
-use crate::spec::{RunSpec, StrategySpec};
+use crate::spec::RunSpec;
+use crate::task::{self, FinalTask};
 
 /// Where weight blobs go.
 #[derive(Debug, Clone)]
@@ -91,28 +91,27 @@ pub async fn open_storage(
     }
 }
 
-/// Loads the test split when the spec evaluates centrally.
-pub async fn load_test_split(spec: &RunSpec) -> anyhow::Result<Option<Arc<MnistSplit>>> {
-    if !spec.evaluate.centralized {
-        return Ok(None);
+/// The spec's strategy with its fit and evaluate configs, the task's exact aggregation of
+/// federated metrics and, when the server has a holdout, centralized evaluation on it.
+pub fn build_strategy(
+    spec: &RunSpec,
+    manifest: &TaskManifest,
+    server: Option<Raw>,
+    done: &FinalTask,
+) -> FedAvg {
+    let mut strategy = FedAvg::new(spec.strategy.fedavg().clone())
+        .with_fit_config(spec.fit_config())
+        .with_evaluate_config(spec.evaluate_config())
+        .with_evaluate_metrics_aggregation(task::metrics_aggregation(manifest));
+    if let Some(raw) = server {
+        strategy = strategy.with_evaluate_fn(task::server_evaluator(
+            raw,
+            spec.evaluate.batch_size,
+            spec.evaluate.test_examples,
+            done.clone(),
+        ));
     }
-    let dir = spec.resolve_data_dir();
-    let mnist = tokio::task::spawn_blocking(move || Mnist::load(&dir))
-        .await?
-        .context("loading MNIST for centralized evaluation")?;
-    Ok(Some(Arc::new(mnist.test)))
-}
-
-/// The spec's strategy with its initial model, fit config and (optional) server-side test set.
-pub fn build_strategy(spec: &RunSpec, test: Option<Arc<MnistSplit>>) -> anyhow::Result<FedAvg> {
-    let StrategySpec::Fedavg(fedavg) = &spec.strategy;
-    let mut strategy = FedAvg::new(fedavg.clone())
-        .with_initial_parameters(model::initial_parameters(spec.model, spec.seed)?)
-        .with_fit_config(spec.fit_config());
-    if let Some(test) = test {
-        strategy = strategy.with_evaluate_fn(centralized_evaluator(spec, test));
-    }
-    Ok(strategy)
+    strategy
 }
 
 /// Opens the run database and creates this run's records.
@@ -160,16 +159,17 @@ pub struct DriveOptions {
     pub run: Arc<RunHandle>,
     /// Weights by reference through this store; inline when `None`.
     pub store: Option<Arc<BlobStore>>,
-    /// The test split for centralized evaluation.
-    pub test: Option<Arc<MnistSplit>>,
+    /// The server's holdout for centralized evaluation.
+    pub server: Option<Raw>,
     pub wait_for_clients: Duration,
     /// Prometheus metrics to report each round to.
     pub metrics: Option<Arc<Metrics>>,
 }
 
-/// Drives the spec's rounds over the clients in `options.registry`.
+/// Drives the spec's rounds of `manifest`'s task over the clients in `options.registry`.
 pub async fn drive(
     spec: &RunSpec,
+    manifest: TaskManifest,
     options: DriveOptions,
     on_round: impl FnMut(&RoundRecord) + Send + 'static,
     shutdown: CancellationToken,
@@ -178,11 +178,19 @@ pub async fn drive(
         registry,
         run,
         store,
-        test,
+        server,
         wait_for_clients,
         metrics,
     } = options;
-    let strategy = build_strategy(spec, test)?;
+    let done = FinalTask::default();
+    let mut strategy = build_strategy(spec, &manifest, server, &done);
+    let primary = manifest.task.kind.primary_metric().to_string();
+    let setup = task::setup(manifest, done.clone())?;
+    if setup.statistics.is_none()
+        && let Some(task) = done.get()
+    {
+        strategy = strategy.with_initial_parameters(task.initial_parameters()?);
+    }
     let mut driver = RoundDriver::new(
         registry,
         Box::new(strategy),
@@ -191,8 +199,10 @@ pub async fn drive(
             round_timeout: spec.round_timeout,
             wait_for_clients,
             seed: spec.seed,
+            primary_metric: Some(primary),
         },
     )
+    .with_task(setup)
     .with_run(run)
     .on_round(on_round);
     if let Some(store) = store {
@@ -244,16 +254,12 @@ impl LocalCoordinator {
 
     /// What [`drive`] needs to run over this coordinator's clients and storage, with the
     /// defaults (wait up to 60 s for clients, no metrics).
-    pub fn drive_options(
-        &self,
-        run: Arc<RunHandle>,
-        test: Option<Arc<MnistSplit>>,
-    ) -> DriveOptions {
+    pub fn drive_options(&self, run: Arc<RunHandle>, server: Option<Raw>) -> DriveOptions {
         DriveOptions {
             registry: self.server.registry.clone(),
             run,
             store: self.storage.store.clone(),
-            test,
+            server,
             wait_for_clients: Duration::from_secs(60),
             metrics: None,
         }
@@ -324,16 +330,26 @@ pub async fn run_on_fleet(
     let found = pollen_proxy::discover(&options.broker, fleet, options.discovery_wait)
         .await
         .with_context(|| format!("discovering the devices of fleet {fleet:?}"))?;
-    let selection = Selection {
+    let mut selection = Selection {
         devices: None,
         min_examples: spec.devices.min_examples,
         max_devices: spec.devices.count,
+        data: None,
     };
+    // Resolve the task against the devices that are up, then keep those whose data fits it.
+    let candidates = selection.pick(found.iter().cloned());
+    let manifest = task::resolve_with_devices(spec, &candidates)?;
+    selection.data = Some(task::requirement(&manifest));
+    for d in &candidates {
+        if let Err(why) = selection.check(d) {
+            eprintln!("device {} left out: its data {why}", d.device_id);
+        }
+    }
     let selected = selection.pick(found.iter().cloned());
-    let StrategySpec::Fedavg(fedavg) = &spec.strategy;
+    let fedavg = spec.strategy.fedavg();
     anyhow::ensure!(
         selected.len() >= fedavg.min_available_clients,
-        "fleet {fleet:?}: {} devices online with at least {} examples ({} known), but the strategy needs min_available_clients = {}; start more agents or lower the minimum",
+        "fleet {fleet:?}: {} devices online with at least {} examples and data that fits the task ({} known), but the strategy needs min_available_clients = {}; start more agents or lower the minimum",
         selected.len(),
         spec.devices.min_examples,
         found.len(),
@@ -350,7 +366,8 @@ pub async fn run_on_fleet(
     let metrics = coordinator
         .dashboard(options.dashboard, &options.runs_dir)
         .await?;
-    let test = load_test_split(spec).await?;
+    let spec_for_data = spec.clone();
+    let server = tokio::task::spawn_blocking(move || task::server_data(&spec_for_data)).await??;
     let run = create_run(spec, &options.runs_dir)?;
     let (run_id, run_dir) = (run.id().to_string(), run.dir().to_path_buf());
     let proxy = Proxy::start(
@@ -363,6 +380,7 @@ pub async fn run_on_fleet(
                 devices: Some(selected.iter().map(|d| d.device_id.clone()).collect()),
                 min_examples: 0,
                 max_devices: None,
+                data: None,
             },
             stale_after: options.stale_after,
             keep_alive: Duration::from_secs(30),
@@ -384,9 +402,9 @@ pub async fn run_on_fleet(
     }
     let drive_options = DriveOptions {
         metrics,
-        ..coordinator.drive_options(run, test)
+        ..coordinator.drive_options(run, server)
     };
-    let summary = drive(spec, drive_options, on_round, shutdown).await;
+    let summary = drive(spec, manifest, drive_options, on_round, shutdown).await;
     coordinator.token().cancel();
     proxy.join().await;
     coordinator.shut_down().await;

@@ -13,18 +13,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use pollen_client::TrainerClient;
 use pollen_client::agent::{Agent, AgentOptions};
-use pollen_client::fleet::ClientOptions;
-use pollen_client::fleet::{Client, ClientError, ClientEvaluate, ClientFit};
-use pollen_client::mnist::{Mnist, MnistSplit};
-use pollen_client::trainer::{self, LocalData};
-use pollen_coordinator::strategy::Evaluation;
+use pollen_client::{Client, ClientError, ClientEvaluate, ClientFit, ClientOptions, Work};
 use pollen_coordinator::{RoundRecord, RunSummary, StoreConfig};
 use pollen_proto::Parameters;
+use pollen_proto::fleet::{DataSchema, Statistics};
 use pollen_proto::mqtt::BrokerConfig;
-use pollen_proto::scalar::ScalarMap;
 use pollen_proxy::{Proxy, ProxyConfig, ProxyHandle, Selection};
+use pollen_train::TaskClient;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokio::sync::Semaphore;
@@ -32,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::start_embedded_broker;
 use crate::run::{DriveOptions, LocalCoordinator, Storage};
+use crate::shares::SimulationData;
 use crate::spec::RunSpec;
 
 /// How simulated clients reach the coordinator.
@@ -95,36 +92,11 @@ pub struct Simulation {
     pub summary: RunSummary,
 }
 
-/// Server-side evaluation on the test set, handed to the strategy.
-pub fn centralized_evaluator(
-    spec: &RunSpec,
-    test: Arc<MnistSplit>,
-) -> pollen_coordinator::fedavg::EvaluateFn {
-    let kind = spec.model;
-    let batch = spec.evaluate.batch_size;
-    let mut data = LocalData::all(test);
-    if let Some(n) = spec.evaluate.test_examples {
-        data.indices.truncate(n);
-    }
-    Box::new(
-        move |_round, params| match trainer::evaluate(kind, params, &data, batch) {
-            Ok(out) => Some(Evaluation {
-                loss: out.loss,
-                metrics: [("accuracy".to_string(), out.accuracy)].into(),
-            }),
-            Err(e) => {
-                tracing::error!("centralized evaluation failed: {e}");
-                None
-            }
-        },
-    )
-}
-
 /// A simulated device that fails a fraction of its fit commands (the spec's
 /// `simulation.failure_rate`), as devices of a real fleet do: the coordinator sees a
 /// `client_error` failure with the device's message, and the round goes on without it.
 struct Unreliable {
-    inner: TrainerClient,
+    inner: TaskClient,
     failure_rate: f64,
     rng: ChaCha8Rng,
 }
@@ -134,32 +106,34 @@ impl Client for Unreliable {
         self.inner.num_examples()
     }
 
-    fn get_parameters(&mut self, config: &ScalarMap) -> Result<Parameters, ClientError> {
-        self.inner.get_parameters(config)
+    fn data_schema(&self) -> Option<DataSchema> {
+        self.inner.data_schema()
     }
 
-    fn fit(
-        &mut self,
-        round: u64,
-        parameters: Parameters,
-        config: &ScalarMap,
-    ) -> Result<ClientFit, ClientError> {
+    fn get_parameters(&mut self, work: &Work<'_>) -> Result<Parameters, ClientError> {
+        self.inner.get_parameters(work)
+    }
+
+    fn fit(&mut self, work: &Work<'_>, parameters: Parameters) -> Result<ClientFit, ClientError> {
         if self.failure_rate > 0.0 && self.rng.random::<f64>() < self.failure_rate {
             return Err(ClientError::training(format!(
-                "simulated device failure in round {round} (simulation.failure_rate = {})",
-                self.failure_rate
+                "simulated device failure in round {} (simulation.failure_rate = {})",
+                work.round, self.failure_rate
             )));
         }
-        self.inner.fit(round, parameters, config)
+        self.inner.fit(work, parameters)
     }
 
     fn evaluate(
         &mut self,
-        round: u64,
+        work: &Work<'_>,
         parameters: Parameters,
-        config: &ScalarMap,
     ) -> Result<ClientEvaluate, ClientError> {
-        self.inner.evaluate(round, parameters, config)
+        self.inner.evaluate(work, parameters)
+    }
+
+    fn statistics(&mut self, work: &Work<'_>) -> Result<Statistics, ClientError> {
+        self.inner.statistics(work)
     }
 }
 
@@ -170,21 +144,17 @@ pub async fn simulate(
     shutdown: CancellationToken,
     on_round: impl FnMut(&RoundRecord) + Send + 'static,
 ) -> anyhow::Result<Simulation> {
-    let data_dir = spec.resolve_data_dir();
-    let mnist = tokio::task::spawn_blocking(move || Mnist::load(&data_dir))
+    let for_load = spec.clone();
+    let data = tokio::task::spawn_blocking(move || SimulationData::load(&for_load))
         .await?
-        .context("loading MNIST")?;
-    let train = Arc::new(mnist.train);
-    let test = Arc::new(mnist.test);
-    let parts = spec
-        .data
-        .partition
-        .split(&train.labels, spec.data.clients, spec.seed)
-        .context("partitioning the training set")?;
+        .context("preparing the simulation's data")?;
 
     let run = crate::run::create_run(spec, &options.runs_dir)?;
     let run_id = run.id().to_string();
     let run_dir = run.dir().to_path_buf();
+    run.write_file("partition.json", &serde_json::to_vec_pretty(&data.report)?)
+        .context("recording the partition")?;
+    eprintln!("{}", data.summary());
 
     let storage = match options.transport {
         Transport::Grpc | Transport::InProcess => Storage::Inline,
@@ -207,21 +177,20 @@ pub async fn simulate(
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let slots = Arc::new(Semaphore::new(options.parallelism.unwrap_or(cores).max(1)));
     let failure_rate = spec.simulation.failure_rate;
-    let clients: Vec<Unreliable> = parts
+    let SimulationData {
+        manifest,
+        shares,
+        format,
+        server,
+        ..
+    } = data;
+    let clients: Vec<Unreliable> = shares
         .into_iter()
         .enumerate()
-        .map(|(i, indices)| {
+        .map(|(i, raw)| {
             let seed = spec.seed.wrapping_add(i as u64 + 1);
             Unreliable {
-                inner: TrainerClient {
-                    model: spec.model,
-                    train: LocalData {
-                        split: train.clone(),
-                        indices,
-                    },
-                    test: None,
-                    seed,
-                },
+                inner: TaskClient::in_memory(raw, format, seed),
                 failure_rate,
                 rng: ChaCha8Rng::seed_from_u64(seed ^ 0x0fa1_1ed0),
             }
@@ -234,7 +203,7 @@ pub async fn simulate(
             transport: options.transport,
             broker: options.broker.clone(),
             fleet: format!("sim-{run_id}"),
-            model: spec.model.name().to_string(),
+            model: manifest.model.family().to_string(),
             compute_slots: slots,
             agent_process: None,
         },
@@ -245,12 +214,11 @@ pub async fn simulate(
     fleet
         .wait_joined(&coordinator, Duration::from_secs(120))
         .await;
-    let test = spec.evaluate.centralized.then_some(test);
     let options = DriveOptions {
         metrics,
-        ..coordinator.drive_options(run, test)
+        ..coordinator.drive_options(run, server)
     };
-    let summary = crate::run::drive(spec, options, on_round, shutdown).await;
+    let summary = crate::run::drive(spec, manifest, options, on_round, shutdown).await;
     stop_all.cancel();
     fleet.join().await;
     coordinator.shut_down().await;
@@ -441,7 +409,7 @@ impl SimulatedFleet {
         options: &FleetOptions,
         stop_all: &CancellationToken,
     ) -> anyhow::Result<()> {
-        let http = pollen_client::agent::transfer::http_client()
+        let http = pollen_client::transfer::http_client()
             .context("building the HTTP client for weight transfers")?;
         for (i, client) in clients.into_iter().enumerate() {
             let agent = Agent::new(

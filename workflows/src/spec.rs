@@ -1,12 +1,18 @@
 //! Run specs: TOML files that say everything a run needs, seed included.
+//!
+//! A spec names the task (`[task]`: what is learned and from which columns), the model
+//! (`model = "<preset>"` or a `[model]` table), local training (`[train]`), the strategy, how
+//! evaluation works, and the data a simulation splits across its devices (`[data]`). Specs
+//! without a `[task]` are MNIST runs, as they were before tasks existed.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use pollen_client::ModelKind;
-use pollen_client::partition::Partition;
 use pollen_coordinator::FedAvgConfig;
 use pollen_proto::scalar::{self, ScalarMap};
+use pollen_train::data::partition::Partition;
+use pollen_train::manifest::{MANIFEST_VERSION, Normalize, TaskKind, TaskManifest, TaskSpec};
+use pollen_train::{DataSource, Format, ModelSpec, TrainSpec};
 use serde::{Deserialize, Serialize};
 
 /// The default spec (`workflows/mnist-2nn.toml`), built in so `pollen simulate` needs no file.
@@ -18,9 +24,13 @@ pub struct RunSpec {
     pub name: String,
     pub seed: u64,
     pub rounds: u64,
-    pub model: ModelKind,
     #[serde(with = "humantime_serde")]
     pub round_timeout: Duration,
+    /// A preset (`mnist-2nn`, `mnist-cnn`) or a `[model]` table with `family` and settings.
+    pub model: ModelSpec,
+    /// What is learned from which columns; MNIST classification when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<TaskSpec>,
     pub data: DataSpec,
     pub strategy: StrategySpec,
     pub train: TrainSpec,
@@ -44,13 +54,14 @@ pub struct SimulationSpec {
 }
 
 /// Device selection for runs on a fleet: the most recently seen online devices of `fleet` with
-/// at least `min_examples` local examples, up to `count` (all of them when absent).
+/// at least `min_examples` local examples and data that fits the task, up to `count` (all of
+/// them when absent).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DevicesSpec {
     #[serde(default = "default_fleet")]
     pub fleet: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub count: Option<usize>,
     #[serde(default)]
     pub min_examples: u64,
@@ -70,14 +81,23 @@ impl Default for DevicesSpec {
     }
 }
 
+/// The data a simulation splits across its devices (and, for MNIST, where the test split
+/// for centralized evaluation is).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataSpec {
-    /// Folder with the MNIST IDX files; relative paths are tried from the current directory,
-    /// then from the Pollen checkout.
-    pub dir: PathBuf,
-    /// Number of (simulated) clients the training set is split across.
-    pub clients: usize,
+    /// A CSV file, a `.npy` features file or an MNIST folder; relative paths are tried from
+    /// the current directory, then from the Pollen checkout.
+    #[serde(alias = "dir")]
+    pub path: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<Format>,
+    /// npy: labels or targets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<PathBuf>,
+    /// Simulated devices the data is split across (a `column` partition makes one per value).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clients: Option<usize>,
     pub partition: Partition,
 }
 
@@ -87,23 +107,34 @@ pub enum StrategySpec {
     Fedavg(FedAvgConfig),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TrainSpec {
-    pub local_epochs: usize,
-    pub batch_size: usize,
-    pub learning_rate: f64,
+impl StrategySpec {
+    pub fn fedavg(&self) -> &FedAvgConfig {
+        let StrategySpec::Fedavg(f) = self;
+        f
+    }
+
+    pub fn fedavg_mut(&mut self) -> &mut FedAvgConfig {
+        let StrategySpec::Fedavg(f) = self;
+        f
+    }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EvaluateSpec {
-    /// Evaluate the global model on the test set after every round.
+    /// Evaluate the global model on server-side data after every round: `data`, or the MNIST
+    /// test split for MNIST runs.
     pub centralized: bool,
+    /// The server's own holdout file, when it has one (same formats as `[data]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<PathBuf>,
+    /// npy: the labels of `data`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<PathBuf>,
     #[serde(default = "default_eval_batch")]
     pub batch_size: usize,
-    /// Evaluate on the first N test examples only (quicker smoke runs); all when absent.
-    #[serde(default)]
+    /// Evaluate on the first N server examples only (quicker smoke runs); all when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub test_examples: Option<usize>,
 }
 
@@ -125,6 +156,19 @@ pub enum SpecError {
     },
     #[error("{origin}: {message}")]
     Invalid { origin: String, message: String },
+}
+
+/// Finds a path as given, or relative to the Pollen checkout.
+pub fn resolve_path(path: &Path) -> PathBuf {
+    if path.is_absolute() || path.exists() {
+        return path.to_path_buf();
+    }
+    let checkout = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path);
+    if checkout.exists() {
+        checkout
+    } else {
+        path.to_path_buf()
+    }
 }
 
 impl RunSpec {
@@ -154,6 +198,26 @@ impl RunSpec {
         Self::parse(DEFAULT_SPEC, "built-in mnist-2nn.toml").expect("the built-in spec is valid")
     }
 
+    /// The task, MNIST classification for specs without a `[task]`.
+    pub fn task(&self) -> TaskSpec {
+        match &self.task {
+            Some(t) => t.clone(),
+            None => {
+                let mut t = TaskSpec::new(TaskKind::Classification);
+                t.classes = Some((0..10).map(|d| d.to_string()).collect());
+                t.shape = Some(vec![1, 28, 28]);
+                // The MNIST loader standardises pixels itself.
+                t.normalize = Normalize::None;
+                t
+            }
+        }
+    }
+
+    /// Whether devices evaluate the global model each round.
+    pub fn federated_evaluation(&self) -> bool {
+        self.strategy.fedavg().fraction_evaluate > 0.0
+    }
+
     /// Checks values that TOML types alone cannot; the message names the field.
     pub fn validate(&self) -> Result<(), String> {
         pollen_proto::topics::validate_id("name", &self.name).map_err(|e| e.to_string())?;
@@ -165,29 +229,29 @@ impl RunSpec {
         if self.rounds == 0 {
             return Err("rounds must be at least 1".into());
         }
-        if self.data.clients == 0 {
+        if self.data.clients == Some(0) {
             return Err("data.clients must be at least 1".into());
+        }
+        if self.data.clients.is_none() && !matches!(self.data.partition, Partition::Column { .. }) {
+            return Err(format!(
+                "data.clients is needed for a {} partition (only a column partition counts its own)",
+                self.data.partition.name()
+            ));
         }
         if self.round_timeout.is_zero() {
             return Err("round_timeout must be longer than 0s".into());
         }
-        let StrategySpec::Fedavg(f) = &self.strategy;
+        let f = self.strategy.fedavg();
         f.validate()?;
-        if f.min_available_clients > self.data.clients {
+        if let Some(clients) = self.data.clients
+            && f.min_available_clients > clients
+        {
             return Err(format!(
-                "strategy.min_available_clients = {} exceeds data.clients = {}",
-                f.min_available_clients, self.data.clients
+                "strategy.min_available_clients = {} exceeds data.clients = {clients}",
+                f.min_available_clients
             ));
         }
-        if self.train.local_epochs == 0 || self.train.batch_size == 0 {
-            return Err("train.local_epochs and train.batch_size must be at least 1".into());
-        }
-        if !(self.train.learning_rate.is_finite() && self.train.learning_rate > 0.0) {
-            return Err(format!(
-                "train.learning_rate = {} must be a positive number",
-                self.train.learning_rate
-            ));
-        }
+        self.train.validate()?;
         if self.evaluate.batch_size == 0 {
             return Err("evaluate.batch_size must be at least 1".into());
         }
@@ -197,7 +261,120 @@ impl RunSpec {
                 "simulation.failure_rate = {rate} must be at least 0 and below 1"
             ));
         }
+        let task = self.task();
+        task.validate()?;
+        if matches!(self.data.partition, Partition::Column { .. })
+            && task.features.is_none()
+            && task.features_except.is_none()
+        {
+            return Err("a column partition splits CSV rows: the task needs task.features or task.features_except".into());
+        }
+        if self.task.is_some() {
+            if !self.evaluate.centralized && !self.federated_evaluation() {
+                return Err(
+                    "nothing evaluates the model: set evaluate.centralized = true with evaluate.data (a server-side holdout file), or strategy.fraction_evaluate > 0 (devices evaluate on their holdout)"
+                        .into(),
+                );
+            }
+            if self.evaluate.centralized && self.evaluate.data.is_none() {
+                return Err(
+                    "evaluate.centralized needs evaluate.data, the server's own holdout file"
+                        .into(),
+                );
+            }
+            if self.federated_evaluation() && task.holdout == Some(0.0) {
+                return Err(
+                    "strategy.fraction_evaluate > 0 asks devices to evaluate, but task.holdout = 0 keeps no data for it"
+                        .into(),
+                );
+            }
+        } else if self.data_format() != Some(Format::Mnist) {
+            return Err(
+                "a spec without [task] is an MNIST run: data.path must be an MNIST folder, or describe the task in [task]"
+                    .into(),
+            );
+        }
+        // The model must fit the task wherever the input shape is already known (classes the
+        // data will tell count as two here: what matters is the input).
+        if let Ok(mut manifest) = self.manifest_with(task.clone())
+            && manifest.task.shape.is_some()
+        {
+            if task.kind == TaskKind::Classification && manifest.task.classes.is_none() {
+                manifest.task.classes = Some(vec!["a".into(), "b".into()]);
+            }
+            let io = manifest.io()?;
+            self.model.check(&io).map_err(|e| e.to_string())?;
+        }
         Ok(())
+    }
+
+    /// The data format of `[data]`, given or guessed.
+    pub fn data_format(&self) -> Option<Format> {
+        self.data
+            .format
+            .or_else(|| Format::guess(&resolve_path(&self.data.path)))
+    }
+
+    /// The simulation's data source.
+    pub fn data_source(&self) -> DataSource {
+        DataSource {
+            path: resolve_path(&self.data.path),
+            format: self.data.format,
+            labels: self.data.labels.as_deref().map(resolve_path),
+            shard: None,
+            seed: self.seed,
+        }
+    }
+
+    /// The server-side holdout for centralized evaluation: `evaluate.data`, or MNIST's test
+    /// split for MNIST runs. `None` when the run does not evaluate centrally.
+    pub fn server_data(&self) -> Option<(DataSource, bool)> {
+        if !self.evaluate.centralized {
+            return None;
+        }
+        match &self.evaluate.data {
+            Some(path) => Some((
+                DataSource {
+                    path: resolve_path(path),
+                    format: None,
+                    labels: self.evaluate.labels.as_deref().map(resolve_path),
+                    shard: None,
+                    seed: self.seed,
+                },
+                false,
+            )),
+            // MNIST: the t10k split of the data folder.
+            None => Some((self.data_source(), true)),
+        }
+    }
+
+    /// The manifest of this spec with `task` (resolved as far as the caller could).
+    pub fn manifest_with(&self, mut task: TaskSpec) -> Result<TaskManifest, String> {
+        if task.holdout.is_none() {
+            // Data is held out on devices only when they evaluate on it.
+            task.holdout = Some(if self.federated_evaluation() {
+                0.2
+            } else {
+                0.0
+            });
+        }
+        if task.shape.is_none()
+            && let Some(features) = &task.features
+        {
+            task.shape = Some(match &task.window {
+                Some(w) => vec![features.len(), w.length],
+                None => vec![features.len()],
+            });
+        }
+        Ok(TaskManifest {
+            version: MANIFEST_VERSION,
+            name: self.name.clone(),
+            seed: self.seed,
+            task,
+            model: self.model.clone(),
+            train: self.train.clone(),
+            fitted: Default::default(),
+        })
     }
 
     /// The spec as TOML (what is saved next to the run's records).
@@ -223,18 +400,14 @@ impl RunSpec {
         m
     }
 
-    /// Finds the data folder: as given, or relative to the Pollen checkout.
-    pub fn resolve_data_dir(&self) -> PathBuf {
-        let dir = &self.data.dir;
-        if dir.is_absolute() || dir.exists() {
-            return dir.clone();
-        }
-        let checkout = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(dir);
-        if checkout.exists() {
-            checkout
-        } else {
-            dir.clone()
-        }
+    /// The evaluate config every client sampled for federated evaluation receives.
+    pub fn evaluate_config(&self) -> ScalarMap {
+        let mut m = ScalarMap::new();
+        m.insert(
+            "batch_size".into(),
+            scalar::int(self.evaluate.batch_size as i64),
+        );
+        m
     }
 }
 
@@ -245,10 +418,10 @@ mod tests {
     #[test]
     fn the_built_in_spec_is_the_paper_setup() {
         let s = RunSpec::default_spec();
-        assert_eq!(s.model, ModelKind::Mnist2nn);
-        assert_eq!(s.data.clients, 100);
+        assert_eq!(s.model, ModelSpec::preset("mnist-2nn").expect("preset"));
+        assert_eq!(s.data.clients, Some(100));
         assert_eq!(s.data.partition, Partition::Iid);
-        let StrategySpec::Fedavg(f) = &s.strategy;
+        let f = s.strategy.fedavg();
         assert_eq!(f.fraction_fit, 0.1);
         assert_eq!(
             (
@@ -266,11 +439,25 @@ mod tests {
     }
 
     #[test]
-    fn shipped_specs_parse() {
-        for f in ["mnist-cnn.toml", "mnist-2nn-noniid.toml"] {
-            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(f);
-            RunSpec::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    fn shipped_specs_parse_and_round_trip() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut found = 0;
+        for entry in std::fs::read_dir(dir).expect("workflows/") {
+            let path = entry.expect("entry").path();
+            if path.extension().is_some_and(|e| e == "toml")
+                && path.file_name() != Some("Cargo.toml".as_ref())
+            {
+                let (spec, _) = RunSpec::load(&path).unwrap_or_else(|e| panic!("{e}"));
+                assert_eq!(
+                    RunSpec::parse(&spec.to_toml(), "saved").unwrap_or_else(|e| panic!("{e}")),
+                    spec,
+                    "{}",
+                    path.display()
+                );
+                found += 1;
+            }
         }
+        assert!(found >= 4, "{found} specs");
     }
 
     #[test]
@@ -292,5 +479,76 @@ mod tests {
             .expect_err("a device that always fails")
             .to_string();
         assert!(e.contains("simulation.failure_rate"), "{e}");
+        let bad = DEFAULT_SPEC.replace("model = \"mnist-2nn\"", "model = \"mnist-3nn\"");
+        let e = RunSpec::parse(&bad, "x.toml")
+            .expect_err("preset")
+            .to_string();
+        assert!(e.contains("mnist-3nn") && e.contains("mnist-2nn"), "{e}");
+    }
+
+    #[test]
+    fn a_task_spec_names_what_is_missing_or_inconsistent() {
+        let base = r#"
+name = "vib"
+seed = 1
+rounds = 3
+round_timeout = "30s"
+
+[task]
+kind = "classification"
+features = ["x", "y"]
+label = "state"
+window = { length = 32 }
+
+[model]
+family = "cnn1d"
+channels = [8]
+
+[data]
+path = "vib.csv"
+clients = 4
+partition = { kind = "iid" }
+
+[strategy]
+name = "fedavg"
+fraction_fit = 0.5
+fraction_evaluate = 1.0
+
+[train]
+local_epochs = 1
+batch_size = 16
+learning_rate = 0.01
+optimizer = "adam"
+
+[evaluate]
+centralized = false
+"#;
+        let spec = RunSpec::parse(base, "vib.toml").expect("valid");
+        let manifest = spec.manifest_with(spec.task()).expect("manifest");
+        assert_eq!(manifest.task.shape, Some(vec![2, 32]));
+        assert_eq!(manifest.task.holdout, Some(0.2));
+        let no_eval = base.replace("fraction_evaluate = 1.0", "fraction_evaluate = 0.0");
+        let e = RunSpec::parse(&no_eval, "vib.toml")
+            .expect_err("no evaluation")
+            .to_string();
+        assert!(e.contains("nothing evaluates the model"), "{e}");
+        let mlp_on_typo = base.replace("channels = [8]", "chanels = [8]");
+        let e = RunSpec::parse(&mlp_on_typo, "vib.toml")
+            .expect_err("typo")
+            .to_string();
+        assert!(e.contains("model.chanels"), "{e}");
+        let rnn_without_window = base.replace("window = { length = 32 }\n", "");
+        let e = RunSpec::parse(&rnn_without_window, "vib.toml")
+            .expect_err("2-D input")
+            .to_string();
+        assert!(e.contains("cnn1d") && e.contains("windows"), "{e}");
+        let bad_lr = base.replace(
+            "optimizer = \"adam\"",
+            "optimizer = \"adam\"\nmomentum = 0.9",
+        );
+        let e = RunSpec::parse(&bad_lr, "vib.toml")
+            .expect_err("momentum")
+            .to_string();
+        assert!(e.contains("train.momentum"), "{e}");
     }
 }

@@ -11,8 +11,6 @@
 //! duplicates and late ones. A command delivered twice is worked on once.
 //!
 //! # Layout
-//! - [`config`]: the `pollen-agent` TOML file and its environment overrides.
-//! - [`transfer`]: presigned-URL download (verified) and upload of weight blobs.
 //! - `state`: the command state machine (queue, running, handled ids), without I/O.
 //! - `work`: one command's work and its reply.
 //! - `outbox`: replies kept for redelivery, and handled ids, persisted.
@@ -20,11 +18,9 @@
 //!
 //! [`DeviceStatus`]: pollen_proto::device::DeviceStatus
 
-pub mod config;
 mod outbox;
 mod runtime;
 mod state;
-pub mod transfer;
 mod work;
 
 use std::path::PathBuf;
@@ -42,9 +38,9 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-pub use config::{AgentConfig, ConfigError, DataConfig, Shard};
-
-use crate::fleet::Client;
+use crate::client::Client;
+use crate::task::TaskCache;
+use crate::transfer;
 use outbox::Outbox;
 use runtime::{Runtime, StatusInfo};
 use state::Scheduler;
@@ -53,6 +49,11 @@ use work::Worker;
 /// Longest device or fleet id accepted: ids travel in every reply and status, which must stay
 /// far below the MQTT payload limit.
 pub const MAX_ID_CHARS: usize = 128;
+
+/// How often an agent republishes its retained online status by default.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
+/// The default MQTT keep-alive.
+pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(30);
 
 /// How one agent connects and what it reports.
 #[derive(Debug, Clone)]
@@ -66,9 +67,11 @@ pub struct AgentOptions {
     pub heartbeat: Duration,
     /// MQTT keep-alive: whole seconds, at least 1 s.
     pub keep_alive: Duration,
-    /// Where the outbox and the handled request ids are persisted; `None` keeps them in memory.
+    /// Where the outbox, the handled request ids and the task manifests received are
+    /// persisted; `None` keeps them in memory.
     pub work_dir: Option<PathBuf>,
-    /// Model name reported in the status.
+    /// A label reported in the status as the device's model (free-form; the task of each run
+    /// decides what is trained).
     pub model: String,
     /// Limits how many agents of this process compute at once (simulation); `None`: no limit.
     pub compute_slots: Option<Arc<Semaphore>>,
@@ -88,8 +91,8 @@ impl AgentOptions {
             device_id: device_id.into(),
             fleet: fleet.into(),
             broker,
-            heartbeat: config::DEFAULT_HEARTBEAT,
-            keep_alive: config::DEFAULT_KEEP_ALIVE,
+            heartbeat: DEFAULT_HEARTBEAT,
+            keep_alive: DEFAULT_KEEP_ALIVE,
             work_dir: None,
             model: String::new(),
             compute_slots: None,
@@ -119,6 +122,7 @@ pub struct AgentStats {
     pub fits_done: AtomicU64,
     pub evaluations_done: AtomicU64,
     pub parameters_done: AtomicU64,
+    pub statistics_done: AtomicU64,
     /// Failure replies (any code).
     pub failures_sent: AtomicU64,
     /// Replies handed to the MQTT client (progress and republications included).
@@ -140,6 +144,7 @@ pub struct AgentStatsSnapshot {
     pub fits_done: u64,
     pub evaluations_done: u64,
     pub parameters_done: u64,
+    pub statistics_done: u64,
     pub failures_sent: u64,
     pub replies_published: u64,
     pub reconnects: u64,
@@ -158,6 +163,7 @@ impl AgentStats {
             fits_done: get(&self.fits_done),
             evaluations_done: get(&self.evaluations_done),
             parameters_done: get(&self.parameters_done),
+            statistics_done: get(&self.statistics_done),
             failures_sent: get(&self.failures_sent),
             replies_published: get(&self.replies_published),
             reconnects: get(&self.reconnects),
@@ -188,6 +194,7 @@ impl AgentStatsSnapshot {
                 ("fit_done", self.fits_done),
                 ("evaluate_done", self.evaluations_done),
                 ("get_parameters_done", self.parameters_done),
+                ("statistics_done", self.statistics_done),
                 ("failed", self.failures_sent),
                 ("cancelled", self.commands_cancelled),
                 ("expired", self.commands_expired),
@@ -250,7 +257,8 @@ pub struct Agent {
     options: AgentOptions,
     mqtt: MqttOptions,
     client: Box<dyn Client>,
-    num_examples: u64,
+    info: StatusInfo,
+    tasks: TaskCache,
     http: reqwest::Client,
     outbox: Outbox,
     scheduler: Scheduler,
@@ -294,16 +302,27 @@ impl Agent {
             });
         }
         let num_examples = client.num_examples();
-        let info = StatusInfo {
+        let mut info = StatusInfo {
             device_id: options.device_id.clone(),
             fleet: options.fleet.clone(),
             model: options.model.clone(),
             num_examples,
+            data: client.data_schema(),
             work_dir: options.work_dir.clone(),
             properties: options.properties.clone(),
         };
         // The last-will is fixed at connect time; its timestamp is when the agent started.
-        let will = info.status(false, ScalarMap::new()).encode_to_vec();
+        let mut will = info.status(false, ScalarMap::new()).encode_to_vec();
+        if will.len() > MAX_MQTT_PAYLOAD_BYTES / 2
+            && let Some(data) = info.data.as_mut()
+            && !data.columns.is_empty()
+        {
+            // A very wide CSV: announce the shape of the data without the column names; the
+            // task's columns are checked when a task arrives.
+            data.columns.clear();
+            data.columns_omitted = true;
+            will = info.status(false, ScalarMap::new()).encode_to_vec();
+        }
         if will.len() > MAX_MQTT_PAYLOAD_BYTES / 2 {
             return Err(AgentError::Option {
                 field: "properties",
@@ -325,6 +344,10 @@ impl Agent {
 
         let now = runtime::now_unix_ms();
         let mut scheduler = Scheduler::default();
+        let tasks = match &options.work_dir {
+            None => TaskCache::default(),
+            Some(dir) => TaskCache::with_dir(dir.join("tasks")),
+        };
         let (outbox, handled_path) = match &options.work_dir {
             None => (Outbox::in_memory(), None),
             Some(dir) => {
@@ -351,7 +374,8 @@ impl Agent {
             options,
             mqtt,
             client: Box::new(client),
-            num_examples,
+            info,
+            tasks,
             outbox,
             scheduler,
             handled_path,
@@ -378,7 +402,8 @@ impl Agent {
             options,
             mqtt,
             client,
-            num_examples,
+            info,
+            tasks,
             http,
             outbox,
             scheduler,
@@ -394,15 +419,9 @@ impl Agent {
 
         let fleet = options.fleet.clone();
         let device = options.device_id.clone();
+        let num_examples = info.num_examples;
         let runtime = Runtime {
-            info: StatusInfo {
-                device_id: device.clone(),
-                fleet: fleet.clone(),
-                model: options.model.clone(),
-                num_examples,
-                work_dir: options.work_dir.clone(),
-                properties: options.properties.clone(),
-            },
+            info,
             heartbeat: options.heartbeat,
             mqtt: mqtt_client,
             cmd_topic: topics::command(&fleet, &device),
@@ -416,6 +435,7 @@ impl Agent {
                 device_id: device.clone(),
                 http,
                 client: Arc::new(Mutex::new(client)),
+                tasks,
                 compute_slots: options.compute_slots.clone(),
                 num_examples,
                 progress: progress_tx,

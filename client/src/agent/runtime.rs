@@ -139,6 +139,20 @@ pub fn encode_reply(mut reply: Reply) -> Bytes {
         Some(Body::Evaluate(evaluation)) => evaluation.metrics.clear(),
         Some(Body::Failure(failure)) => truncate(&mut failure.message, MAX_MESSAGE_BYTES),
         Some(Body::Progress(progress)) => truncate(&mut progress.message, MAX_MESSAGE_BYTES),
+        Some(Body::Statistics(statistics)) => {
+            // Nothing of it can go without making it wrong: say so instead.
+            let channels = statistics.features.as_ref().map_or(0, |m| m.mean.len());
+            reply.body = Some(Body::Failure(pollen_proto::fleet::Failure {
+                request_id: 0,
+                round: reply.round,
+                code: FailureCode::DataMismatch as i32,
+                message: format!(
+                    "the statistics of {channels} feature channels do not fit the \
+                     {MAX_MQTT_PAYLOAD_BYTES}-byte MQTT payload limit; use fewer channels or \
+                     normalize = \"none\""
+                ),
+            }));
+        }
         None => {}
     }
     let encoded = reply.encode_to_vec();
@@ -153,6 +167,7 @@ pub struct StatusInfo {
     pub fleet: String,
     pub model: String,
     pub num_examples: u64,
+    pub data: Option<pollen_proto::fleet::DataSchema>,
     pub work_dir: Option<PathBuf>,
     pub properties: ScalarMap,
 }
@@ -175,6 +190,7 @@ impl StatusInfo {
             free_disk_bytes,
             timestamp_unix_ms: now_unix_ms(),
             properties: all,
+            data: self.data.clone(),
         }
     }
 }
@@ -416,6 +432,7 @@ impl Runtime {
                 (Some(Body::Fit(_)), Some(CommandKind::Fit)) => Some(&self.stats.fits_done),
                 (Some(Body::Fit(_)), _) => Some(&self.stats.parameters_done),
                 (Some(Body::Evaluate(_)), _) => Some(&self.stats.evaluations_done),
+                (Some(Body::Statistics(_)), _) => Some(&self.stats.statistics_done),
                 _ => None,
             };
             if let Some(counter) = counter {

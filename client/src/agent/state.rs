@@ -9,7 +9,7 @@ use pollen_proto::device::{Command, CommandKind};
 use pollen_proto::fleet::Codec;
 use prost::Message;
 
-use crate::fleet::ClientError;
+use crate::client::ClientError;
 
 /// Longest request id accepted. Ids are echoed in every reply, and replies must stay far below
 /// the MQTT payload limit.
@@ -51,7 +51,7 @@ pub fn kind(command: &Command) -> Option<CommandKind> {
 pub fn validate(command: &Command) -> Result<CommandKind, ClientError> {
     let kind = kind(command).ok_or_else(|| {
         ClientError::bad_instruction(format!(
-            "unknown command kind {}; this agent knows FIT, EVALUATE, GET_PARAMETERS and CANCEL",
+            "unknown command kind {}; this agent knows FIT, EVALUATE, GET_PARAMETERS, STATISTICS and CANCEL",
             command.kind
         ))
     })?;
@@ -84,6 +84,11 @@ pub fn validate(command: &Command) -> Result<CommandKind, ClientError> {
                 "global_weights.sha256 is empty; every blob is verified by digest",
             ));
         }
+    }
+    if kind == CommandKind::Statistics && command.task.is_none() {
+        return Err(ClientError::bad_instruction(
+            "STATISTICS command has no task: statistics are computed under a task's schema",
+        ));
     }
     if needs_upload && command.upload_url.is_empty() {
         return Err(ClientError::bad_instruction(format!(

@@ -1,5 +1,6 @@
-//! Working on one command: download the global weights, compute with the [`Client`] on a
-//! blocking thread (holding a compute slot), upload the result, and build the reply.
+//! Working on one command: fetch the task manifest (cached by digest) and the global weights,
+//! compute with the [`Client`] on a blocking thread (holding a compute slot), upload the
+//! result, and build the reply.
 //!
 //! A cancelled command stops at the next step boundary; computation already handed to the
 //! blocking thread runs to its end (it cannot be interrupted) and its result is dropped.
@@ -17,8 +18,9 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::state;
-use super::transfer::{self, TransferError};
-use crate::fleet::{Client, ClientError};
+use crate::client::{Client, ClientError, TaskBlob, Work};
+use crate::task::TaskCache;
+use crate::transfer::{self, TransferError};
 
 /// How a command ended.
 #[derive(Debug)]
@@ -52,6 +54,8 @@ pub struct Worker {
     pub device_id: String,
     pub http: reqwest::Client,
     pub client: Arc<Mutex<Box<dyn Client>>>,
+    /// Task manifests received, by digest.
+    pub tasks: TaskCache,
     pub compute_slots: Option<Arc<Semaphore>>,
     pub num_examples: u64,
     /// Progress replies, published best effort by the runtime.
@@ -101,6 +105,7 @@ impl Worker {
             Some(CommandKind::Fit) => self.fit(&command, &cancel).await,
             Some(CommandKind::Evaluate) => self.evaluate(&command, &cancel).await,
             Some(CommandKind::GetParameters) => self.get_parameters(&command, &cancel).await,
+            Some(CommandKind::Statistics) => self.statistics(&command, &cancel).await,
             // The scheduler refuses these before they are queued.
             Some(CommandKind::Cancel | CommandKind::Unspecified) | None => Err(Halt::Failed(
                 ClientError::bad_instruction(format!("command kind {} is not work", command.kind)),
@@ -140,6 +145,12 @@ impl Worker {
                 seconds = format!("{seconds:.2}"),
                 "evaluation done"
             ),
+            Some(Body::Statistics(statistics)) => tracing::info!(
+                request_id = %command.request_id,
+                examples = statistics.num_examples,
+                seconds = format!("{seconds:.2}"),
+                "statistics done"
+            ),
             Some(_) => {}
         }
         Done {
@@ -178,12 +189,26 @@ impl Worker {
         Ok(parameters)
     }
 
-    /// Runs `f` on the client on a blocking thread, holding a compute slot if slots are limited.
-    /// The slot and the client stay taken until `f` returns, even if the command is cancelled.
+    /// The command's task manifest (cached by digest, else downloaded and verified).
+    async fn task(
+        &self,
+        command: &Command,
+        cancel: &CancellationToken,
+    ) -> Result<Option<Arc<TaskBlob>>, Halt> {
+        let http = self.http.clone();
+        let resolve = self.tasks.resolve(command.task.as_ref(), move || Ok(http));
+        Ok(unless(cancel, resolve).await??)
+    }
+
+    /// Runs `f` on the client on a blocking thread with the command's [`Work`], holding a
+    /// compute slot if slots are limited. The slot and the client stay taken until `f`
+    /// returns, even if the command is cancelled.
     async fn compute<T: Send + 'static>(
         &self,
+        command: &Command,
+        task: Option<Arc<TaskBlob>>,
         cancel: &CancellationToken,
-        f: impl FnOnce(&mut dyn Client) -> Result<T, ClientError> + Send + 'static,
+        f: impl FnOnce(&mut dyn Client, &Work<'_>) -> Result<T, ClientError> + Send + 'static,
     ) -> Result<T, Halt> {
         let permit = match &self.compute_slots {
             Some(slots) => Some(
@@ -194,12 +219,23 @@ impl Worker {
             None => None,
         };
         let client = self.client.clone();
-        let task = tokio::task::spawn_blocking(move || {
+        let (run_id, round, config) = (
+            command.run_id.clone(),
+            command.round,
+            command.config.clone(),
+        );
+        let job = tokio::task::spawn_blocking(move || {
             let _permit = permit;
             let mut client = client.lock().unwrap_or_else(PoisonError::into_inner);
-            f(client.as_mut())
+            let work = Work {
+                run_id: &run_id,
+                round,
+                task: task.as_deref(),
+                config: &config,
+            };
+            f(client.as_mut(), &work)
         });
-        let joined = unless(cancel, task).await?;
+        let joined = unless(cancel, job).await?;
         Ok(joined.map_err(|e| ClientError::training(format!("the client panicked: {e}")))??)
     }
 
@@ -221,12 +257,12 @@ impl Worker {
     }
 
     async fn fit(&self, command: &Command, cancel: &CancellationToken) -> Result<Body, Halt> {
+        let task = self.task(command, cancel).await?;
         let parameters = self.fetch(command, cancel).await?;
         self.progress(command, 0.1, "training");
-        let (round, config) = (command.round, command.config.clone());
         let (fit, blob) = self
-            .compute(cancel, move |client| {
-                let fit = client.fit(round, parameters, &config)?;
+            .compute(command, task, cancel, move |client, work| {
+                let fit = client.fit(work, parameters)?;
                 let blob = fit.parameters.encode();
                 Ok((fit, blob))
             })
@@ -236,12 +272,12 @@ impl Worker {
     }
 
     async fn evaluate(&self, command: &Command, cancel: &CancellationToken) -> Result<Body, Halt> {
+        let task = self.task(command, cancel).await?;
         let parameters = self.fetch(command, cancel).await?;
         self.progress(command, 0.1, "evaluating");
-        let (round, config) = (command.round, command.config.clone());
         let evaluation = self
-            .compute(cancel, move |client| {
-                client.evaluate(round, parameters, &config)
+            .compute(command, task, cancel, move |client, work| {
+                client.evaluate(work, parameters)
             })
             .await?;
         Ok(Body::Evaluate(EvaluateReply {
@@ -256,14 +292,28 @@ impl Worker {
         command: &Command,
         cancel: &CancellationToken,
     ) -> Result<Body, Halt> {
-        let config = command.config.clone();
+        let task = self.task(command, cancel).await?;
         let blob = self
-            .compute(cancel, move |client| {
-                Ok(client.get_parameters(&config)?.encode())
+            .compute(command, task, cancel, move |client, work| {
+                Ok(client.get_parameters(work)?.encode())
             })
             .await?;
         self.upload(command, cancel, &blob).await?;
         Ok(uploaded(blob, self.num_examples, ScalarMap::new()))
+    }
+
+    async fn statistics(
+        &self,
+        command: &Command,
+        cancel: &CancellationToken,
+    ) -> Result<Body, Halt> {
+        let task = self.task(command, cancel).await?;
+        let statistics = self
+            .compute(command, task, cancel, move |client, work| {
+                client.statistics(work)
+            })
+            .await?;
+        Ok(Body::Statistics(statistics))
     }
 }
 

@@ -9,12 +9,13 @@
 use std::time::Instant;
 
 use anyhow::Context;
-use pollen_client::model::{ModelKind, initial_parameters};
 use pollen_coordinator::FedAvg;
 use pollen_coordinator::fedavg::FedAvgConfig;
 use pollen_coordinator::strategy::Strategy;
 use pollen_proto::blob::EncodedBlob;
 use pollen_proto::{NamedTensor, Parameters};
+use pollen_train::manifest::TaskKind;
+use pollen_train::model::{ModelIo, ModelSpec, initial_parameters};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
@@ -74,8 +75,8 @@ pub struct AggregateReport {
 
 fn template(options: &AggregateOptions) -> anyhow::Result<Parameters> {
     Ok(match options.shape {
-        Shape::Cnn => initial_parameters(ModelKind::MnistCnn, 1)?,
-        Shape::Mlp => initial_parameters(ModelKind::Mnist2nn, 1)?,
+        Shape::Cnn => mnist_model("mnist-cnn")?,
+        Shape::Mlp => mnist_model("mnist-2nn")?,
         Shape::Flat => Parameters::new(vec![NamedTensor::new(
             "w",
             vec![options.params],
@@ -230,4 +231,15 @@ impl AggregateReport {
         }
         lines
     }
+}
+
+/// Freshly initialised weights of an MNIST preset.
+fn mnist_model(preset: &str) -> anyhow::Result<Parameters> {
+    let spec = ModelSpec::preset(preset).ok_or_else(|| anyhow::anyhow!("no preset {preset}"))?;
+    let io = ModelIo {
+        kind: TaskKind::Classification,
+        input: vec![1, 28, 28],
+        outputs: 10,
+    };
+    Ok(initial_parameters(&spec, &io, 1)?)
 }

@@ -82,10 +82,8 @@ pub async fn run(options: &MnistOptions) -> anyhow::Result<MnistReport> {
         bench: "mnist",
         workload: format!(
             "default simulation: MNIST 2NN, {} IID clients, C={}, E={}, B={}, lr {}, over {}",
-            spec.data.clients,
-            match &spec.strategy {
-                crate::spec::StrategySpec::Fedavg(f) => f.fraction_fit,
-            },
+            spec.data.clients.unwrap_or(0),
+            spec.strategy.fedavg().fraction_fit,
             spec.train.local_epochs,
             spec.train.batch_size,
             spec.train.learning_rate,

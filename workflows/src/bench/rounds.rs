@@ -10,12 +10,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use pollen_client::fleet::{Client, ClientError, ClientEvaluate, ClientFit};
+use pollen_client::{Client, ClientError, ClientEvaluate, ClientFit, Work};
 use pollen_coordinator::fedavg::FedAvgConfig;
 use pollen_coordinator::records::RoundStatus;
 use pollen_coordinator::{DriverConfig, FedAvg, RoundDriver, RoundRecord};
 use pollen_proto::mqtt::BrokerConfig;
-use pollen_proto::scalar::ScalarMap;
 use pollen_proto::{NamedTensor, Parameters};
 use serde::Serialize;
 use tokio::sync::Semaphore;
@@ -51,18 +50,13 @@ impl Client for NoOpClient {
         self.examples
     }
 
-    fn get_parameters(&mut self, _config: &ScalarMap) -> Result<Parameters, ClientError> {
+    fn get_parameters(&mut self, _work: &Work<'_>) -> Result<Parameters, ClientError> {
         Err(ClientError::training(
             "a no-op client holds no model of its own",
         ))
     }
 
-    fn fit(
-        &mut self,
-        _round: u64,
-        parameters: Parameters,
-        _config: &ScalarMap,
-    ) -> Result<ClientFit, ClientError> {
+    fn fit(&mut self, _work: &Work<'_>, parameters: Parameters) -> Result<ClientFit, ClientError> {
         Ok(ClientFit {
             parameters,
             num_examples: self.examples,
@@ -72,9 +66,8 @@ impl Client for NoOpClient {
 
     fn evaluate(
         &mut self,
-        _round: u64,
+        _work: &Work<'_>,
         _parameters: Parameters,
-        _config: &ScalarMap,
     ) -> Result<ClientEvaluate, ClientError> {
         Ok(ClientEvaluate {
             loss: 0.0,
@@ -229,6 +222,7 @@ pub async fn run(options: &RoundsOptions) -> anyhow::Result<RoundsReport> {
             round_timeout: options.round_timeout,
             wait_for_clients: Duration::from_secs(60),
             seed: 1,
+            primary_metric: None,
         },
     )
     .on_round(stats_at_round);

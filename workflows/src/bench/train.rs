@@ -2,20 +2,21 @@
 //! and batch size asked for: one local epoch over `examples` MNIST images, as a device does
 //! for a fit command (weights imported, trained, exported).
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
-use pollen_client::mnist::Mnist;
-use pollen_client::model::{ModelKind, initial_parameters};
-use pollen_client::trainer::{self, LocalData, TrainConfig};
+use pollen_train::data::Raw;
+use pollen_train::data::arrays::{MnistSplit, read_mnist};
+use pollen_train::{ModelSpec, Task, TrainSpec};
 use serde::Serialize;
 
 use super::{Machine, Stats, header};
+use crate::spec::RunSpec;
 
 #[derive(Debug, Clone)]
 pub struct TrainOptions {
-    pub models: Vec<ModelKind>,
+    /// Model presets (`mnist-2nn`, `mnist-cnn`).
+    pub models: Vec<String>,
     pub batch_sizes: Vec<usize>,
     /// Examples in the local epoch (600 = one client's share of MNIST over 100 clients).
     pub examples: usize,
@@ -25,7 +26,7 @@ pub struct TrainOptions {
 
 #[derive(Debug, Serialize)]
 pub struct TrainResult {
-    pub model: &'static str,
+    pub model: String,
     pub batch_size: usize,
     pub samples_per_second: Stats,
     pub seconds_per_epoch: Stats,
@@ -43,35 +44,40 @@ pub struct TrainReport {
 pub fn run(options: &TrainOptions) -> anyhow::Result<TrainReport> {
     anyhow::ensure!(options.runs >= 1, "--runs must be at least 1");
     anyhow::ensure!(options.examples >= 1, "--examples must be at least 1");
-    let mnist = Mnist::load(&options.data_dir)
-        .with_context(|| format!("loading MNIST from {}", options.data_dir.display()))?;
-    let train = Arc::new(mnist.train);
     anyhow::ensure!(
-        options.examples <= train.len(),
-        "--examples {} exceeds the {} training images",
-        options.examples,
-        train.len()
+        options.examples <= 60_000,
+        "--examples {} exceeds the 60000 training images",
+        options.examples
     );
-    let data = LocalData {
-        split: train,
-        indices: (0..options.examples).collect(),
-    };
+    let raw = Raw::Arrays(
+        read_mnist(
+            &options.data_dir,
+            MnistSplit::Train,
+            Some((0..options.examples).collect()),
+        )
+        .with_context(|| format!("loading MNIST from {}", options.data_dir.display()))?,
+    );
     let mut results = Vec::new();
-    for &kind in &options.models {
-        let global = initial_parameters(kind, 1)?;
+    for name in &options.models {
+        let mut spec = RunSpec::default_spec();
+        spec.model = ModelSpec::preset(name).with_context(|| format!("unknown model {name:?}"))?;
+        let task = Task::new(crate::task::resolve_with_data(&spec, &raw)?)?;
+        let data = task.prepare(&raw)?;
+        let global = task.initial_parameters()?;
         for &batch_size in &options.batch_sizes {
             anyhow::ensure!(batch_size >= 1, "batch sizes must be at least 1");
-            let config = TrainConfig {
+            let config = TrainSpec {
                 local_epochs: 1,
                 batch_size,
                 learning_rate: 0.05,
+                ..spec.train.clone()
             };
             // One untimed epoch first: the backend allocates and tunes on first use.
-            trainer::fit(kind, &global, &data, config, 0)?;
+            task.fit(&data, &global, &config, 0)?;
             let mut seconds = Vec::with_capacity(options.runs);
             for run in 0..options.runs {
                 let started = Instant::now();
-                let out = trainer::fit(kind, &global, &data, config, run as u64 + 1)?;
+                let out = task.fit(&data, &global, &config, run as u64 + 1)?;
                 seconds.push(started.elapsed().as_secs_f64());
                 anyhow::ensure!(
                     out.num_examples as usize == options.examples && out.loss.is_finite(),
@@ -81,7 +87,7 @@ pub fn run(options: &TrainOptions) -> anyhow::Result<TrainReport> {
                 );
             }
             results.push(TrainResult {
-                model: kind.name(),
+                model: name.clone(),
                 batch_size,
                 samples_per_second: Stats::of_rates(options.examples as f64, &seconds)
                     .context("no runs")?,

@@ -234,6 +234,26 @@ enum Command {
         #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
         http: SocketAddr,
     },
+    /// Get a CSV file ready for a run: see what it holds, or split it into one file per
+    /// device.
+    Data {
+        #[command(subcommand)]
+        command: DataCommand,
+    },
+    /// The centralized baseline of a simulation spec: the same model trained on the union of
+    /// the simulated devices' training data, evaluated as the federated run is.
+    Central {
+        /// Run spec (TOML); the built-in MNIST 2NN spec when absent.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Passes over the data [default: rounds x local_epochs x fraction_fit, the federated
+        /// run's].
+        #[arg(long)]
+        epochs: Option<usize>,
+        /// Print the report as one JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// Serve the web dashboard over the recorded runs (charts, participation, failures,
     /// configs) until Ctrl-C. Live runs serve their own dashboard.
     Dashboard {
@@ -268,12 +288,23 @@ fn shutdown_on_ctrl_c(message: &'static str) -> CancellationToken {
     token
 }
 
+/// A metric as a person reads it: fractions as percentages.
+fn show_metric(name: &str, value: f64) -> String {
+    match name {
+        "accuracy" | "macro_f1" => format!("{:.2}%", value * 100.0),
+        _ => format!("{value:.4}"),
+    }
+}
+
 /// Prints rounds as JSON lines or drives a progress bar.
-fn reporter(total: u64, json: bool) -> (ProgressBar, impl FnMut(&RoundRecord) + Send + 'static) {
+fn reporter(
+    spec: &RunSpec,
+    json: bool,
+) -> (ProgressBar, impl FnMut(&RoundRecord) + Send + 'static) {
     let bar = if json {
         ProgressBar::hidden()
     } else {
-        ProgressBar::new(total)
+        ProgressBar::new(spec.rounds)
     };
     bar.set_style(
         ProgressStyle::with_template(
@@ -290,11 +321,13 @@ fn reporter(total: u64, json: bool) -> (ProgressBar, impl FnMut(&RoundRecord) + 
                 Err(e) => eprintln!("round {} could not be printed: {e}", r.round),
             }
         } else {
-            let acc = r
-                .accuracy
-                .map_or("-".to_string(), |a| format!("{:.2}%", a * 100.0));
+            let name = r.primary_metric.as_deref().unwrap_or("accuracy");
+            let value = r
+                .metrics
+                .get(name)
+                .map_or("-".to_string(), |v| show_metric(name, *v));
             b.set_message(format!(
-                "accuracy {acc}  ok {}/{}  {:.2}s/round",
+                "{name} {value}  ok {}/{}  {:.2}s/round",
                 r.succeeded, r.sampled, r.seconds
             ));
             b.inc(1);
@@ -307,17 +340,33 @@ fn print_summary(run_id: &str, run_dir: &std::path::Path, rounds: &[RoundRecord]
     let mut secs: Vec<f64> = rounds.iter().map(|r| r.seconds).collect();
     secs.sort_by(f64::total_cmp);
     let median = secs.get(secs.len() / 2).copied().unwrap_or(0.0);
-    let last = rounds.last();
-    let acc = last
-        .and_then(|r| r.accuracy)
-        .map_or("-".into(), |a| format!("{:.2}%", a * 100.0));
-    let first97 = rounds
+    let metric = rounds
         .iter()
-        .find(|r| r.accuracy.is_some_and(|a| a >= 0.97))
-        .map_or("not reached".into(), |r| format!("at round {}", r.round));
+        .rev()
+        .find_map(|r| r.primary_metric.clone())
+        .unwrap_or_else(|| "accuracy".into());
+    let evaluation = rounds
+        .iter()
+        .rev()
+        .find_map(|r| r.evaluation.clone())
+        .unwrap_or_else(|| "no".into());
+    let last = rounds
+        .last()
+        .and_then(|r| r.metrics.get(&metric))
+        .map_or("-".into(), |v| show_metric(&metric, *v));
+    // MNIST runs are compared with McMahan et al. by the round that first reaches 97%.
+    let first97 = if metric == "accuracy" {
+        let at = rounds
+            .iter()
+            .find(|r| r.accuracy.is_some_and(|a| a >= 0.97))
+            .map_or("not reached".into(), |r| format!("at round {}", r.round));
+        format!(", 97% {at}")
+    } else {
+        String::new()
+    };
     let failed: usize = rounds.iter().map(|r| r.failed).sum();
     eprintln!(
-        "run {run_id}: {} rounds, final accuracy {acc}, 97% {first97}, median {median:.3} s/round, {failed} client failures\nrecords: {}",
+        "run {run_id}: {} rounds, final {metric} {last} ({evaluation} evaluation){first97}, median {median:.3} s/round, {failed} client failures\nrecords: {}",
         rounds.len(),
         run_dir.display()
     );
@@ -355,28 +404,57 @@ fn find_run(runs: &[RunRow], wanted: &str) -> anyhow::Result<RunRow> {
     }
 }
 
-fn pct(x: Option<f64>) -> String {
-    x.map_or("-".into(), |a| format!("{:.2}%", a * 100.0))
-}
-
 fn print_devices(devices: &[DeviceRecord]) {
     eprintln!(
-        "{:<24} {:<8} {:>9} {:<12} {:<10} {:>10}",
-        "DEVICE", "STATE", "EXAMPLES", "MODEL", "AGENT", "LAST SEEN"
+        "{:<24} {:<8} {:>9} {:<20} {:<10} {:>10}",
+        "DEVICE", "STATE", "EXAMPLES", "DATA", "AGENT", "LAST SEEN"
     );
     let now = pollen_proto::now_unix_ms();
     for d in devices {
         let ago = now.saturating_sub(d.last_seen_unix_ms) as f64 / 1000.0;
         eprintln!(
-            "{:<24} {:<8} {:>9} {:<12} {:<10} {:>9.1}s",
+            "{:<24} {:<8} {:>9} {:<20} {:<10} {:>9.1}s",
             d.device_id,
             if d.online { "online" } else { "offline" },
             d.num_examples,
-            d.model,
+            d.data.as_ref().map_or("-".to_string(), |v| v.summary()),
             d.agent_version,
             ago
         );
     }
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// What a CSV file holds (columns, kinds, ranges; a label column's values) and a draft
+    /// [task] section for it.
+    Inspect {
+        file: PathBuf,
+        /// A column whose values are labels.
+        #[arg(long)]
+        label: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write one CSV file per device: by a column's values (--by site), or into --parts N
+    /// files that keep each --group series whole.
+    Split {
+        file: PathBuf,
+        /// Folder for the files (FILE-<part>.csv).
+        #[arg(long)]
+        out: PathBuf,
+        /// One file per value of this column.
+        #[arg(long, conflicts_with = "parts")]
+        by: Option<String>,
+        /// This many files of about equal size.
+        #[arg(long)]
+        parts: Option<usize>,
+        /// With --parts: rows with the same value here stay in one file.
+        #[arg(long, requires = "parts")]
+        group: Option<String>,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -442,7 +520,7 @@ enum BenchCommand {
     /// Local training throughput (samples/s) for each model and batch size.
     Train {
         #[arg(long, value_delimiter = ',', default_value = "mnist-2nn,mnist-cnn")]
-        models: Vec<pollen_client::model::ModelKind>,
+        models: Vec<String>,
         #[arg(long, value_delimiter = ',', default_value = "10,64")]
         batch_sizes: Vec<usize>,
         /// Images in the local epoch (600 = one of 100 IID clients).
@@ -568,7 +646,7 @@ async fn run_bench(which: BenchCommand) -> anyhow::Result<()> {
                 batch_sizes,
                 examples,
                 runs,
-                data_dir: RunSpec::default_spec().resolve_data_dir(),
+                data_dir: RunSpec::default_spec().data_source().path,
             };
             let report = tokio::task::spawn_blocking(move || bench::train::run(&options)).await??;
             bench::print_report(&report, &report.human(), json)
@@ -613,14 +691,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 spec.rounds = r;
             }
             if let Some(c) = clients {
-                spec.data.clients = c;
+                spec.data.clients = Some(c);
             }
             if let Some(f) = failure_rate {
                 spec.simulation.failure_rate = f;
             }
             spec.validate()
                 .map_err(|e| anyhow::anyhow!("invalid run: {e}"))?;
-            let (bar, report) = reporter(spec.rounds, json);
+            let (bar, report) = reporter(&spec, json);
             let mut options = SimulateOptions::new(runs_dir);
             options.transport = transport;
             options.broker = broker.map(BrokerConfig::new);
@@ -656,16 +734,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             eprintln!("Fleet gRPC API on {}", coordinator.endpoint());
             let metrics = coordinator.dashboard(Some(http), &runs_dir).await?;
             eprintln!("object storage: {}", coordinator.storage.describe());
-            let test = pollen_workflows::run::load_test_split(&spec).await?;
+            let manifest = pollen_workflows::task::resolve_blind(&spec)?;
+            let for_data = spec.clone();
+            let server =
+                tokio::task::spawn_blocking(move || pollen_workflows::task::server_data(&for_data))
+                    .await??;
             let run = pollen_workflows::run::create_run(&spec, &runs_dir)?;
             let (run_id, run_dir) = (run.id().to_string(), run.dir().to_path_buf());
-            let (bar, report) = reporter(spec.rounds, json);
+            let (bar, report) = reporter(&spec, json);
             let options = DriveOptions {
                 wait_for_clients,
                 metrics,
-                ..coordinator.drive_options(run, test)
+                ..coordinator.drive_options(run, server)
             };
-            let summary = pollen_workflows::run::drive(&spec, options, report, shutdown).await;
+            let summary =
+                pollen_workflows::run::drive(&spec, manifest, options, report, shutdown).await;
             bar.finish_and_clear();
             coordinator.shut_down().await;
             let summary = summary?;
@@ -692,6 +775,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         devices: devices.map(|d| d.into_iter().collect()),
                         min_examples,
                         max_devices,
+                        data: None,
                     },
                     stale_after: std::time::Duration::from_secs(30),
                     keep_alive: std::time::Duration::from_secs(30),
@@ -716,6 +800,62 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             proxy.join().await;
             eprintln!("proxy stopped: {stats:?}");
         }
+        Command::Data { command } => match command {
+            DataCommand::Inspect { file, label, json } => {
+                let inspection = pollen_workflows::data::inspect(&file, label.as_deref())?;
+                if json {
+                    println!("{}", serde_json::to_string(&inspection)?);
+                } else {
+                    print!("{}", inspection.human(label.as_deref()));
+                }
+            }
+            DataCommand::Split {
+                file,
+                out,
+                by,
+                parts,
+                group,
+                seed,
+            } => {
+                let how = match (by, parts) {
+                    (Some(column), _) => pollen_workflows::data::SplitBy::Column(column),
+                    (None, Some(parts)) => {
+                        pollen_workflows::data::SplitBy::Parts { parts, group, seed }
+                    }
+                    (None, None) => anyhow::bail!("say how to split: --by COLUMN or --parts N"),
+                };
+                for (path, rows) in pollen_workflows::data::split(&file, &how, &out)? {
+                    println!("{}\t{rows} rows", path.display());
+                }
+            }
+        },
+        Command::Central {
+            config,
+            epochs,
+            json,
+        } => {
+            let spec = load_spec(config.as_ref())?;
+            let report =
+                tokio::task::spawn_blocking(move || pollen_workflows::central::run(&spec, epochs))
+                    .await??;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                let value = report
+                    .final_value
+                    .map_or("-".into(), |v| show_metric(&report.metric, v));
+                println!(
+                    "{}: centralized {} after {} epochs: {value} on {} ({} examples; trained on {}), {:.1} s",
+                    report.spec,
+                    report.metric,
+                    report.epochs.len(),
+                    report.evaluated_on,
+                    report.eval_examples,
+                    report.train_examples,
+                    report.seconds
+                );
+            }
+        }
         Command::Dashboard { runs_dir, listen } => {
             let runs = open_records(&runs_dir)?;
             let shutdown = shutdown_on_ctrl_c("stopping the dashboard");
@@ -738,24 +878,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let runs = store.overviews()?;
             if !json {
                 println!(
-                    "{:<36} {:<10} {:>7} {:>9} {:>9}  CREATED",
-                    "RUN", "STATUS", "ROUNDS", "ACCURACY", "BEST"
+                    "{:<36} {:<10} {:>7} {:<9} {:>9} {:>9}  CREATED",
+                    "RUN", "STATUS", "ROUNDS", "METRIC", "LAST", "BEST"
                 );
             }
             for overview in runs {
                 if json {
                     println!("{}", serde_json::to_string(&overview)?);
                 } else {
-                    let (run, last, best) =
-                        (&overview.run, overview.accuracy, overview.best_accuracy);
+                    let run = &overview.run;
+                    let metric = overview.metric.clone().unwrap_or_else(|| "accuracy".into());
+                    let (last, best) = match &overview.metric {
+                        Some(_) => (overview.value, overview.best),
+                        None => (overview.accuracy, overview.best_accuracy),
+                    };
+                    let show = |v: Option<f64>| v.map_or("-".into(), |v| show_metric(&metric, v));
                     println!(
-                        "{:<36} {:<10} {:>3}/{:<3} {:>9} {:>9}  {}",
+                        "{:<36} {:<10} {:>3}/{:<3} {:<9} {:>9} {:>9}  {}",
                         run.id,
                         run.status,
                         run.last_round,
                         run.num_rounds,
-                        pct(last),
-                        pct(best),
+                        metric,
+                        show(last),
+                        show(best),
                         run.created_at
                     );
                 }
@@ -776,9 +922,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "run {} ({}), {} of {} rounds, seed {}, records in {}",
                     row.id, row.status, row.last_round, row.num_rounds, row.seed, row.dir
                 );
+                let metric = rounds
+                    .iter()
+                    .find_map(|r| r.primary_metric.clone())
+                    .unwrap_or_else(|| "accuracy".into());
                 println!(
                     "{:>5} {:<6} {:>9} {:>8} {:>7} {:>4} {:>5} {:>8}  FAILURES",
-                    "ROUND", "STATUS", "ACCURACY", "LOSS", "SAMPLED", "OK", "FAIL", "SECONDS"
+                    "ROUND",
+                    "STATUS",
+                    metric.to_uppercase(),
+                    "LOSS",
+                    "SAMPLED",
+                    "OK",
+                    "FAIL",
+                    "SECONDS"
                 );
                 for r in &rounds {
                     let failures = r
@@ -791,7 +948,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         "{:>5} {:<6} {:>9} {:>8} {:>7} {:>4} {:>5} {:>8.3}  {}",
                         r.round,
                         serde_json::to_value(r.status)?.as_str().unwrap_or("?"),
-                        pct(r.accuracy),
+                        r.metrics
+                            .get(&metric)
+                            .copied()
+                            .or(if metric == "accuracy" {
+                                r.accuracy
+                            } else {
+                                None
+                            })
+                            .map_or("-".into(), |v| show_metric(&metric, v)),
                         r.loss.map_or("-".into(), |l| format!("{l:.4}")),
                         r.sampled,
                         r.succeeded,
@@ -851,7 +1016,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 stale_after: std::time::Duration::from_secs(30),
                 dashboard: dashboard.then_some(http),
             };
-            let (bar, report) = reporter(spec.rounds, json);
+            let (bar, report) = reporter(&spec, json);
             let fleet_name = spec.devices.fleet.clone();
             let done = pollen_workflows::run::run_on_fleet(
                 &spec,

@@ -1,5 +1,5 @@
-//! Weight blobs over presigned object-storage URLs: download and verify the global model,
-//! upload an update.
+//! Blobs over presigned object-storage URLs: download and verify the global model or a task
+//! manifest, upload an update. Shared by the gRPC fleet client and the MQTT edge agent.
 //!
 //! A presigned URL's query string is a credential (it carries the signature), so nothing here
 //! ever prints one: errors name the URL through [`redact`], and `reqwest` errors are stripped of
@@ -12,7 +12,7 @@ use pollen_proto::blob::{self, BlobError, Parameters};
 use pollen_proto::device::BlobGet;
 use pollen_proto::fleet::{Codec, FailureCode};
 
-use crate::fleet::ClientError;
+use crate::client::{ClientError, TaskBlob};
 
 /// How many bytes of an error answer's body are quoted in the error.
 const BODY_SNIPPET_BYTES: usize = 200;
@@ -60,6 +60,10 @@ pub enum TransferError {
     },
     #[error("GET {url}: {source}")]
     Blob { url: String, source: BlobError },
+    #[error(
+        "GET {url}: the task manifest is announced as {size} bytes; at most {max} are accepted"
+    )]
+    TaskTooLarge { url: String, size: u64, max: u64 },
 }
 
 impl TransferError {
@@ -70,7 +74,8 @@ impl TransferError {
             TransferError::Blob {
                 source: BlobError::UnsupportedCodec(_),
                 ..
-            } => FailureCode::BadInstruction,
+            }
+            | TransferError::TaskTooLarge { .. } => FailureCode::BadInstruction,
             _ => FailureCode::BlobTransfer,
         }
     }
@@ -168,10 +173,12 @@ async fn body_snippet(mut response: reqwest::Response) -> String {
         .to_string()
 }
 
+/// Largest task manifest accepted: manifests are a few KiB of JSON.
+pub const MAX_TASK_BYTES: u64 = 1024 * 1024;
+
 /// Downloads the blob `get` names, refusing more bytes than it announces, then verifies codec
 /// and digest and decodes it (on a blocking thread: the model may be megabytes).
 pub async fn download(http: &reqwest::Client, get: &BlobGet) -> Result<Parameters, TransferError> {
-    const GET: &str = "GET";
     let shown = redact(&get.url);
     if get.codec != Codec::SafetensorsF32 as i32 {
         // No point fetching what cannot be read.
@@ -180,13 +187,56 @@ pub async fn download(http: &reqwest::Client, get: &BlobGet) -> Result<Parameter
             source: BlobError::UnsupportedCodec(get.codec),
         });
     }
-    let url = parse_url(GET, &get.url)?;
+    let body = fetch(http, &get.url, get.size_bytes).await?;
+    let (sha256, codec) = (get.sha256.clone(), get.codec);
+    let decoded = tokio::task::spawn_blocking(move || {
+        blob::verify(&body, &sha256, codec)?;
+        Parameters::decode(&body, None)
+    })
+    .await
+    .map_err(|e| TransferError::Blob {
+        url: shown.clone(),
+        source: BlobError::Malformed(format!("decoding stopped: {e}")),
+    })?;
+    decoded.map_err(|source| TransferError::Blob { url: shown, source })
+}
+
+/// Downloads a task manifest from its presigned `url` and checks its size and digest.
+pub async fn download_task(
+    http: &reqwest::Client,
+    url: &str,
+    sha256: &str,
+    size_bytes: u64,
+) -> Result<TaskBlob, TransferError> {
+    if size_bytes > MAX_TASK_BYTES {
+        return Err(TransferError::TaskTooLarge {
+            url: redact(url),
+            size: size_bytes,
+            max: MAX_TASK_BYTES,
+        });
+    }
+    let bytes = fetch(http, url, size_bytes).await?;
+    blob::check_digest(&bytes, sha256).map_err(|source| TransferError::Blob {
+        url: redact(url),
+        source,
+    })?;
+    Ok(TaskBlob {
+        sha256: sha256.to_ascii_lowercase(),
+        bytes,
+    })
+}
+
+/// GETs `url`, refusing an answer that is not exactly `announced` bytes long.
+async fn fetch(http: &reqwest::Client, url: &str, announced: u64) -> Result<Bytes, TransferError> {
+    const GET: &str = "GET";
+    let shown = redact(url);
+    let parsed = parse_url(GET, url)?;
     let http_error = |source: reqwest::Error| TransferError::Http {
         method: GET,
         url: shown.clone(),
         source: source.without_url(),
     };
-    let mut response = send_with_retries(|| http.get(url.clone()))
+    let mut response = send_with_retries(|| http.get(parsed.clone()))
         .await
         .map_err(http_error)?;
     let status = response.status();
@@ -198,7 +248,6 @@ pub async fn download(http: &reqwest::Client, get: &BlobGet) -> Result<Parameter
             body: body_snippet(response).await,
         });
     }
-    let announced = get.size_bytes;
     if let Some(length) = response.content_length()
         && length > announced
     {
@@ -229,18 +278,7 @@ pub async fn download(http: &reqwest::Client, get: &BlobGet) -> Result<Parameter
             received: body.len() as u64,
         });
     }
-    let body = body.freeze();
-    let (sha256, codec) = (get.sha256.clone(), get.codec);
-    let decoded = tokio::task::spawn_blocking(move || {
-        blob::verify(&body, &sha256, codec)?;
-        Parameters::decode(&body, None)
-    })
-    .await
-    .map_err(|e| TransferError::Blob {
-        url: shown.clone(),
-        source: BlobError::Malformed(format!("decoding stopped: {e}")),
-    })?;
-    decoded.map_err(|source| TransferError::Blob { url: shown, source })
+    Ok(body.freeze())
 }
 
 /// PUTs `bytes` to a presigned `url` (Content-Length set). A non-2xx answer is an error that

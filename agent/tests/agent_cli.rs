@@ -48,8 +48,8 @@ fn the_default_config_is_printed_and_parses_back() {
         .expect("agent runs");
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).expect("UTF-8");
-    let parsed = pollen_client::AgentConfig::from_toml(&text, "printed").expect("parses");
-    assert_eq!(parsed, pollen_client::AgentConfig::default());
+    let parsed = pollen_agent::AgentConfig::from_toml(&text, "printed").expect("parses");
+    assert_eq!(parsed, pollen_agent::AgentConfig::default());
 }
 
 #[test]

@@ -5,18 +5,15 @@
 //! file (or variable) and the field at fault.
 
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::time::Duration;
 
+use pollen_client::AgentOptions;
+use pollen_client::agent::{DEFAULT_HEARTBEAT, DEFAULT_KEEP_ALIVE, MAX_ID_CHARS};
 use pollen_proto::mqtt::{BrokerConfig, mqtt_options};
 use pollen_proto::topics;
+use pollen_train::{DataSource, Shard};
 use serde::{Deserialize, Deserializer, Serialize};
 
-use super::AgentOptions;
-use crate::model::ModelKind;
-
-pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
-pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(30);
 pub const DEFAULT_BROKER_URL: &str = "mqtt://127.0.0.1:1883";
 
 /// The agent's configuration.
@@ -32,75 +29,13 @@ pub struct AgentConfig {
     pub heartbeat: Duration,
     #[serde(with = "humantime_serde")]
     pub keep_alive: Duration,
-    /// Outbox and handled request ids (relative paths are relative to the working directory).
+    /// Outbox, handled request ids and task manifests (relative paths are relative to the
+    /// working directory).
     pub work_dir: PathBuf,
-    pub model: ModelKind,
-    /// Seed of the IID split; the same across the fleet so that shards are disjoint.
-    pub seed: u64,
-    pub data: DataConfig,
-}
-
-/// The device's local data.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct DataConfig {
-    /// Folder with the MNIST IDX files.
-    pub dir: PathBuf,
-    /// This device's IID share of the training set.
-    pub shard: Shard,
-    /// How many examples of the test split local evaluation uses (the first ones).
-    pub test_examples: usize,
-}
-
-/// An IID share of a data set: the `index`-th of `count` equal parts, written `INDEX/COUNT`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct Shard {
-    pub index: usize,
-    pub count: usize,
-}
-
-impl FromStr for Shard {
-    type Err = String;
-
-    /// Errors read well after the name of what was parsed: `--shard 5/3: INDEX must be below
-    /// COUNT`.
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (index, count) = s
-            .split_once('/')
-            .ok_or_else(|| format!("{s:?} must look like INDEX/COUNT, e.g. 3/10"))?;
-        let index: usize = index
-            .trim()
-            .parse()
-            .map_err(|e| format!("{s}: index {index:?}: {e}"))?;
-        let count: usize = count
-            .trim()
-            .parse()
-            .map_err(|e| format!("{s}: count {count:?}: {e}"))?;
-        if count == 0 || index >= count {
-            return Err(format!("{s}: INDEX must be below COUNT"));
-        }
-        Ok(Shard { index, count })
-    }
-}
-
-impl TryFrom<String> for Shard {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
-        s.parse()
-    }
-}
-
-impl From<Shard> for String {
-    fn from(s: Shard) -> String {
-        s.to_string()
-    }
-}
-
-impl std::fmt::Display for Shard {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.index, self.count)
-    }
+    /// The device's own data; which columns, windows and labels a run uses comes with the
+    /// run's task.
+    #[serde(deserialize_with = "data_with_defaults")]
+    pub data: DataSource,
 }
 
 impl Default for AgentConfig {
@@ -112,19 +47,7 @@ impl Default for AgentConfig {
             heartbeat: DEFAULT_HEARTBEAT,
             keep_alive: DEFAULT_KEEP_ALIVE,
             work_dir: "pollen-agent".into(),
-            model: ModelKind::Mnist2nn,
-            seed: 42,
-            data: DataConfig::default(),
-        }
-    }
-}
-
-impl Default for DataConfig {
-    fn default() -> Self {
-        Self {
-            dir: "data/mnist".into(),
-            shard: Shard { index: 0, count: 1 },
-            test_examples: 1000,
+            data: DataSource::new("data/mnist"),
         }
     }
 }
@@ -160,6 +83,42 @@ fn broker_with_defaults<'de, D: Deserializer<'de>>(d: D) -> Result<BrokerConfig,
     })
 }
 
+/// `[data]` with every field defaulted (a run spec's data source requires `path`).
+#[derive(Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct DataSection {
+    #[serde(alias = "dir")]
+    path: PathBuf,
+    format: Option<pollen_train::Format>,
+    labels: Option<PathBuf>,
+    shard: Option<Shard>,
+    seed: u64,
+}
+
+impl Default for DataSection {
+    fn default() -> Self {
+        let d = AgentConfig::default().data;
+        Self {
+            path: d.path,
+            format: d.format,
+            labels: d.labels,
+            shard: d.shard,
+            seed: d.seed,
+        }
+    }
+}
+
+fn data_with_defaults<'de, D: Deserializer<'de>>(d: D) -> Result<DataSource, D::Error> {
+    let s = DataSection::deserialize(d)?;
+    Ok(DataSource {
+        path: s.path,
+        format: s.format,
+        labels: s.labels,
+        shard: s.shard,
+        seed: s.seed,
+    })
+}
+
 /// Why a configuration cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -190,8 +149,9 @@ pub enum ConfigError {
 /// The commented default configuration; [`AgentConfig::default_toml`] returns it.
 const DEFAULT_TOML: &str = r#"# pollen-agent configuration (MQTT mode). Every field is optional; the values shown are the
 # defaults. Environment variables override the file: POLLEN_DEVICE_ID, POLLEN_FLEET,
-# POLLEN_BROKER (the broker url), POLLEN_WORK_DIR, POLLEN_DATA_DIR, POLLEN_SHARD, POLLEN_MODEL.
-# Relative paths are relative to the directory the agent is started in.
+# POLLEN_BROKER (the broker url), POLLEN_WORK_DIR, POLLEN_DATA (the data path; POLLEN_DATA_DIR
+# is the same), POLLEN_SHARD. Relative paths are relative to the directory the agent is started
+# in.
 
 # This device's id: letters, digits, '_', '.' and '-'. Required: set it here, in
 # POLLEN_DEVICE_ID, or with --device-id.
@@ -204,12 +164,9 @@ heartbeat = "10s"
 # MQTT keep-alive, whole seconds between 1s and 65535s. The broker declares the device offline
 # (and publishes its last-will) after 1.5 times this without traffic.
 keep_alive = "30s"
-# Finished replies waiting for delivery and the ids of handled commands, kept across restarts.
+# Finished replies waiting for delivery, the ids of handled commands and the task manifests
+# received, kept across restarts.
 work_dir = "pollen-agent"
-# The model this device trains: mnist-2nn or mnist-cnn.
-model = "mnist-2nn"
-# Seed of the IID split; use the same one across the fleet so that shards are disjoint.
-seed = 42
 
 [broker]
 # mqtt://host:port or mqtts://host:port; user:password@ may be given in the URL.
@@ -221,12 +178,21 @@ url = "mqtt://127.0.0.1:1883"
 # key_file = "device.pem.key"
 
 [data]
-# Folder with the MNIST IDX files.
-dir = "data/mnist"
-# This device's IID share of the training set, INDEX/COUNT (e.g. 3/10).
-shard = "0/1"
-# How many examples of the test split local evaluation uses.
-test_examples = 1000
+# This device's own data: a CSV file with a header (.csv, or gzip-compressed .csv.gz), a .npy
+# array of features ([examples, ...]), or a folder of MNIST IDX files. Which columns are
+# features, labels, targets, times and series, and how windows are cut, comes with each run's
+# task: the same agent serves runs with different models. The agent reads the file at start
+# and again when it changes.
+path = "data/mnist"
+# csv, npy or mnist; guessed from the path when left out.
+# format = "csv"
+# npy: the labels (or regression targets), one per example.
+# labels = "labels.npy"
+# Arrays only: use this IID share of the examples, INDEX/COUNT (e.g. 3/10), for demos on one
+# shared data set. Give each device a CSV file of its own instead (`pollen data split`).
+# shard = "0/4"
+# Seed of the share's split; the same across the fleet so that shares are disjoint.
+seed = 42
 "#;
 
 impl AgentConfig {
@@ -269,22 +235,15 @@ impl AgentConfig {
         if let Some(v) = get("POLLEN_WORK_DIR") {
             self.work_dir = v.into();
         }
-        if let Some(v) = get("POLLEN_DATA_DIR") {
-            self.data.dir = v.into();
+        if let Some(v) = get("POLLEN_DATA").or_else(|| get("POLLEN_DATA_DIR")) {
+            self.data.path = v.into();
         }
         if let Some(v) = get("POLLEN_SHARD") {
-            self.data.shard = v.parse().map_err(|reason| ConfigError::Env {
+            self.data.shard = Some(v.parse::<Shard>().map_err(|reason| ConfigError::Env {
                 var: "POLLEN_SHARD",
                 value: v.clone(),
                 reason,
-            })?;
-        }
-        if let Some(v) = get("POLLEN_MODEL") {
-            self.model = v.parse().map_err(|reason| ConfigError::Env {
-                var: "POLLEN_MODEL",
-                value: v.clone(),
-                reason,
-            })?;
+            })?);
         }
         Ok(())
     }
@@ -304,10 +263,10 @@ impl AgentConfig {
         }
         for (field, value) in [("device_id", &self.device_id), ("fleet", &self.fleet)] {
             topics::validate_id(field, value).map_err(|e| invalid(field, e.to_string()))?;
-            if value.chars().count() > super::MAX_ID_CHARS {
+            if value.chars().count() > MAX_ID_CHARS {
                 return Err(invalid(
                     field,
-                    format!("is longer than {} characters", super::MAX_ID_CHARS),
+                    format!("is longer than {MAX_ID_CHARS} characters"),
                 ));
             }
         }
@@ -330,8 +289,8 @@ impl AgentConfig {
         if self.work_dir.as_os_str().is_empty() {
             return Err(invalid("work_dir", "is empty".into()));
         }
-        if self.data.test_examples == 0 {
-            return Err(invalid("data.test_examples", "must be at least 1".into()));
+        if self.data.path.as_os_str().is_empty() {
+            return Err(invalid("data.path", "is empty".into()));
         }
         Ok(())
     }
@@ -342,7 +301,6 @@ impl AgentConfig {
             heartbeat: self.heartbeat,
             keep_alive: self.keep_alive,
             work_dir: Some(self.work_dir.clone()),
-            model: self.model.name().to_string(),
             ..AgentOptions::new(&self.device_id, &self.fleet, self.broker.clone())
         }
     }
@@ -379,7 +337,6 @@ mod tests {
             r#"
             device_id = "gw-7"
             heartbeat = "2s"
-            model = "mnist-cnn"
             [broker]
             ca_file = "ca.pem"
             [data]
@@ -391,17 +348,16 @@ mod tests {
         assert_eq!(cfg.device_id, "gw-7");
         assert_eq!(cfg.heartbeat, Duration::from_secs(2));
         assert_eq!(cfg.keep_alive, DEFAULT_KEEP_ALIVE);
-        assert_eq!(cfg.model, ModelKind::MnistCnn);
         assert_eq!(cfg.broker.url, DEFAULT_BROKER_URL);
         assert_eq!(cfg.broker.ca_file, Some(PathBuf::from("ca.pem")));
         assert_eq!(
             cfg.data.shard,
-            Shard {
+            Some(Shard {
                 index: 3,
                 count: 10
-            }
+            })
         );
-        assert_eq!(cfg.data.test_examples, 1000);
+        assert_eq!(cfg.data.path, PathBuf::from("data/mnist"));
         // A CA file without mqtts:// is a mistake the validation names.
         let e = cfg
             .validate("agent.toml")
@@ -461,7 +417,6 @@ mod tests {
             ("POLLEN_WORK_DIR", "/var/lib/pollen"),
             ("POLLEN_DATA_DIR", "/data"),
             ("POLLEN_SHARD", "1/4"),
-            ("POLLEN_MODEL", "mnist-cnn"),
             ("POLLEN_OTHER", "ignored"),
         ]))
         .expect("applies");
@@ -469,9 +424,15 @@ mod tests {
         assert_eq!(cfg.fleet, "f2");
         assert_eq!(cfg.broker.url, "mqtt://broker.example:1884");
         assert_eq!(cfg.work_dir, PathBuf::from("/var/lib/pollen"));
-        assert_eq!(cfg.data.dir, PathBuf::from("/data"));
-        assert_eq!(cfg.data.shard, Shard { index: 1, count: 4 });
-        assert_eq!(cfg.model, ModelKind::MnistCnn);
+        assert_eq!(cfg.data.path, PathBuf::from("/data"));
+        assert_eq!(cfg.data.shard, Some(Shard { index: 1, count: 4 }));
+        // POLLEN_DATA names a file as well as a folder, and wins over the older name.
+        cfg.apply_env(env(&[
+            ("POLLEN_DATA", "/data/vib.csv"),
+            ("POLLEN_DATA_DIR", "/x"),
+        ]))
+        .expect("applies");
+        assert_eq!(cfg.data.path, PathBuf::from("/data/vib.csv"));
         // Empty values are unset.
         cfg.apply_env(env(&[("POLLEN_FLEET", "")]))
             .expect("applies");
@@ -484,23 +445,6 @@ mod tests {
             e.starts_with("environment variable POLLEN_SHARD=\"x\""),
             "{e}"
         );
-        let e = cfg
-            .apply_env(env(&[("POLLEN_MODEL", "gpt")]))
-            .expect_err("bad model")
-            .to_string();
-        assert!(
-            e.contains("POLLEN_MODEL") && e.contains("known models"),
-            "{e}"
-        );
-    }
-
-    #[test]
-    fn shards_parse_and_print_as_index_over_count() {
-        assert_eq!("2/5".parse::<Shard>(), Ok(Shard { index: 2, count: 5 }));
-        assert_eq!(Shard { index: 2, count: 5 }.to_string(), "2/5");
-        assert!("5/5".parse::<Shard>().is_err());
-        assert!("0/0".parse::<Shard>().is_err());
-        assert!("three".parse::<Shard>().is_err());
     }
 
     #[test]
@@ -513,7 +457,6 @@ mod tests {
         let o = cfg.agent_options();
         assert_eq!(o.device_id, "gw-1");
         assert_eq!(o.keep_alive, Duration::from_secs(5));
-        assert_eq!(o.model, "mnist-2nn");
         assert_eq!(o.work_dir, Some(PathBuf::from("pollen-agent")));
         assert_eq!(o.mqtt_client_id(), "pollen-agent-default-gw-1");
     }

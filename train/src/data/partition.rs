@@ -1,10 +1,16 @@
-//! Splitting a training set across simulated clients, deterministically from a seed.
+//! Splitting a data set across simulated clients, deterministically from a seed.
+//!
+//! What is split are *units*: rows, or whole series when the task has a group column (a
+//! series never spans two devices, so windows never cross a device either). Label-based
+//! partitions use each unit's label (a series' most frequent one).
 //!
 //! - `iid`: shuffle, then equal slices (McMahan et al.'s IID setting).
 //! - `shards`: sort by label, cut into `num_shards` shards, give each client
 //!   `shards_per_client` (McMahan's pathological non-IID: 200 shards of 300, 2 per client).
 //! - `dirichlet`: for each class, split its examples across clients in proportions drawn from
 //!   Dirichlet(alpha) (Hsu et al., 2019); small alpha means more skew.
+//! - `column`: one client per value of a column (a site, a subject, a machine): the natural
+//!   partition of a real fleet.
 
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -25,6 +31,10 @@ pub enum Partition {
     },
     Dirichlet {
         alpha: f64,
+    },
+    /// One client per distinct value of `column`, in order of first appearance.
+    Column {
+        column: String,
     },
 }
 
@@ -52,41 +62,76 @@ pub enum PartitionError {
     Alpha(f64),
     #[error("at least one client is needed")]
     NoClients,
+    #[error("partition {0} splits by class labels; this task has none")]
+    NeedsLabels(&'static str),
+    #[error("a column partition is made from the column's values, not by counting clients")]
+    ByColumn,
+}
+
+/// The IID split of `n` examples into `count` equal parts (what `Partition::Iid` does, and a
+/// device's `data.shard`).
+pub fn iid_split(n: usize, count: usize, seed: u64) -> Vec<Vec<usize>> {
+    let mut idx: Vec<usize> = (0..n).collect();
+    idx.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
+    let per = (n / count.max(1)).max(1);
+    let mut parts: Vec<Vec<usize>> = idx.chunks(per).take(count).map(<[usize]>::to_vec).collect();
+    parts.resize(count, Vec::new());
+    parts
+}
+
+/// One part per distinct key, in order of first appearance.
+pub fn by_key<K: std::hash::Hash + Eq>(keys: &[K]) -> Vec<Vec<usize>> {
+    let mut index: std::collections::HashMap<&K, usize> = std::collections::HashMap::new();
+    let mut parts: Vec<Vec<usize>> = Vec::new();
+    for (i, k) in keys.iter().enumerate() {
+        let next = parts.len();
+        let p = *index.entry(k).or_insert(next);
+        if p == parts.len() {
+            parts.push(Vec::new());
+        }
+        parts[p].push(i);
+    }
+    parts
 }
 
 impl Partition {
-    /// Indices of the examples each client holds.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Partition::Iid => "iid",
+            Partition::Shards { .. } => "shards",
+            Partition::Dirichlet { .. } => "dirichlet",
+            Partition::Column { .. } => "column",
+        }
+    }
+
+    /// Indices of the units each of `clients` clients holds; `labels` are the units' classes
+    /// (`None` when the task has none). A `column` partition is made by [`by_key`] instead.
     pub fn split(
         &self,
-        labels: &[u8],
+        labels: Option<&[u32]>,
+        units: usize,
         clients: usize,
         seed: u64,
     ) -> Result<Vec<Vec<usize>>, PartitionError> {
         if clients == 0 {
             return Err(PartitionError::NoClients);
         }
-        if labels.len() < clients {
+        if units < clients {
             return Err(PartitionError::TooFew {
-                examples: labels.len(),
+                examples: units,
                 clients,
             });
         }
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let labelled = || labels.ok_or(PartitionError::NeedsLabels(self.name()));
         match *self {
-            Partition::Iid => {
-                let mut idx: Vec<usize> = (0..labels.len()).collect();
-                idx.shuffle(&mut rng);
-                let per = labels.len() / clients;
-                Ok(idx
-                    .chunks(per)
-                    .take(clients)
-                    .map(<[usize]>::to_vec)
-                    .collect())
-            }
+            Partition::Iid => Ok(iid_split(units, clients, seed)),
+            Partition::Column { .. } => Err(PartitionError::ByColumn),
             Partition::Shards {
                 num_shards,
                 shards_per_client,
             } => {
+                let labels = labelled()?;
                 let needed = clients * shards_per_client;
                 if needed > num_shards || num_shards > labels.len() {
                     return Err(PartitionError::Shards {
@@ -114,13 +159,15 @@ impl Partition {
                     .collect())
             }
             Partition::Dirichlet { alpha } => {
+                let labels = labelled()?;
                 if !(alpha.is_finite() && alpha > 0.0) {
                     return Err(PartitionError::Alpha(alpha));
                 }
+                let classes = labels.iter().max().map_or(0, |&m| m + 1);
                 // Dirichlet(alpha, ..., alpha) as normalised Gamma(alpha, 1) draws.
                 let gamma = Gamma::new(alpha, 1.0).map_err(|_| PartitionError::Alpha(alpha))?;
                 let mut out = vec![Vec::new(); clients];
-                for class in 0..=9u8 {
+                for class in 0..classes {
                     let mut members: Vec<usize> =
                         (0..labels.len()).filter(|&i| labels[i] == class).collect();
                     members.shuffle(&mut rng);
@@ -165,8 +212,8 @@ mod tests {
     use super::*;
     use std::collections::HashSet;
 
-    fn labels(n: usize) -> Vec<u8> {
-        (0..n).map(|i| (i % 10) as u8).collect()
+    fn labels(n: usize) -> Vec<u32> {
+        (0..n).map(|i| (i % 10) as u32).collect()
     }
 
     fn disjoint(parts: &[Vec<usize>]) -> bool {
@@ -177,12 +224,24 @@ mod tests {
     #[test]
     fn iid_gives_equal_disjoint_slices_and_is_reproducible() {
         let l = labels(60_000);
-        let a = Partition::Iid.split(&l, 100, 1).expect("split");
+        let a = Partition::Iid
+            .split(Some(&l), l.len(), 100, 1)
+            .expect("split");
         assert_eq!(a.len(), 100);
         assert!(a.iter().all(|p| p.len() == 600));
         assert!(disjoint(&a));
-        assert_eq!(a, Partition::Iid.split(&l, 100, 1).expect("split"));
-        assert_ne!(a, Partition::Iid.split(&l, 100, 2).expect("split"));
+        assert_eq!(
+            a,
+            Partition::Iid
+                .split(Some(&l), l.len(), 100, 1)
+                .expect("split")
+        );
+        assert_ne!(
+            a,
+            Partition::Iid
+                .split(Some(&l), l.len(), 100, 2)
+                .expect("split")
+        );
     }
 
     #[test]
@@ -193,14 +252,16 @@ mod tests {
             num_shards: 200,
             shards_per_client: 2,
         };
-        let parts = p.split(&l, 100, 3).expect("split");
+        let parts = p.split(Some(&l), l.len(), 100, 3).expect("split");
         assert!(parts.iter().all(|p| p.len() == 600));
         assert!(disjoint(&parts));
         for part in &parts {
-            let distinct: HashSet<u8> = part.iter().map(|&i| l[i]).collect();
+            let distinct: HashSet<u32> = part.iter().map(|&i| l[i]).collect();
             assert!(distinct.len() <= 2, "{distinct:?}");
         }
-        let too_many = p.split(&l, 101, 3).expect_err("needs 202 shards");
+        let too_many = p
+            .split(Some(&l), l.len(), 101, 3)
+            .expect_err("needs 202 shards");
         assert!(too_many.to_string().contains("202"));
     }
 
@@ -208,7 +269,7 @@ mod tests {
     fn dirichlet_covers_every_example_once_and_skews_with_small_alpha() {
         let l = labels(10_000);
         let parts = Partition::Dirichlet { alpha: 0.1 }
-            .split(&l, 20, 5)
+            .split(Some(&l), l.len(), 20, 5)
             .expect("split");
         assert!(disjoint(&parts));
         assert_eq!(parts.iter().map(Vec::len).sum::<usize>(), 10_000);
@@ -228,8 +289,18 @@ mod tests {
         );
         assert!(
             Partition::Dirichlet { alpha: 0.0 }
-                .split(&l, 20, 5)
+                .split(Some(&l), l.len(), 20, 5)
                 .is_err()
         );
+    }
+
+    #[test]
+    fn a_column_partition_gives_one_client_per_value_and_label_partitions_need_labels() {
+        let parts = by_key(&["b", "a", "b", "c", "a"]);
+        assert_eq!(parts, vec![vec![0, 2], vec![1, 4], vec![3]]);
+        let e = Partition::Dirichlet { alpha: 1.0 }
+            .split(None, 10, 2, 1)
+            .expect_err("no labels");
+        assert!(e.to_string().contains("dirichlet"), "{e}");
     }
 }

@@ -1,0 +1,33 @@
+//! pollen-train: what a federated run learns, and from which data.
+//!
+//! The framework (coordinator, proxy, agent) moves named f32 tensors, metrics and an opaque
+//! task manifest. This crate gives the manifest its meaning: a [`TaskManifest`] names the task
+//! (classification, regression, anomaly detection), the model family and its settings, the
+//! input schema and the local-training config; a [`TaskClient`] reads a device's own files,
+//! prepares them for whatever task an instruction names, and trains with burn.
+//!
+//! # Layout
+//! - [`manifest`]: the task manifest (task, input schema, model, training, fitted scaling).
+//! - [`model`]: model families as burn `Config`s (MLP, 1-D CNN, GRU/LSTM, 2-D CNN,
+//!   autoencoder), the MNIST presets, weights in PyTorch layout.
+//! - [`data`]: CSV, NumPy and MNIST readers, windows over long-format series, the local
+//!   holdout, partitions for simulation, federated statistics.
+//! - [`trainer`]: minibatch training (SGD, Adam, AdamW, clipping) and evaluation.
+//! - [`metrics`]: evaluation sums that aggregate exactly across devices, and the metrics of
+//!   their union (accuracy, macro-F1, RMSE, MAE, R², ROC AUC, anomaly threshold).
+//! - [`task`]: a parsed manifest and the operations on it.
+//! - [`client`]: [`TaskClient`], the `pollen_client::Client` devices and simulations run.
+
+pub mod client;
+pub mod data;
+pub mod manifest;
+pub mod metrics;
+pub mod model;
+pub mod task;
+pub mod trainer;
+
+pub use client::TaskClient;
+pub use data::{DataSource, Format, Shard};
+pub use manifest::{TaskKind, TaskManifest, TaskSpec, TrainSpec};
+pub use model::ModelSpec;
+pub use task::{Task, TaskError};

@@ -1,0 +1,148 @@
+//! `rnn`: a small recurrent network over windows `[channels, length]`: stacked GRU or LSTM
+//! layers read the window one reading at a time; the last hidden state goes through a fully
+//! connected head.
+
+use burn::config::Config;
+use burn::nn::gru::{Gru, GruConfig};
+use burn::nn::lstm::{Lstm, LstmConfig};
+use burn::nn::{Linear, LinearConfig};
+use burn::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use super::{Activation, ModelError, ModelIo, Noise, check_dropout, check_sizes};
+use crate::manifest::TaskKind;
+
+/// The recurrent cell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Cell {
+    #[default]
+    Gru,
+    Lstm,
+}
+
+/// Settings of the `rnn` family.
+#[derive(Config, Debug, PartialEq)]
+pub struct RnnConfig {
+    #[config(default = "Cell::Gru")]
+    pub cell: Cell,
+    /// Hidden size of each stacked recurrent layer.
+    #[config(default = "vec![32]")]
+    pub hidden_size: Vec<usize>,
+    /// Widths of the fully connected layers on the last hidden state.
+    #[config(default = "vec![]")]
+    pub hidden: Vec<usize>,
+    #[config(default = "Activation::Relu")]
+    pub activation: Activation,
+    /// Dropout on the last hidden state and after each hidden fully connected layer.
+    #[config(default = 0.0)]
+    pub dropout: f64,
+}
+
+#[derive(Module, Debug)]
+pub enum Recurrent {
+    Gru(Gru),
+    Lstm(Lstm),
+}
+
+impl Recurrent {
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        match self {
+            Recurrent::Gru(g) => g.forward(x, None),
+            Recurrent::Lstm(l) => l.forward(x, None).0,
+        }
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Rnn {
+    rnns: Vec<Recurrent>,
+    fcs: Vec<Linear>,
+    #[module(skip)]
+    input: [usize; 2],
+    #[module(skip)]
+    activation: Activation,
+    #[module(skip)]
+    dropout: f64,
+}
+
+impl RnnConfig {
+    pub fn init(&self, io: &ModelIo, device: &Device) -> Result<Rnn, ModelError> {
+        const FAMILY: &str = "rnn";
+        let &[channels, length] = io.input.as_slice() else {
+            return Err(ModelError::new(
+                FAMILY,
+                format!(
+                    "needs windows [channels, length]; the input is {:?} (set task.window, or task.shape for arrays)",
+                    io.input
+                ),
+            ));
+        };
+        if io.kind == TaskKind::Anomaly {
+            return Err(ModelError::new(
+                FAMILY,
+                "anomaly detection trains family = \"autoencoder\"",
+            ));
+        }
+        if self.hidden_size.is_empty() {
+            return Err(ModelError::new(
+                FAMILY,
+                "hidden_size needs at least one layer",
+            ));
+        }
+        check_sizes(FAMILY, "hidden_size", &self.hidden_size)?;
+        check_sizes(FAMILY, "hidden", &self.hidden)?;
+        check_dropout(FAMILY, self.dropout)?;
+        let mut d_in = channels;
+        let rnns = self
+            .hidden_size
+            .iter()
+            .map(|&d_hidden| {
+                let layer = match self.cell {
+                    Cell::Gru => Recurrent::Gru(GruConfig::new(d_in, d_hidden, true).init(device)),
+                    Cell::Lstm => {
+                        Recurrent::Lstm(LstmConfig::new(d_in, d_hidden, true).init(device))
+                    }
+                };
+                d_in = d_hidden;
+                layer
+            })
+            .collect();
+        let mut widths = vec![d_in];
+        widths.extend(&self.hidden);
+        widths.push(io.outputs);
+        Ok(Rnn {
+            rnns,
+            fcs: widths
+                .windows(2)
+                .map(|w| LinearConfig::new(w[0], w[1]).init(device))
+                .collect(),
+            input: [channels, length],
+            activation: self.activation,
+            dropout: self.dropout,
+        })
+    }
+}
+
+impl Rnn {
+    pub fn forward(&self, x: Tensor<2>, noise: &mut Noise) -> Tensor<2> {
+        let [batch, _] = x.dims();
+        let [channels, length] = self.input;
+        // Examples are channel-major; a recurrent layer reads [batch, time, channels].
+        let mut x: Tensor<3> = x.reshape([batch, channels, length]).swap_dims(1, 2);
+        for rnn in &self.rnns {
+            x = rnn.forward(x);
+        }
+        let [_, _, hidden] = x.dims();
+        let mut x: Tensor<2> = x.narrow(1, length - 1, 1).reshape([batch, hidden]);
+        x = noise.dropout(x, self.dropout);
+        let last = self.fcs.len() - 1;
+        for (i, fc) in self.fcs.iter().enumerate() {
+            x = fc.forward(x);
+            if i < last {
+                x = noise.dropout(self.activation.apply(x), self.dropout);
+            }
+        }
+        x
+    }
+}

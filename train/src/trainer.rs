@@ -1,0 +1,282 @@
+//! Local training and evaluation with burn: minibatches in a seeded order, the task's loss,
+//! the configured optimizer (SGD with momentum and weight decay, Adam, AdamW) and optional
+//! gradient-norm clipping.
+
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::optim::decay::WeightDecayConfig;
+use burn::optim::momentum::MomentumConfig;
+use burn::optim::{
+    AdamConfig, AdamWConfig, GradientsParams, ModuleOptimizer, SgdConfig,
+    grad_clipping::GradientClippingConfig,
+};
+use burn::prelude::*;
+use pollen_proto::Parameters;
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+
+use crate::data::LocalData;
+use crate::manifest::{OptimizerKind, Scaling, TaskKind, TrainSpec};
+use crate::metrics::Tally;
+use crate::model::{Model, ModelIo, ModelSpec, Noise, WeightsError, export, import};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    #[error("bad training config: {0}")]
+    Config(String),
+    #[error("{0}")]
+    NoData(String),
+    #[error("training diverged: loss became {0} (try a smaller learning rate)")]
+    Diverged(f32),
+}
+
+/// What local training produced.
+#[derive(Debug, Clone)]
+pub struct FitOutput {
+    pub parameters: Parameters,
+    pub num_examples: u64,
+    /// Mean training loss over the last local epoch.
+    pub loss: f64,
+    pub steps: usize,
+}
+
+/// What the trainer needs to know about the task.
+pub struct Learner<'a> {
+    pub model: &'a ModelSpec,
+    pub io: &'a ModelIo,
+    /// Target scaling (regression): the model predicts scaled targets.
+    pub targets: Option<&'a Scaling>,
+}
+
+/// Outputs that cannot be read back from the backend (never expected on the CPU backend).
+fn read_back(e: impl std::fmt::Debug) -> TrainError {
+    TrainError::Config(format!("reading the model's outputs: {e:?}"))
+}
+
+fn optimizer(cfg: &TrainSpec) -> ModuleOptimizer {
+    let clip = cfg
+        .clip_grad_norm
+        .map(|n| GradientClippingConfig::Norm(n as f32));
+    let decay = (cfg.weight_decay > 0.0).then(|| WeightDecayConfig::new(cfg.weight_decay as f32));
+    match cfg.optimizer {
+        OptimizerKind::Sgd => SgdConfig::new()
+            // PyTorch's SGD momentum: no dampening.
+            .with_momentum((cfg.momentum > 0.0).then(|| {
+                MomentumConfig::new()
+                    .with_momentum(cfg.momentum)
+                    .with_dampening(0.0)
+            }))
+            .with_weight_decay(decay)
+            .with_gradient_clipping(clip)
+            .init(),
+        OptimizerKind::Adam => AdamConfig::new()
+            .with_weight_decay(decay)
+            .with_grad_clipping(clip)
+            .init(),
+        OptimizerKind::Adamw => AdamWConfig::new()
+            .with_weight_decay(cfg.weight_decay as f32)
+            .with_grad_clipping(clip)
+            .init(),
+    }
+}
+
+impl Learner<'_> {
+    fn scale_target(&self, y: f32) -> f32 {
+        match self.targets {
+            Some(s) => ((f64::from(y) - s.mean[0]) / s.std_or_one(0)) as f32,
+            None => y,
+        }
+    }
+
+    fn unscale_target(&self, y: f64) -> f64 {
+        match self.targets {
+            Some(s) => y * s.std_or_one(0) + s.mean[0],
+            None => y,
+        }
+    }
+
+    fn inputs(&self, data: &LocalData, idx: &[usize], device: &Device) -> Tensor<2> {
+        let e = &data.examples;
+        let width = e.width();
+        let mut x = Vec::with_capacity(idx.len() * width);
+        for &i in idx {
+            x.extend_from_slice(e.example(i));
+        }
+        Tensor::from_data(TensorData::new(x, [idx.len(), width]), device)
+    }
+
+    fn loss(
+        &self,
+        model: &Model,
+        data: &LocalData,
+        idx: &[usize],
+        noise: &mut Noise,
+        device: &Device,
+    ) -> Tensor<1> {
+        let x = self.inputs(data, idx, device);
+        let out = model.forward(x.clone(), noise);
+        let e = &data.examples;
+        match self.io.kind {
+            TaskKind::Classification => {
+                let labels = e.labels.as_deref().unwrap_or_default();
+                let y: Vec<i64> = idx.iter().map(|&i| i64::from(labels[i])).collect();
+                let y = Tensor::from_data(TensorData::new(y, [idx.len()]), device);
+                CrossEntropyLossConfig::new().init(device).forward(out, y)
+            }
+            TaskKind::Regression => {
+                let targets = e.targets.as_deref().unwrap_or_default();
+                let y: Vec<f32> = idx.iter().map(|&i| self.scale_target(targets[i])).collect();
+                let y = Tensor::<2>::from_data(TensorData::new(y, [idx.len(), 1]), device);
+                (out - y).powi_scalar(2).mean()
+            }
+            TaskKind::Anomaly => (out - x).powi_scalar(2).mean(),
+        }
+    }
+
+    /// The examples training uses: all training examples, but only the normal ones for
+    /// anomaly detection when labels say which they are.
+    fn training_examples(&self, data: &LocalData) -> Vec<usize> {
+        match (self.io.kind, &data.examples.labels) {
+            (TaskKind::Anomaly, Some(labels)) => data
+                .train
+                .iter()
+                .copied()
+                .filter(|&i| labels[i] == 0)
+                .collect(),
+            _ => data.train.clone(),
+        }
+    }
+
+    /// Trains from `global` on `data`'s training examples. `seed` fixes the batch order and
+    /// the dropout masks.
+    pub fn fit(
+        &self,
+        global: &Parameters,
+        data: &LocalData,
+        cfg: &TrainSpec,
+        seed: u64,
+    ) -> Result<FitOutput, TrainError> {
+        cfg.validate().map_err(TrainError::Config)?;
+        let mut order = self.training_examples(data);
+        if order.is_empty() {
+            return Err(TrainError::NoData(format!(
+                "no training examples ({} examples, {} held out for evaluation)",
+                data.examples.len(),
+                data.holdout.len()
+            )));
+        }
+        let device = Device::flex().autodiff();
+        let mut model = self
+            .model
+            .init(self.io, &device)
+            .map_err(|e| TrainError::Config(e.to_string()))?;
+        import(&mut model, global)?;
+        let mut optim = optimizer(cfg);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut noise = Noise::training(seed ^ 0x5eed_d20f);
+        let (mut loss_sum, mut seen, mut steps) = (0.0f64, 0usize, 0usize);
+        for epoch in 1..=cfg.local_epochs {
+            let started = std::time::Instant::now();
+            order.shuffle(&mut rng);
+            (loss_sum, seen) = (0.0, 0);
+            for batch in order.chunks(cfg.batch_size) {
+                let loss = self.loss(&model, data, batch, &mut noise, &device);
+                let value = loss.clone().into_scalar::<f32>();
+                if !value.is_finite() {
+                    return Err(TrainError::Diverged(value));
+                }
+                loss_sum += f64::from(value) * batch.len() as f64;
+                seen += batch.len();
+                let grads = GradientsParams::from_grads(loss.backward(), &model);
+                model = optim.step(cfg.learning_rate, model, grads);
+                steps += 1;
+            }
+            tracing::info!(
+                epoch,
+                epochs = cfg.local_epochs,
+                loss = format!("{:.4}", loss_sum / seen.max(1) as f64),
+                examples = seen,
+                seconds = format!("{:.2}", started.elapsed().as_secs_f64()),
+                "local epoch done"
+            );
+        }
+        Ok(FitOutput {
+            parameters: export(&model)?,
+            num_examples: order.len() as u64,
+            loss: loss_sum / seen.max(1) as f64,
+            steps,
+        })
+    }
+
+    /// Evaluates `params` on the examples `idx` of `data` in batches of `batch_size`: the mean
+    /// loss and the task's tally.
+    pub fn evaluate(
+        &self,
+        params: &Parameters,
+        data: &LocalData,
+        idx: &[usize],
+        batch_size: usize,
+    ) -> Result<(f64, Tally), TrainError> {
+        let device = Device::flex();
+        let mut model = self
+            .model
+            .init(self.io, &device)
+            .map_err(|e| TrainError::Config(e.to_string()))?;
+        import(&mut model, params)?;
+        let e = &data.examples;
+        let mut tally = Tally::new(self.io.kind, self.io.outputs);
+        let mut loss_sum = 0.0f64;
+        let mut noise = Noise::evaluating();
+        for batch in idx.chunks(batch_size.max(1)) {
+            let x = self.inputs(data, batch, &device);
+            let out = model.forward(x.clone(), &mut noise);
+            match self.io.kind {
+                TaskKind::Classification => {
+                    let labels = e.labels.as_deref().unwrap_or_default();
+                    let y: Vec<i64> = batch.iter().map(|&i| i64::from(labels[i])).collect();
+                    let yt = Tensor::from_data(TensorData::new(y.clone(), [batch.len()]), &device);
+                    let predicted = out
+                        .clone()
+                        .argmax(1)
+                        .flatten::<1>(0, 1)
+                        .into_data()
+                        .try_into_vec_as::<i64>()
+                        .map_err(read_back)?;
+                    for (p, a) in predicted.iter().zip(&y) {
+                        tally.class(*p as usize, *a as usize);
+                    }
+                    let loss = CrossEntropyLossConfig::new().init(&device).forward(out, yt);
+                    loss_sum += f64::from(loss.into_scalar::<f32>()) * batch.len() as f64;
+                }
+                TaskKind::Regression => {
+                    let targets = e.targets.as_deref().unwrap_or_default();
+                    let predicted = out
+                        .into_data()
+                        .try_into_vec_as::<f32>()
+                        .map_err(read_back)?;
+                    for (&p, &i) in predicted.iter().zip(batch) {
+                        let scaled = self.scale_target(targets[i]);
+                        loss_sum += f64::from((p - scaled) * (p - scaled));
+                        tally.value(self.unscale_target(f64::from(p)), f64::from(targets[i]));
+                    }
+                }
+                TaskKind::Anomaly => {
+                    let scores = (out - x)
+                        .powi_scalar(2)
+                        .mean_dim(1)
+                        .into_data()
+                        .try_into_vec_as::<f32>()
+                        .map_err(read_back)?;
+                    for (&s, &i) in scores.iter().zip(batch) {
+                        let anomalous = e.labels.as_ref().is_some_and(|l| l[i] != 0);
+                        loss_sum += f64::from(s);
+                        tally.score(f64::from(s), anomalous);
+                    }
+                }
+            }
+        }
+        Ok((loss_sum / idx.len().max(1) as f64, tally))
+    }
+}
