@@ -102,3 +102,32 @@ fn metrics_in_direct_mode_are_refused_rather_than_ignored() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--metrics"), "{stderr}");
 }
+
+#[test]
+fn a_broken_data_file_stops_the_agent_at_start_naming_file_and_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (name, text, expected) in [
+        ("empty.csv", "", "empty.csv: the file is empty"),
+        (
+            "ragged.csv",
+            "t,temp\n1,20.5\n2\n",
+            "ragged.csv: line 3: has 1 fields where the header has 2",
+        ),
+    ] {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).expect("write");
+        let out = Command::new(env!("CARGO_BIN_EXE_pollen-agent"))
+            .args(["--device-id", "gw-1", "--broker", "mqtt://127.0.0.1:1"])
+            .arg("--data")
+            .arg(&path)
+            .env_remove("POLLEN_AGENT_CONFIG")
+            .env_remove("POLLEN_CLIENT_ID")
+            .env_remove("POLLEN_COORDINATOR")
+            .env("POLLEN_WORK_DIR", dir.path().join("work"))
+            .output()
+            .expect("agent runs");
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(expected), "{stderr}");
+    }
+}

@@ -89,7 +89,10 @@ async fn a_1d_cnn_learns_to_tell_activities_from_smartwatch_windows() {
         rounds[0].train_loss.expect("train loss"),
         rounds[rounds.len() - 1].train_loss.expect("train loss"),
     );
-    assert!(final_loss < 0.75 * first, "train loss {first} -> {final_loss}");
+    assert!(
+        final_loss < 0.75 * first,
+        "train loss {first} -> {final_loss}"
+    );
     for r in rounds {
         assert_eq!(r.evaluation.as_deref(), Some("centralized"), "{r:?}");
         assert_eq!((r.succeeded, r.failed), (4, 0), "{:?}", r.failures);
@@ -111,7 +114,10 @@ async fn a_regression_on_unscaled_sensor_columns_beats_predicting_the_mean() {
         let temp = 60.0 + 8.0 * normal(&mut rng);
         let load = 100.0 * rng.random::<f64>();
         let rpm = 1500.0 + 200.0 * normal(&mut rng);
-        let power = 400.0 + 12.0 * load + 3.0 * (temp - 60.0) + 0.2 * (rpm - 1500.0)
+        let power = 400.0
+            + 12.0 * load
+            + 3.0 * (temp - 60.0)
+            + 0.2 * (rpm - 1500.0)
             + 10.0 * normal(&mut rng);
         ys.push(power);
         writeln!(csv, "m{},{temp:.3},{load:.3},{rpm:.1},{power:.2}", i % 7).expect("write");
@@ -147,15 +153,19 @@ batch_size = 32"#,
         assert_eq!(r.primary_metric.as_deref(), Some("rmse"));
         assert!(r.metrics.contains_key("mae"));
     }
-    let manifest: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(sim.run_dir.join("task.json")).expect("task.json"),
-    )
-    .expect("json");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(sim.run_dir.join("task.json")).expect("task.json"))
+            .expect("json");
     assert_eq!(
         manifest["task"]["features"],
         serde_json::json!(["temperature_c", "load_pct", "rpm"])
     );
-    assert!(manifest["fitted"]["targets"]["std"][0].as_f64().expect("target scaling") > 100.0);
+    assert!(
+        manifest["fitted"]["targets"]["std"][0]
+            .as_f64()
+            .expect("target scaling")
+            > 100.0
+    );
 }
 
 /// Two correlated sensor pairs; faults break the correlation. An autoencoder trained on the
@@ -173,15 +183,22 @@ async fn an_autoencoder_scores_faults_above_normal_readings() {
         let (p_out, current) = if faulty {
             // A leaking seal: the outlet pressure no longer follows the inlet, and the motor
             // draws more current for the same flow.
-            (3.0 + 0.5 * normal(&mut rng), 0.25 * flow + 1.5 + 0.3 * normal(&mut rng))
+            (
+                3.0 + 0.5 * normal(&mut rng),
+                0.25 * flow + 1.5 + 0.3 * normal(&mut rng),
+            )
         } else {
             (
                 1.8 * p_in + 0.05 * normal(&mut rng),
                 0.25 * flow + 0.05 * normal(&mut rng),
             )
         };
-        writeln!(csv, "{p_in:.4},{p_out:.4},{flow:.4},{current:.4},{}", u8::from(faulty))
-            .expect("write");
+        writeln!(
+            csv,
+            "{p_in:.4},{p_out:.4},{flow:.4},{current:.4},{}",
+            u8::from(faulty)
+        )
+        .expect("write");
     }
     std::fs::write(&path, csv).expect("csv");
     let text = spec(
@@ -207,7 +224,11 @@ batch_size = 32"#,
     let threshold = metric(&sim, last, "threshold");
     assert!(threshold > 0.0 && threshold.is_finite());
     let recall = metric(&sim, last, "recall");
-    assert!(recall > 0.5, "recall {recall} at threshold {threshold}: {:?}", sim.summary.rounds[last].metrics);
+    assert!(
+        recall > 0.5,
+        "recall {recall} at threshold {threshold}: {:?}",
+        sim.summary.rounds[last].metrics
+    );
     let (first, final_loss) = (
         sim.summary.rounds[0].train_loss.expect("train loss"),
         sim.summary.rounds[last].train_loss.expect("train loss"),
@@ -227,8 +248,13 @@ async fn federated_statistics_equal_the_statistics_of_the_union() {
         // A large offset with a small spread: sums of squares would lose it.
         let k = 293.15 + 0.01 * normal(&mut rng);
         let h = 40.0 + 15.0 * rng.random::<f64>();
-        writeln!(csv, "s{},{k:.6},{h:.4},{}", i % 3, if h > 47.5 { "wet" } else { "dry" })
-            .expect("write");
+        writeln!(
+            csv,
+            "s{},{k:.6},{h:.4},{}",
+            i % 3,
+            if h > 47.5 { "wet" } else { "dry" }
+        )
+        .expect("write");
     }
     std::fs::write(&path, csv).expect("csv");
     let text = spec(
@@ -244,7 +270,10 @@ batch_size = 16
 learning_rate = 0.05"#,
         1,
     )
-    .replace(r#"partition = { kind = "iid" }"#, r#"partition = { kind = "column", column = "site" }"#)
+    .replace(
+        r#"partition = { kind = "iid" }"#,
+        r#"partition = { kind = "column", column = "site" }"#,
+    )
     .replace("\nclients = 4\n", "\n")
     .replace("min_fit_clients = 4", "min_fit_clients = 3")
     .replace("min_available_clients = 4", "min_available_clients = 3");
@@ -268,10 +297,9 @@ learning_rate = 0.05"#,
             }
         }
     }
-    let manifest: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(sim.run_dir.join("task.json")).expect("task.json"),
-    )
-    .expect("json");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(sim.run_dir.join("task.json")).expect("task.json"))
+            .expect("json");
     let fitted = &manifest["fitted"]["features"];
     for (c, values) in columns.iter().enumerate() {
         let n = values.len() as f64;
@@ -279,8 +307,14 @@ learning_rate = 0.05"#,
         let std = (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n).sqrt();
         let fed_mean = fitted["mean"][c].as_f64().expect("mean");
         let fed_std = fitted["std"][c].as_f64().expect("std");
-        assert!(((fed_mean - mean) / mean).abs() < 1e-6, "channel {c}: mean {fed_mean} vs {mean}");
-        assert!(((fed_std - std) / std).abs() < 1e-6, "channel {c}: std {fed_std} vs {std}");
+        assert!(
+            ((fed_mean - mean) / mean).abs() < 1e-6,
+            "channel {c}: mean {fed_mean} vs {mean}"
+        );
+        assert!(
+            ((fed_std - std) / std).abs() < 1e-6,
+            "channel {c}: std {fed_std} vs {std}"
+        );
     }
     let stats: serde_json::Value = serde_json::from_slice(
         &std::fs::read(sim.run_dir.join("statistics.json")).expect("statistics.json"),
@@ -332,7 +366,11 @@ async fn fleet_of(dir: &Path, files: &[&Path]) -> Fleet {
     )
     .await
     .expect("fleet starts");
-    assert!(fleet.wait_joined(&coordinator, std::time::Duration::from_secs(60)).await);
+    assert!(
+        fleet
+            .wait_joined(&coordinator, std::time::Duration::from_secs(60))
+            .await
+    );
     Fleet {
         coordinator,
         fleet,
@@ -374,7 +412,11 @@ fn state_csv(path: &Path, seed: u64, with_humidity: bool) {
     for _ in 0..300 {
         let t = 20.0 + 5.0 * normal(&mut rng);
         let h = 50.0 + 10.0 * normal(&mut rng);
-        let state = if t + 0.5 * (h - 50.0) > 20.0 { "hot" } else { "cold" };
+        let state = if t + 0.5 * (h - 50.0) > 20.0 {
+            "hot"
+        } else {
+            "cold"
+        };
         if with_humidity {
             writeln!(csv, "{t:.3},{h:.3},{state}").expect("write");
         } else {
@@ -399,7 +441,10 @@ batch_size = 16"#,
         2,
     );
     text = text
-        .replace("min_fit_clients = 4", &format!("min_fit_clients = {min_fit}"))
+        .replace(
+            "min_fit_clients = 4",
+            &format!("min_fit_clients = {min_fit}"),
+        )
         .replace("min_available_clients = 4", "min_available_clients = 3")
         .replace("clients = 4", "clients = 3");
     text
@@ -421,12 +466,26 @@ async fn a_device_whose_data_does_not_fit_fails_with_a_data_mismatch_and_rounds_
         .unwrap_or_else(|e| panic!("{e}"));
     let summary = fleet.run(&spec, &a).await;
     for r in &summary.rounds {
-        assert_eq!(r.status, pollen_coordinator::records::RoundStatus::Ok, "{r:?}");
-        assert_eq!((r.sampled, r.succeeded, r.failed), (3, 2, 1), "{:?}", r.failures);
+        assert_eq!(
+            r.status,
+            pollen_coordinator::records::RoundStatus::Ok,
+            "{r:?}"
+        );
+        assert_eq!(
+            (r.sampled, r.succeeded, r.failed),
+            (3, 2, 1),
+            "{:?}",
+            r.failures
+        );
         let f = &r.failures[0];
-        assert_eq!((f.client.as_str(), f.reason.as_str()), ("sim-0002", "client_error"));
+        assert_eq!(
+            (f.client.as_str(), f.reason.as_str()),
+            ("sim-0002", "client_error")
+        );
         assert!(
-            f.message.contains("DataMismatch") && f.message.contains("\"humidity\"") && f.message.contains("bad.csv"),
+            f.message.contains("DataMismatch")
+                && f.message.contains("\"humidity\"")
+                && f.message.contains("bad.csv"),
             "{}",
             f.message
         );
@@ -465,6 +524,9 @@ async fn one_fleet_serves_two_runs_with_different_models_one_after_the_other() {
     }
     // The devices trained what each run asked: a model with one hidden layer, then two.
     assert!(first.parameters.get("fc3.weight").is_none());
-    assert_eq!(second.parameters.get("fc3.weight").expect("fc3").shape, vec![2, 16]);
+    assert_eq!(
+        second.parameters.get("fc3.weight").expect("fc3").shape,
+        vec![2, 16]
+    );
     fleet.stop().await;
 }

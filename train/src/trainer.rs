@@ -280,3 +280,112 @@ impl Learner<'_> {
         Ok((loss_sum / idx.len().max(1) as f64, tally))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::{Examples, LocalData};
+    use crate::manifest::TaskKind;
+    use crate::model::{MlpConfig, initial_parameters};
+
+    /// y = 2 x0 - x1 on 64 examples.
+    fn line() -> LocalData {
+        let mut x = Vec::new();
+        let mut y = Vec::new();
+        for i in 0..64 {
+            let (a, b) = ((i % 8) as f32 / 4.0 - 1.0, (i / 8) as f32 / 4.0 - 1.0);
+            x.extend([a, b]);
+            y.push(2.0 * a - b);
+        }
+        LocalData {
+            examples: Examples {
+                shape: vec![2],
+                x,
+                labels: None,
+                targets: Some(y),
+                series: (0..64).collect(),
+                position: (0..64).collect(),
+                span: 1,
+            },
+            train: (0..64).collect(),
+            holdout: (0..64).collect(),
+        }
+    }
+
+    #[test]
+    fn every_optimizer_fits_a_line_and_the_same_seed_trains_the_same_model() {
+        let model = ModelSpec::Mlp(MlpConfig::new().with_hidden(vec![8]));
+        let io = ModelIo {
+            kind: TaskKind::Regression,
+            input: vec![2],
+            outputs: 1,
+        };
+        let learner = Learner {
+            model: &model,
+            io: &io,
+            targets: None,
+        };
+        let data = line();
+        let start = initial_parameters(&model, &io, 1).expect("init");
+        let (before, _) = learner
+            .evaluate(&start, &data, &data.holdout, 64)
+            .expect("eval");
+        for (optimizer, lr, momentum, decay, clip) in [
+            (OptimizerKind::Sgd, 0.05, 0.0, 0.0, None),
+            (OptimizerKind::Sgd, 0.02, 0.9, 1e-4, Some(1.0)),
+            (OptimizerKind::Adam, 0.01, 0.0, 1e-4, None),
+            (OptimizerKind::Adamw, 0.01, 0.0, 1e-2, Some(5.0)),
+        ] {
+            let cfg = TrainSpec {
+                local_epochs: 20,
+                batch_size: 8,
+                learning_rate: lr,
+                optimizer,
+                momentum,
+                weight_decay: decay,
+                clip_grad_norm: clip,
+            };
+            let out = learner.fit(&start, &data, &cfg, 3).expect("fits");
+            let (after, _) = learner
+                .evaluate(&out.parameters, &data, &data.holdout, 64)
+                .expect("eval");
+            assert!(
+                after < before / 10.0,
+                "{optimizer:?}: MSE {before} -> {after}"
+            );
+            let again = learner.fit(&start, &data, &cfg, 3).expect("fits");
+            assert_eq!(
+                again.parameters, out.parameters,
+                "{optimizer:?} is not reproducible"
+            );
+            assert_eq!(out.steps, 20 * 8);
+        }
+    }
+
+    #[test]
+    fn a_diverging_learning_rate_is_reported_not_returned() {
+        let model = ModelSpec::Mlp(MlpConfig::new().with_hidden(vec![8]));
+        let io = ModelIo {
+            kind: TaskKind::Regression,
+            input: vec![2],
+            outputs: 1,
+        };
+        let learner = Learner {
+            model: &model,
+            io: &io,
+            targets: None,
+        };
+        let cfg = TrainSpec {
+            local_epochs: 50,
+            batch_size: 64,
+            learning_rate: 1e6,
+            optimizer: OptimizerKind::Sgd,
+            momentum: 0.0,
+            weight_decay: 0.0,
+            clip_grad_norm: None,
+        };
+        let start = initial_parameters(&model, &io, 1).expect("init");
+        let e = learner.fit(&start, &line(), &cfg, 1).expect_err("diverges");
+        assert!(e.to_string().contains("diverged"), "{e}");
+    }
+}

@@ -348,3 +348,178 @@ fn http_get(url: &str) -> String {
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     response
 }
+
+/// The README's "Train on your own data" as a user does it: inspect a CSV, split it into one
+/// file per device, start a `pollen-agent` per file, and run the shipped spec on them with
+/// `pollen run`; then a second run with another model on the same agents.
+#[test]
+fn agents_on_files_of_their_own_train_two_runs_of_different_models() {
+    use std::process::Stdio;
+
+    let addr: std::net::SocketAddr = "127.0.0.1:1883".parse().expect("addr");
+    std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2)).unwrap_or_else(
+        |e| panic!("Mosquitto is not reachable on {addr} ({e}); start it with `mosquitto -d`"),
+    );
+    let pollen = std::path::Path::new(env!("CARGO_BIN_EXE_pollen"));
+    let agent = pollen.with_file_name("pollen-agent");
+    assert!(agent.exists(), "{} is missing", agent.display());
+    let checkout = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let data = checkout.join("data/basicmotions/basicmotions_train.csv");
+    let dir = tempfile::tempdir().expect("tempdir");
+
+    let out = Command::new(pollen)
+        .args(["data", "inspect"])
+        .arg(&data)
+        .args(["--label", "activity"])
+        .output()
+        .expect("pollen data inspect runs");
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        shown.contains("4000 rows, 9 columns") && shown.contains("walking=1000"),
+        "{shown}"
+    );
+
+    let out = Command::new(pollen)
+        .args(["data", "split"])
+        .arg(&data)
+        .args(["--parts", "4", "--group", "recording", "--out"])
+        .arg(dir.path().join("devices"))
+        .output()
+        .expect("pollen data split runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let files: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.split('\t').next().expect("path").to_string())
+        .collect();
+    assert_eq!(files.len(), 4, "{files:?}");
+
+    // A fifth device whose log has no gyroscope z column: it must not be selected.
+    let misfit = dir.path().join("no-gyr-z.csv");
+    let kept: String = std::fs::read_to_string(&files[0])
+        .expect("split file")
+        .lines()
+        .map(|l| {
+            let mut cells: Vec<&str> = l.split(',').collect();
+            cells.remove(7);
+            cells.join(",") + "\n"
+        })
+        .collect();
+    std::fs::write(&misfit, kept).expect("write");
+    let mut files = files;
+    files.push(misfit.display().to_string());
+    let fleet = format!("own-{:08x}", rand::random::<u32>());
+    let _agents = Agents(
+        files
+            .iter()
+            .enumerate()
+            .map(|(i, file)| {
+                Command::new(&agent)
+                    .args(["--data", file])
+                    .env("POLLEN_DEVICE_ID", format!("watch-{i}"))
+                    .env("POLLEN_FLEET", &fleet)
+                    .env("POLLEN_BROKER", "mqtt://127.0.0.1:1883")
+                    .env("POLLEN_WORK_DIR", dir.path().join(format!("watch-{i}")))
+                    .env_remove("POLLEN_SHARD")
+                    .env_remove("POLLEN_DATA_DIR")
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("agent starts")
+            })
+            .collect(),
+    );
+    let mut listed = Vec::new();
+    for _ in 0..30 {
+        let out = Command::new(pollen)
+            .args(["devices", "--json", "--wait", "1s", "--fleet", &fleet])
+            .output()
+            .expect("pollen devices runs");
+        listed = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("JSON line"))
+            .filter(|d| d["online"] == true)
+            .collect();
+        if listed.len() == 5 {
+            break;
+        }
+    }
+    assert_eq!(listed.len(), 5, "{listed:?}");
+    for d in &listed {
+        // Each device announces its own file: 10 recordings of 100 readings.
+        assert_eq!(d["data"]["format"], "csv", "{d}");
+        assert_eq!(d["data"]["rows"], 1000, "{d}");
+        let columns = d["data"]["columns"].as_array().expect("columns").len();
+        assert_eq!(
+            columns,
+            if d["device_id"] == "watch-4" { 8 } else { 9 },
+            "{d}"
+        );
+    }
+
+    let spec = checkout.join("workflows/basicmotions.toml");
+    let gru = dir.path().join("basicmotions-gru.toml");
+    let text = std::fs::read_to_string(&spec).expect("spec");
+    let model_at = text.find("[model]").expect("[model]");
+    let data_at = text.find("[data]").expect("[data]");
+    std::fs::write(
+        &gru,
+        format!(
+            "{}[model]\nfamily = \"rnn\"\ncell = \"gru\"\nhidden_size = [32]\n\n{}",
+            &text[..model_at].replace("name = \"basicmotions\"", "name = \"basicmotions-gru\""),
+            &text[data_at..].replace("learning_rate = 0.002", "learning_rate = 0.01")
+        ),
+    )
+    .expect("spec");
+    for (spec, rounds) in [(&spec, 8), (&gru, 8)] {
+        let out = Command::new(pollen)
+            .arg("run")
+            .arg(spec)
+            .args([
+                "--fleet",
+                &fleet,
+                "--rounds",
+                &rounds.to_string(),
+                "--json",
+                "--runs-dir",
+            ])
+            .arg(dir.path().join("runs"))
+            .current_dir(&checkout)
+            .output()
+            .expect("pollen run runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        assert!(stderr.contains("4 devices selected"), "{stderr}");
+        assert!(
+            stderr.contains("device watch-4 left out: its data has no column [\"gyr_z\"]"),
+            "{stderr}"
+        );
+        let records: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("JSON line"))
+            .collect();
+        assert_eq!(records.len(), rounds, "{stderr}");
+        for r in &records {
+            assert_eq!(
+                (r["status"].as_str(), r["failed"].as_u64()),
+                (Some("ok"), Some(0)),
+                "{r}"
+            );
+        }
+        let last = &records[rounds - 1];
+        assert_eq!(last["evaluation"], "centralized");
+        let accuracy = last["metrics"]["accuracy"].as_f64().expect("accuracy");
+        assert!(
+            accuracy > 0.8,
+            "{} after {rounds} rounds: {accuracy}",
+            spec.display()
+        );
+    }
+}

@@ -382,3 +382,60 @@ mod tests {
         assert_eq!(some.shape, vec![1, 28, 28]);
     }
 }
+
+#[cfg(test)]
+mod npy_tests {
+    use super::*;
+
+    /// A version 1.0 `.npy` file as NumPy writes it.
+    fn npy(descr: &str, shape: &[usize], data: &[u8]) -> Vec<u8> {
+        let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+        let shape = if dims.len() == 1 {
+            format!("({},)", dims[0])
+        } else {
+            format!("({})", dims.join(", "))
+        };
+        let mut header =
+            format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
+        while (10 + header.len() + 1) % 64 != 0 {
+            header.push(' ');
+        }
+        header.push('\n');
+        let mut out = b"\x93NUMPY\x01\x00".to_vec();
+        out.extend((header.len() as u16).to_le_bytes());
+        out.extend(header.as_bytes());
+        out.extend(data);
+        out
+    }
+
+    #[test]
+    fn npy_features_and_labels_are_read_with_their_shape() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let x: Vec<u8> = (0..12)
+            .flat_map(|i| (i as f64 * 0.5).to_le_bytes())
+            .collect();
+        std::fs::write(dir.path().join("x.npy"), npy("<f8", &[3, 2, 2], &x)).expect("write");
+        let y: Vec<u8> = [2i64, 0, 1].iter().flat_map(|v| v.to_le_bytes()).collect();
+        std::fs::write(dir.path().join("y.npy"), npy("<i8", &[3], &y)).expect("write");
+        let a = Arrays::read_npy(&dir.path().join("x.npy"), Some(&dir.path().join("y.npy")))
+            .expect("reads");
+        assert_eq!((a.len(), a.shape.clone()), (3, vec![2, 2]));
+        assert_eq!(a.example(1), &[2.0, 2.5, 3.0, 3.5]);
+        assert_eq!(a.y, Some(vec![2.0, 0.0, 1.0]));
+        // Labels of another length are refused by name.
+        let y2: Vec<u8> = [1u8, 0].to_vec();
+        std::fs::write(dir.path().join("y2.npy"), npy("|u1", &[2], &y2)).expect("write");
+        let e = Arrays::read_npy(&dir.path().join("x.npy"), Some(&dir.path().join("y2.npy")))
+            .expect_err("2 labels for 3 examples")
+            .to_string();
+        assert!(e.contains("y2.npy") && e.contains("[3]"), "{e}");
+        std::fs::write(dir.path().join("bad.npy"), b"not numpy").expect("write");
+        let e = Arrays::read_npy(&dir.path().join("bad.npy"), None)
+            .expect_err("junk")
+            .to_string();
+        assert!(
+            e.contains("bad.npy") && e.contains("not a .npy file"),
+            "{e}"
+        );
+    }
+}

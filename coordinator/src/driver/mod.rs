@@ -12,8 +12,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use pollen_proto::blob::EncodedBlob;
 use pollen_proto::fleet::{
-    EvaluateIns, FailureCode, FitIns, GetParametersIns, ServerMessage, StatisticsIns, Stop,
-    TaskRef, Upload, Weights, server_message::Msg as ServerMsg, weights::Body,
+    EvaluateIns, FailureCode, FitIns, GetParametersIns, ServerMessage, Stop, Upload, Weights,
+    server_message::Msg as ServerMsg, weights::Body,
 };
 use pollen_proto::{Parameters, TensorSpec, scalar};
 use rand::SeedableRng;
@@ -25,12 +25,13 @@ use tokio_util::sync::CancellationToken;
 use crate::counters::Counters;
 use crate::records::{FailureRecord, RoundRecord, RoundStatus, RunHandle};
 use crate::registry::{Registry, Reply};
-use crate::statistics::{Combiner, FederatedStatistics};
 use crate::storage::{BlobStore, StoreError};
 use crate::strategy::{
     ClientFailure, EvaluateSummary, Evaluation, FailureReason, FitSummary, Instruction, Strategy,
 };
 use crate::task::{FitManifest, Fitted, Published, TaskSetup};
+
+mod task;
 
 /// How a run is driven (the strategy decides the rest).
 #[derive(Debug, Clone)]
@@ -605,133 +606,6 @@ impl RoundDriver {
         let url = store.presign_get(&key, self.presign_ttl()).await?;
         let weights = blob.to_reference(key, url);
         Ok((blob, weights))
-    }
-
-    /// The reference every instruction carries: the manifest written to the store once (and
-    /// named by a presigned GET shared by the fan-out), or inline without a store.
-    async fn task_ref(&mut self) -> Result<Option<TaskRef>, DriverError> {
-        let ttl = self.presign_ttl();
-        let Some(task) = self.task.as_mut() else {
-            return Ok(None);
-        };
-        let Some(store) = self.store.clone() else {
-            return Ok(Some(task.inline()));
-        };
-        let key = match &task.key {
-            Some(key) => key.clone(),
-            None => {
-                let key = store.task_key(&self.run_id, &task.sha256);
-                store.put(&key, task.manifest.clone()).await?;
-                task.key = Some(key.clone());
-                key
-            }
-        };
-        let url = store.presign_get(&key, ttl).await?;
-        Ok(Some(task.by_reference(key, url)))
-    }
-
-    /// Keeps the manifest the rounds use next to the run's records (`task.json`).
-    fn record_task(&self) -> Result<(), DriverError> {
-        if let (Some(run), Some(task)) = (&self.run, &self.task) {
-            run.write_file("task.json", &task.manifest)
-                .map_err(|source| DriverError::Record { round: 0, source })?;
-            tracing::info!(sha256 = %task.sha256, bytes = task.manifest.len(), "task manifest published");
-        }
-        Ok(())
-    }
-
-    /// Asks every connected client for statistics of its data under the current manifest, and
-    /// combines those that answer in time and fit the others'. Refusals and silences are
-    /// logged and recorded; the phase fails only if no client's statistics were accepted.
-    async fn statistics(&mut self) -> Result<FederatedStatistics, DriverError> {
-        let started = Instant::now();
-        let task = self.task_ref().await?;
-        let deadline = tokio::time::Instant::now() + self.config.round_timeout;
-        let deadline_unix_ms = pollen_proto::unix_ms(SystemTime::now() + self.config.round_timeout);
-        let mut tasks = JoinSet::new();
-        let mut failures: Vec<ClientFailure> = Vec::new();
-        let clients = self.registry.available();
-        for client in &clients {
-            let (task, run_id) = (task.clone(), self.run_id.clone());
-            let build = move |request_id| ServerMessage {
-                msg: Some(ServerMsg::Statistics(StatisticsIns {
-                    request_id,
-                    task,
-                    config: Default::default(),
-                    deadline_unix_ms,
-                    run_id,
-                })),
-            };
-            match self.registry.request(&client.id, 0, build).await {
-                Ok((request_id, rx)) => {
-                    let registry = self.registry.clone();
-                    let client_id = client.id.clone();
-                    tasks.spawn(async move {
-                        let reply = await_reply(&registry, request_id, rx, deadline).await;
-                        (client_id, reply)
-                    });
-                }
-                Err(e) => failures.push(failure(
-                    &client.id,
-                    FailureReason::Disconnected,
-                    e.to_string(),
-                )),
-            }
-        }
-        let mut combiner = Combiner::default();
-        while let Some(joined) = tasks.join_next().await {
-            let (client_id, reply) = joined?;
-            match reply {
-                Ok(Reply::Statistics(res)) => {
-                    let added = match res.statistics {
-                        Some(s) => combiner.add(&client_id, &s),
-                        None => Err("an answer without statistics".into()),
-                    };
-                    if let Err(message) = added {
-                        Counters::bump(&self.registry.counters().updates_rejected);
-                        tracing::warn!(client = %client_id, "statistics rejected: {message}");
-                        failures.push(failure(&client_id, FailureReason::Rejected, message));
-                    }
-                }
-                Ok(other) => failures.push(unexpected(&client_id, other)),
-                Err((reason, message)) => failures.push(failure(&client_id, reason, message)),
-            }
-        }
-        for f in &failures {
-            tracing::warn!(client = %f.client_id, reason = f.reason.as_str(), "no statistics: {}", f.message);
-        }
-        let Some(combined) = combiner.finish() else {
-            let reasons: Vec<String> = failures
-                .iter()
-                .take(5)
-                .map(|f| format!("{}: {}", f.client_id, f.message))
-                .collect();
-            return Err(DriverError::Statistics(format!(
-                "none of the {} clients sent statistics that could be used ({})",
-                clients.len(),
-                reasons.join("; ")
-            )));
-        };
-        tracing::info!(
-            clients = combined.clients.len(),
-            failed = failures.len(),
-            examples = combined.num_examples,
-            seconds = format!("{:.2}", started.elapsed().as_secs_f64()),
-            "federated statistics combined"
-        );
-        if let Some(run) = &self.run {
-            let mut json = combined.to_json();
-            json["failures"] = serde_json::Value::Array(
-                failures
-                    .iter()
-                    .map(|f| serde_json::json!({"client": f.client_id, "reason": f.reason.as_str(), "message": f.message}))
-                    .collect(),
-            );
-            let text = serde_json::to_vec_pretty(&json).unwrap_or_default();
-            run.write_file("statistics.json", &text)
-                .map_err(|source| DriverError::Record { round: 0, source })?;
-        }
-        Ok(combined)
     }
 
     /// Sends one instruction per sampled client, all sharing one encoding (or one stored
