@@ -37,7 +37,7 @@ impl TaskCache {
         entries.iter().find(|t| t.sha256 == sha256).cloned()
     }
 
-    fn from_disk(&self, sha256: &str) -> Option<Arc<TaskBlob>> {
+    fn on_disk(&self, sha256: &str) -> Option<Arc<TaskBlob>> {
         let path = self.dir.as_ref()?.join(format!("{sha256}.json"));
         let bytes = std::fs::read(&path).ok()?;
         // A file damaged on disk is fetched again rather than trusted.
@@ -84,7 +84,7 @@ impl TaskCache {
         if let Some(hit) = self.cached(&sha256) {
             return Ok(Some(hit));
         }
-        if let Some(hit) = self.from_disk(&sha256) {
+        if let Some(hit) = self.on_disk(&sha256) {
             self.remember(hit.clone());
             return Ok(Some(hit));
         }

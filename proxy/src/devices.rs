@@ -389,7 +389,7 @@ pub async fn discover(
                             registry.remove(device);
                         }
                         StatusUpdate::Status(status) => {
-                            registry.update(status, p.retain, crate::now_unix_ms());
+                            registry.update(*status, p.retain, crate::now_unix_ms());
                         }
                         StatusUpdate::Malformed => {}
                     }

@@ -45,7 +45,7 @@ pub(crate) fn connect(config: &ProxyConfig) -> Result<(AsyncClient, EventLoop), 
 pub(crate) enum StatusUpdate {
     /// An empty retained payload: the device's status was cleared.
     Cleared,
-    Status(DeviceStatus),
+    Status(Box<DeviceStatus>),
     /// Undecodable, or not about the topic's device; logged.
     Malformed,
 }
@@ -71,7 +71,7 @@ pub(crate) fn decode_status(topic: &str, device: &str, payload: &[u8]) -> Status
             tracing::warn!(%topic, "status message dropped: the device id cannot join a coordinator (at most 128 of [A-Za-z0-9_.-])");
             StatusUpdate::Malformed
         }
-        Ok(s) => StatusUpdate::Status(s),
+        Ok(s) => StatusUpdate::Status(Box::new(s)),
     }
 }
 

@@ -82,7 +82,7 @@ impl Shared {
                     false
                 }
                 StatusUpdate::Status(status) => {
-                    registry.update(status, retained, now);
+                    registry.update(*status, retained, now);
                     registry.is_online(device, now)
                 }
                 StatusUpdate::Malformed => return,

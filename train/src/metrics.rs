@@ -24,7 +24,8 @@ const BINS_PER_DECADE: f64 = 20.0;
 const BINS: usize = 12 * 20 + 2;
 
 fn bin(score: f64) -> usize {
-    if !(score > 0.0) {
+    // Zero, negative and NaN scores go to the bottom bin.
+    if score.is_nan() || score <= 0.0 {
         return 0;
     }
     let b = ((score.log10() - DECADES_FROM) * BINS_PER_DECADE).floor();

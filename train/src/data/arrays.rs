@@ -25,7 +25,7 @@ pub struct Arrays {
 impl Arrays {
     pub fn len(&self) -> usize {
         let per: usize = self.shape.iter().product();
-        if per == 0 { 0 } else { self.x.len() / per }
+        self.x.len().checked_div(per).unwrap_or(0)
     }
 
     pub fn is_empty(&self) -> bool {

@@ -74,7 +74,7 @@ impl Cnn1dConfig {
         check_sizes(FAMILY, "channels", &self.channels)?;
         check_sizes(FAMILY, "hidden", &self.hidden)?;
         check_dropout(FAMILY, self.dropout)?;
-        if self.kernel_size % 2 == 0 {
+        if self.kernel_size.is_multiple_of(2) {
             return Err(ModelError::new(
                 FAMILY,
                 format!(

@@ -39,6 +39,9 @@ pub struct RnnConfig {
     pub dropout: f64,
 }
 
+// A model holds a few of these, so the size difference costs nothing; burn's `Module` is not
+// implemented for `Box`, so the variants cannot be boxed anyway.
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum Recurrent {
     Gru(Gru),
