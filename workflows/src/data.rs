@@ -114,20 +114,36 @@ impl Inspection {
             }
             out.push('\n');
         }
+        // Columns named as times are the usual time column, not a feature; text columns other
+        // than the label usually name series (a recording, a machine).
+        const TIME_NAMES: &[&str] = &["time", "timestamp", "ts", "t", "date", "datetime"];
+        let is_time =
+            |c: &ColumnSummary| TIME_NAMES.contains(&c.name.to_ascii_lowercase().as_str());
         let features: Vec<String> = self
             .columns
             .iter()
-            .filter(|c| c.kind == "number" && Some(c.name.as_str()) != label)
+            .filter(|c| c.kind == "number" && Some(c.name.as_str()) != label && !is_time(c))
             .map(|c| format!("{:?}", c.name))
             .collect();
-        out.push_str(
-            "\nA [task] for it (add group, time and window for readings of series):\n[task]\n",
-        );
+        out.push_str("\nA [task] for it (see the README's \"Run specs\" for windows):\n[task]\n");
         match label {
             Some(l) => out.push_str(&format!("kind = \"classification\"\nlabel = {l:?}\n")),
             None => out.push_str(
                 "kind = \"regression\"   # or classification / anomaly\ntarget = \"...\"\n",
             ),
+        }
+        for c in self.columns.iter().filter(|c| is_time(c)) {
+            out.push_str(&format!("time = {:?}\n", c.name));
+        }
+        for c in self
+            .columns
+            .iter()
+            .filter(|c| c.kind == "text" && Some(c.name.as_str()) != label && !is_time(c))
+        {
+            out.push_str(&format!(
+                "group = {:?}     # if each value is one series (a recording, a machine)\n",
+                c.name
+            ));
         }
         out.push_str(&format!("features = [{}]\n", features.join(", ")));
         out

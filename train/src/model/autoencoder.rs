@@ -2,10 +2,12 @@
 //! reconstructs it. Trained on normal data, its reconstruction error is the anomaly score.
 
 use burn::config::Config;
-use burn::nn::{Linear, LinearConfig};
+use burn::nn::Linear;
 use burn::prelude::*;
 
-use super::{Activation, ModelError, ModelIo, Noise, check_dropout, check_sizes};
+use super::{
+    Activation, ModelError, ModelIo, Noise, check_dropout, check_sizes, dense, dense_forward,
+};
 use crate::manifest::TaskKind;
 
 /// Settings of the `autoencoder` family.
@@ -49,14 +51,9 @@ impl AutoencoderConfig {
         check_dropout(FAMILY, self.dropout)?;
         let mut widths = vec![io.input_len()];
         widths.extend(&self.hidden);
-        let layers = |w: &[usize]| -> Vec<Linear> {
-            w.windows(2)
-                .map(|p| LinearConfig::new(p[0], p[1]).init(device))
-                .collect()
-        };
-        let encs = layers(&widths);
+        let encs = dense(&widths, device);
         widths.reverse();
-        let decs = layers(&widths);
+        let decs = dense(&widths, device);
         Ok(Autoencoder {
             encs,
             decs,
@@ -68,16 +65,10 @@ impl AutoencoderConfig {
 
 impl Autoencoder {
     pub fn forward(&self, mut x: Tensor<2>, noise: &mut Noise) -> Tensor<2> {
+        // The code is activated too: the decoder reads it like any hidden layer.
         for fc in &self.encs {
             x = noise.dropout(self.activation.apply(fc.forward(x)), self.dropout);
         }
-        let last = self.decs.len() - 1;
-        for (i, fc) in self.decs.iter().enumerate() {
-            x = fc.forward(x);
-            if i < last {
-                x = self.activation.apply(x);
-            }
-        }
-        x
+        dense_forward(&self.decs, x, self.activation, 0.0, noise)
     }
 }

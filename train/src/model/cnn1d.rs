@@ -6,11 +6,13 @@
 use burn::config::Config;
 use burn::nn::conv::{Conv1d, Conv1dConfig};
 use burn::nn::pool::{MaxPool1d, MaxPool1dConfig};
-use burn::nn::{Linear, LinearConfig, PaddingConfig1d};
+use burn::nn::{Linear, PaddingConfig1d};
 use burn::prelude::*;
 
-use super::{Activation, ModelError, ModelIo, Noise, check_dropout, check_sizes};
-use crate::manifest::TaskKind;
+use super::{
+    Activation, ModelError, ModelIo, Noise, check_dropout, check_sizes, dense, dense_forward,
+    not_anomaly, windows_of,
+};
 
 /// Settings of the `cnn1d` family.
 #[derive(Config, Debug, PartialEq)]
@@ -50,21 +52,8 @@ pub struct Cnn1d {
 impl Cnn1dConfig {
     pub fn init(&self, io: &ModelIo, device: &Device) -> Result<Cnn1d, ModelError> {
         const FAMILY: &str = "cnn1d";
-        let &[channels, length] = io.input.as_slice() else {
-            return Err(ModelError::new(
-                FAMILY,
-                format!(
-                    "needs windows [channels, length]; the input is {:?} (set task.window, or task.shape for arrays)",
-                    io.input
-                ),
-            ));
-        };
-        if io.kind == TaskKind::Anomaly {
-            return Err(ModelError::new(
-                FAMILY,
-                "anomaly detection trains family = \"autoencoder\"",
-            ));
-        }
+        let [channels, length] = windows_of(FAMILY, io)?;
+        not_anomaly(FAMILY, io)?;
         if self.channels.is_empty() {
             return Err(ModelError::new(
                 FAMILY,
@@ -118,10 +107,7 @@ impl Cnn1dConfig {
         Ok(Cnn1d {
             convs,
             pool: (self.pool > 1).then(|| MaxPool1dConfig::new(self.pool).init()),
-            fcs: widths
-                .windows(2)
-                .map(|w| LinearConfig::new(w[0], w[1]).init(device))
-                .collect(),
+            fcs: dense(&widths, device),
             input: [channels, length],
             activation: self.activation,
             dropout: self.dropout,
@@ -141,14 +127,7 @@ impl Cnn1d {
             }
         }
         // Global average over time: the head sees what was found, not where.
-        let mut x: Tensor<2> = x.mean_dim(2).flatten(1, 2);
-        let last = self.fcs.len() - 1;
-        for (i, fc) in self.fcs.iter().enumerate() {
-            x = fc.forward(x);
-            if i < last {
-                x = noise.dropout(self.activation.apply(x), self.dropout);
-            }
-        }
-        x
+        let x: Tensor<2> = x.mean_dim(2).flatten(1, 2);
+        dense_forward(&self.fcs, x, self.activation, self.dropout, noise)
     }
 }

@@ -5,11 +5,13 @@
 use burn::config::Config;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
-use burn::nn::{Linear, LinearConfig, PaddingConfig2d};
+use burn::nn::{Linear, PaddingConfig2d};
 use burn::prelude::*;
 
-use super::{Activation, ModelError, ModelIo, Noise, check_dropout, check_sizes};
-use crate::manifest::TaskKind;
+use super::{
+    Activation, ModelError, ModelIo, Noise, check_dropout, check_sizes, dense, dense_forward,
+    not_anomaly,
+};
 
 /// Settings of the `cnn2d` family.
 #[derive(Config, Debug, PartialEq)]
@@ -57,12 +59,7 @@ impl Cnn2dConfig {
                 ),
             ));
         };
-        if io.kind == TaskKind::Anomaly {
-            return Err(ModelError::new(
-                FAMILY,
-                "anomaly detection trains family = \"autoencoder\"",
-            ));
-        }
+        not_anomaly(FAMILY, io)?;
         if self.channels.is_empty() {
             return Err(ModelError::new(
                 FAMILY,
@@ -109,10 +106,7 @@ impl Cnn2dConfig {
         Ok(Cnn2d {
             convs,
             pool: (self.pool > 1).then(|| MaxPool2dConfig::new([self.pool, self.pool]).init()),
-            fcs: widths
-                .windows(2)
-                .map(|p| LinearConfig::new(p[0], p[1]).init(device))
-                .collect(),
+            fcs: dense(&widths, device),
             input: [channels, height, width],
             activation: self.activation,
             dropout: self.dropout,
@@ -131,14 +125,7 @@ impl Cnn2d {
                 x = pool.forward(x);
             }
         }
-        let mut x: Tensor<2> = x.flatten(1, 3);
-        let last = self.fcs.len() - 1;
-        for (i, fc) in self.fcs.iter().enumerate() {
-            x = fc.forward(x);
-            if i < last {
-                x = noise.dropout(self.activation.apply(x), self.dropout);
-            }
-        }
-        x
+        let x: Tensor<2> = x.flatten(1, 3);
+        dense_forward(&self.fcs, x, self.activation, self.dropout, noise)
     }
 }

@@ -2,11 +2,13 @@
 //! image read as one vector). The MNIST 2NN preset is `hidden = [200, 200]`.
 
 use burn::config::Config;
-use burn::nn::{Linear, LinearConfig};
+use burn::nn::Linear;
 use burn::prelude::*;
 
-use super::{Activation, ModelError, ModelIo, Noise, check_dropout, check_sizes};
-use crate::manifest::TaskKind;
+use super::{
+    Activation, ModelError, ModelIo, Noise, check_dropout, check_sizes, dense, dense_forward,
+    not_anomaly,
+};
 
 /// Settings of the `mlp` family.
 #[derive(Config, Debug, PartialEq)]
@@ -33,22 +35,14 @@ pub struct Mlp {
 impl MlpConfig {
     pub fn init(&self, io: &ModelIo, device: &Device) -> Result<Mlp, ModelError> {
         const FAMILY: &str = "mlp";
-        if io.kind == TaskKind::Anomaly {
-            return Err(ModelError::new(
-                FAMILY,
-                "anomaly detection trains family = \"autoencoder\"",
-            ));
-        }
+        not_anomaly(FAMILY, io)?;
         check_sizes(FAMILY, "hidden", &self.hidden)?;
         check_dropout(FAMILY, self.dropout)?;
         let mut widths = vec![io.input_len()];
         widths.extend(&self.hidden);
         widths.push(io.outputs);
         Ok(Mlp {
-            fcs: widths
-                .windows(2)
-                .map(|w| LinearConfig::new(w[0], w[1]).init(device))
-                .collect(),
+            fcs: dense(&widths, device),
             activation: self.activation,
             dropout: self.dropout,
         })
@@ -56,14 +50,7 @@ impl MlpConfig {
 }
 
 impl Mlp {
-    pub fn forward(&self, mut x: Tensor<2>, noise: &mut Noise) -> Tensor<2> {
-        let last = self.fcs.len() - 1;
-        for (i, fc) in self.fcs.iter().enumerate() {
-            x = fc.forward(x);
-            if i < last {
-                x = noise.dropout(self.activation.apply(x), self.dropout);
-            }
-        }
-        x
+    pub fn forward(&self, x: Tensor<2>, noise: &mut Noise) -> Tensor<2> {
+        dense_forward(&self.fcs, x, self.activation, self.dropout, noise)
     }
 }

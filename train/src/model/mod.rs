@@ -12,6 +12,7 @@ mod cnn2d;
 mod mlp;
 mod rnn;
 
+use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
 use burn::store::burn_pack::{Bytes, DType, Tensor as PackTensor};
 use burn::store::{BurnToPyTorchAdapter, ModuleSnapshot, PyTorchToBurnAdapter};
@@ -148,6 +149,56 @@ fn check_sizes(family: &'static str, field: &str, sizes: &[usize]) -> Result<(),
         ));
     }
     Ok(())
+}
+
+/// Families other than the autoencoder serve classification and regression.
+fn not_anomaly(family: &'static str, io: &ModelIo) -> Result<(), ModelError> {
+    if io.kind == TaskKind::Anomaly {
+        return Err(ModelError::new(
+            family,
+            "anomaly detection trains family = \"autoencoder\"",
+        ));
+    }
+    Ok(())
+}
+
+/// The `[channels, length]` of windows, which sequence models need.
+fn windows_of(family: &'static str, io: &ModelIo) -> Result<[usize; 2], ModelError> {
+    match io.input.as_slice() {
+        &[channels, length] => Ok([channels, length]),
+        other => Err(ModelError::new(
+            family,
+            format!(
+                "needs windows [channels, length]; the input is {other:?} (set task.window, or task.shape for arrays)"
+            ),
+        )),
+    }
+}
+
+/// Fully connected layers through `widths`, input side first.
+fn dense(widths: &[usize], device: &Device) -> Vec<Linear> {
+    widths
+        .windows(2)
+        .map(|w| LinearConfig::new(w[0], w[1]).init(device))
+        .collect()
+}
+
+/// `fcs` in turn, with the activation and dropout between them (none after the last).
+fn dense_forward(
+    fcs: &[Linear],
+    mut x: Tensor<2>,
+    activation: Activation,
+    dropout: f64,
+    noise: &mut Noise,
+) -> Tensor<2> {
+    let last = fcs.len().saturating_sub(1);
+    for (i, fc) in fcs.iter().enumerate() {
+        x = fc.forward(x);
+        if i < last {
+            x = noise.dropout(activation.apply(x), dropout);
+        }
+    }
+    x
 }
 
 macro_rules! families {

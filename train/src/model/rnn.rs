@@ -3,14 +3,16 @@
 //! connected head.
 
 use burn::config::Config;
+use burn::nn::Linear;
 use burn::nn::gru::{Gru, GruConfig};
 use burn::nn::lstm::{Lstm, LstmConfig};
-use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::{Activation, ModelError, ModelIo, Noise, check_dropout, check_sizes};
-use crate::manifest::TaskKind;
+use super::{
+    Activation, ModelError, ModelIo, Noise, check_dropout, check_sizes, dense, dense_forward,
+    not_anomaly, windows_of,
+};
 
 /// The recurrent cell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -72,21 +74,8 @@ pub struct Rnn {
 impl RnnConfig {
     pub fn init(&self, io: &ModelIo, device: &Device) -> Result<Rnn, ModelError> {
         const FAMILY: &str = "rnn";
-        let &[channels, length] = io.input.as_slice() else {
-            return Err(ModelError::new(
-                FAMILY,
-                format!(
-                    "needs windows [channels, length]; the input is {:?} (set task.window, or task.shape for arrays)",
-                    io.input
-                ),
-            ));
-        };
-        if io.kind == TaskKind::Anomaly {
-            return Err(ModelError::new(
-                FAMILY,
-                "anomaly detection trains family = \"autoencoder\"",
-            ));
-        }
+        let [channels, length] = windows_of(FAMILY, io)?;
+        not_anomaly(FAMILY, io)?;
         if self.hidden_size.is_empty() {
             return Err(ModelError::new(
                 FAMILY,
@@ -116,10 +105,7 @@ impl RnnConfig {
         widths.push(io.outputs);
         Ok(Rnn {
             rnns,
-            fcs: widths
-                .windows(2)
-                .map(|w| LinearConfig::new(w[0], w[1]).init(device))
-                .collect(),
+            fcs: dense(&widths, device),
             input: [channels, length],
             activation: self.activation,
             dropout: self.dropout,
@@ -137,15 +123,8 @@ impl Rnn {
             x = rnn.forward(x);
         }
         let [_, _, hidden] = x.dims();
-        let mut x: Tensor<2> = x.narrow(1, length - 1, 1).reshape([batch, hidden]);
-        x = noise.dropout(x, self.dropout);
-        let last = self.fcs.len() - 1;
-        for (i, fc) in self.fcs.iter().enumerate() {
-            x = fc.forward(x);
-            if i < last {
-                x = noise.dropout(self.activation.apply(x), self.dropout);
-            }
-        }
-        x
+        let x: Tensor<2> = x.narrow(1, length - 1, 1).reshape([batch, hidden]);
+        let x = noise.dropout(x, self.dropout);
+        dense_forward(&self.fcs, x, self.activation, self.dropout, noise)
     }
 }
