@@ -39,6 +39,33 @@ pub async fn open_data(source: DataSource, device_id: &str) -> anyhow::Result<Ta
         .with_context(|| format!("reading the device's data at {}", path.display()))
 }
 
+/// `pollen-agent --check`: what the agent would run with, or what is wrong with it, without
+/// connecting: the broker options (TLS files read and parsed) and the device's data (read once,
+/// as at start). For deployment tooling to call before (re)starting the service.
+pub async fn check(config: &AgentConfig) -> anyhow::Result<String> {
+    pollen_proto::mqtt::mqtt_options(&config.broker, &config.device_id)
+        .with_context(|| format!("broker {}", redact(&config.broker.url)))?;
+    let client = open_data(config.data.clone(), &config.device_id).await?;
+    let data = match pollen_client::Client::data_schema(&client) {
+        Some(s) if s.example_shape.is_empty() => {
+            format!("{} {} rows x {} columns", s.format, s.rows, s.columns.len())
+        }
+        Some(s) => format!(
+            "{} {} examples of shape {:?}",
+            s.format, s.rows, s.example_shape
+        ),
+        None => "no schema".into(),
+    };
+    Ok(format!(
+        "device {} of fleet {:?} on {}; data {}: {data}; work dir {}",
+        config.device_id,
+        config.fleet,
+        redact(&config.broker.url),
+        config.data.path.display(),
+        config.work_dir.display()
+    ))
+}
+
 /// MQTT mode: serves the proxy's commands until `shutdown`; `metrics` serves the agent's
 /// Prometheus counters.
 pub async fn run_mqtt(

@@ -29,6 +29,11 @@ struct Args {
     /// MQTT mode: print the default config, commented, and exit.
     #[arg(long)]
     print_default_config: bool,
+    /// MQTT mode: check the configuration (file, environment, flags), the broker's TLS files
+    /// and the device's data, print what the agent would run with, and exit; non-zero with the
+    /// reason when something is wrong. Does not connect to the broker.
+    #[arg(long)]
+    check: bool,
     /// MQTT mode: this device's id (overrides the config file and POLLEN_DEVICE_ID).
     #[arg(long)]
     device_id: Option<String>,
@@ -144,6 +149,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
             Ok(())
         }
         (Some(_), None) => anyhow::bail!("--coordinator needs --client-id (or POLLEN_CLIENT_ID)"),
+        (None, None) if args.check => {
+            let config = mqtt_config(&args)?;
+            println!("ok: {}", pollen_agent::check(&config).await?);
+            Ok(())
+        }
         (None, None) => {
             let config = mqtt_config(&args)?;
             pollen_agent::run_mqtt(config, args.metrics, ctrl_c()).await

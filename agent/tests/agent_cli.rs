@@ -131,3 +131,89 @@ fn a_broken_data_file_stops_the_agent_at_start_naming_file_and_line() {
         assert!(stderr.contains(expected), "{stderr}");
     }
 }
+
+/// The config file the Greengrass component's install step writes
+/// (`deploy/greengrass/recipe.yaml`), with the component's variables filled in as Greengrass
+/// would, passes `--check`; with a data file that is not there, the check fails naming it.
+#[test]
+fn the_greengrass_components_config_passes_the_check() {
+    let recipe = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/greengrass/recipe.yaml"
+    ))
+    .expect("recipe");
+    // The heredoc of the install script; YAML strips the block's indentation.
+    let start = recipe.find("<<CONF\n").expect("heredoc") + "<<CONF\n".len();
+    let body = &recipe[start..];
+    let end = body.find("\n          CONF\n").expect("end of heredoc");
+    let template: Vec<&str> = body[..end]
+        .lines()
+        .map(|l| l.strip_prefix("          ").unwrap_or(l))
+        .collect();
+    let template = template.join("\n");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = (dir.path().join("device.pem"), dir.path().join("device.key"));
+    let status = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args(["-subj", "/CN=thing-7", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl runs (Debian: apt-get install openssl)");
+    assert!(status.status.success(), "{status:?}");
+
+    let check = |data: &str| {
+        let config = template
+            .replace("{iot:thingName}", "thing-7")
+            .replace("{work:path}", &dir.path().display().to_string())
+            .replace("{configuration:/Fleet}", "pumps")
+            .replace("{configuration:/Broker}", "mqtts://broker.example:8883")
+            .replace("{configuration:/CaFile}", &cert.display().to_string())
+            .replace("{configuration:/CertFile}", &cert.display().to_string())
+            .replace("{configuration:/KeyFile}", &key.display().to_string())
+            .replace("{configuration:/DataPath}", data);
+        assert!(
+            !config.contains('{'),
+            "a variable the test does not know: {config}"
+        );
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, config).expect("write");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pollen-agent"));
+        for var in [
+            "DEVICE_ID",
+            "FLEET",
+            "BROKER",
+            "WORK_DIR",
+            "DATA",
+            "DATA_DIR",
+            "SHARD",
+        ] {
+            cmd.env_remove(format!("POLLEN_{var}"));
+        }
+        cmd.arg("--config").arg(&path).arg("--check");
+        cmd.output().expect("agent runs")
+    };
+
+    let ok = check(DATA);
+    let stdout = String::from_utf8_lossy(&ok.stdout);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(
+        stdout.contains("ok: device thing-7 of fleet \"pumps\" on mqtts://broker.example:8883")
+            && stdout.contains("mnist 60000 examples of shape [1, 28, 28]"),
+        "{stdout}"
+    );
+
+    let missing = dir.path().join("missing.csv");
+    let bad = check(&missing.display().to_string());
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success());
+    assert!(stderr.contains("missing.csv"), "{stderr}");
+}

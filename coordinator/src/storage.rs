@@ -136,6 +136,15 @@ impl std::fmt::Debug for BlobStore {
     }
 }
 
+/// The SDK's own HTTPS client (hyper + rustls, the platform's trust roots), on ring: the
+/// SDK's default would link a second crypto backend, aws-lc-rs.
+fn https_client() -> aws_sdk_s3::config::SharedHttpClient {
+    use aws_smithy_http_client::tls::{Provider, rustls_provider::CryptoMode};
+    aws_smithy_http_client::Builder::new()
+        .tls_provider(Provider::Rustls(CryptoMode::Ring))
+        .build_https()
+}
+
 fn sdk_message<E: std::error::Error>(e: E) -> String {
     DisplayErrorContext(e).to_string()
 }
@@ -143,16 +152,21 @@ fn sdk_message<E: std::error::Error>(e: E) -> String {
 impl BlobStore {
     /// Builds the S3 client and makes sure the bucket exists.
     pub async fn connect(config: &StoreConfig) -> Result<Self, StoreError> {
+        let http = https_client();
         let mut builder = match &config.credentials {
             Some((key, secret)) => aws_sdk_s3::config::Builder::new()
                 .behavior_version(BehaviorVersion::latest())
                 .credentials_provider(Credentials::new(key, secret, None, None, "pollen-config")),
             None => {
-                let shared = aws_config::defaults(BehaviorVersion::latest()).load().await;
+                let shared = aws_config::defaults(BehaviorVersion::latest())
+                    .http_client(http.clone())
+                    .load()
+                    .await;
                 aws_sdk_s3::config::Builder::from(&shared)
             }
         };
         builder = builder
+            .http_client(http)
             .region(Region::new(config.region.clone()))
             .force_path_style(config.path_style)
             // Flexible checksums would put a checksum of the *empty* body into presigned PUT

@@ -168,8 +168,9 @@ pub fn parse_url(url: &str) -> Result<BrokerAddress, BrokerError> {
 }
 
 /// A TLS client config trusting the CA in `ca_file` (PEM), presenting `client_auth` (PEM
-/// certificate chain and private key) when given. The crypto provider is explicit: rustls has
-/// no process default when, as here, more than one provider is compiled in.
+/// certificate chain and private key) when given. The crypto provider is named (ring, the
+/// workspace's one backend) rather than taken from a process default that an application
+/// embedding Pollen may not have installed.
 fn tls_client_config(
     ca_file: &Path,
     client_auth: Option<(&Path, &Path)>,

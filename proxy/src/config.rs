@@ -104,6 +104,13 @@ impl ProxyConfig {
                 "selection.max_devices is 0; leave it unset for no limit".into(),
             ));
         }
+        if let Some(shard) = &self.selection.shard
+            && shard.index >= shard.count
+        {
+            return Err(ProxyError::Config(format!(
+                "selection.shard {shard}: the index must be below the count"
+            )));
+        }
         pollen_proto::mqtt::parse_url(&self.broker.url)?;
         Ok(())
     }

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ProxyError;
 use crate::mqtt::{StatusUpdate, decode_status};
+use crate::shard::ProxyShard;
 
 /// Agents send a heartbeat every 10 s; a device missing three in a row counts as offline.
 pub const DEFAULT_STALE_AFTER: Duration = Duration::from_secs(30);
@@ -147,6 +148,8 @@ pub struct Selection {
     pub max_devices: Option<usize>,
     /// Only devices whose announced data fits the run's task.
     pub data: Option<DataRequirement>,
+    /// Only the devices this proxy's shard owns, when the fleet is split across proxies.
+    pub shard: Option<ProxyShard>,
 }
 
 impl Selection {
@@ -171,6 +174,15 @@ impl Selection {
             && !list.contains(&record.device_id)
         {
             return Err("is not in the device list".into());
+        }
+        if let Some(shard) = &self.shard
+            && !shard.owns(&record.device_id)
+        {
+            return Err(format!(
+                "belongs to proxy shard {}/{}, not {shard}",
+                ProxyShard::owner(&record.device_id, shard.count),
+                shard.count
+            ));
         }
         match &self.data {
             Some(requirement) => requirement.check(record.data.as_ref()),

@@ -25,6 +25,7 @@
 //! - `bridge`: the per-device task driving a `RequestBook` between the gRPC stream and MQTT.
 //! - `mqtt`: the proxy's MQTT connection and the dispatcher routing replies and statuses.
 //! - `proxy`: [`Proxy::start`] and [`ProxyHandle`]: which devices get a bridge, and shutdown.
+//! - [`shard`]: [`ProxyShard`], which devices of a fleet split across proxies are this one's.
 //! - `stats`: [`ProxyStatsSnapshot`], the proxy's counters.
 //!
 //! [`Command`]: pollen_proto::device::Command
@@ -35,11 +36,13 @@ pub mod config;
 pub mod devices;
 mod mqtt;
 mod proxy;
+pub mod shard;
 mod stats;
 
 pub use config::ProxyConfig;
 pub use devices::{DataRequirement, DataView, DeviceRecord, DeviceRegistry, Selection, discover};
 pub use proxy::{Proxy, ProxyHandle};
+pub use shard::ProxyShard;
 pub use stats::ProxyStatsSnapshot;
 
 /// Why a proxy (or a discovery) could not start.

@@ -158,6 +158,11 @@ fn route(shared: &Arc<Shared>, p: &rumqttc::Publish) {
     }
     match channel {
         "reply" => {
+            // Every proxy of a sharded fleet hears every reply; another shard's device is
+            // that shard's proxy's to count and route.
+            if shared.selection.shard.is_some_and(|s| !s.owns(device)) {
+                return;
+            }
             Stats::bump(&shared.stats.replies_received);
             match decode_reply(&p.topic, device, &p.payload) {
                 Some(reply) => shared.route_reply(device, reply),

@@ -13,10 +13,8 @@
 //! - [`run`]: storage, strategy and driver wiring shared by every command; `pollen run` on a
 //!   real fleet (discover, select, bridge, train).
 //! - [`broker`]: the embedded MQTT broker (rumqttd).
-//! - [`bench`]: `pollen bench`, the whole-system benchmarks.
 //! - `bin/pollen.rs`: the CLI (argument parsing, tracing, output).
 
-pub mod bench;
 pub mod broker;
 pub mod central;
 pub mod data;

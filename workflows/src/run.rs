@@ -335,6 +335,7 @@ pub async fn run_on_fleet(
         min_examples: spec.devices.min_examples,
         max_devices: spec.devices.count,
         data: None,
+        shard: None,
     };
     // Resolve the task against the devices that are up, then keep those whose data fits it.
     let candidates = selection.pick(found.iter().cloned());
@@ -381,6 +382,7 @@ pub async fn run_on_fleet(
                 min_examples: 0,
                 max_devices: None,
                 data: None,
+                shard: None,
             },
             stale_after: options.stale_after,
             keep_alive: Duration::from_secs(30),

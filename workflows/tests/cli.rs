@@ -118,6 +118,25 @@ fn a_bad_config_is_refused_with_the_field_named() {
     );
 }
 
+#[test]
+fn every_run_command_validates_its_overrides() {
+    // Each would start a run (bind ports, wait for devices) if --rounds 0 slipped through.
+    for args in [
+        &["simulate", "--rounds", "0"][..],
+        &["coordinator", "--rounds", "0", "--listen", "127.0.0.1:0"],
+        &["run", "--rounds", "0", "--broker", "mqtt://127.0.0.1:1"],
+        &["simulate", "--clients", "0"],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_pollen"))
+            .args(args)
+            .output()
+            .expect("pollen runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} was accepted: {stderr}");
+        assert!(stderr.contains("invalid run"), "{args:?}: {stderr}");
+    }
+}
+
 /// `pollen coordinator` and `pollen-agent` as separate processes, as the README runs them.
 #[test]
 fn a_coordinator_and_agents_in_separate_processes_complete_a_run() {

@@ -84,13 +84,14 @@ fn start_simulation(runs: &Path) -> (Killed, String) {
 }
 
 async fn get_json(url: &str) -> Value {
-    reqwest::get(url)
+    let body = reqwest::get(url)
         .await
         .and_then(|r| r.error_for_status())
         .unwrap_or_else(|e| panic!("GET {url}: {e}"))
-        .json()
+        .text()
         .await
-        .unwrap_or_else(|e| panic!("GET {url}: not JSON: {e}"))
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {url}: not JSON: {e}: {body}"))
 }
 
 /// Polls `check` every 200 ms until it returns `Some`, failing after `limit` with `what`.
@@ -332,7 +333,8 @@ impl Browser {
         let ws_url = eventually(Duration::from_secs(30), "a page target", || {
             let list = list.clone();
             async move {
-                let targets = reqwest::get(&list).await.ok()?.json::<Value>().await.ok()?;
+                let body = reqwest::get(&list).await.ok()?.text().await.ok()?;
+                let targets: Value = serde_json::from_str(&body).ok()?;
                 targets.as_array()?.iter().find(|t| t["type"] == "page")?["webSocketDebuggerUrl"]
                     .as_str()
                     .map(str::to_string)

@@ -10,7 +10,6 @@ use pollen_coordinator::records::RunRow;
 use pollen_coordinator::{RoundRecord, RunStore, StoreConfig};
 use pollen_proto::mqtt::BrokerConfig;
 use pollen_proxy::{DeviceRecord, Proxy, ProxyConfig, Selection};
-use pollen_workflows::bench;
 use pollen_workflows::run::{DriveOptions, FleetRunOptions, LocalCoordinator, Storage};
 use pollen_workflows::simulate::{SimulateOptions, Transport, simulate};
 use pollen_workflows::spec::RunSpec;
@@ -161,6 +160,11 @@ enum Command {
         min_examples: u64,
         #[arg(long)]
         max_devices: Option<usize>,
+        /// Bridge only this shard of the fleet, INDEX/COUNT (e.g. 0/3): run COUNT proxies with
+        /// indexes 0..COUNT and every device is bridged by exactly one of them (rendezvous
+        /// hashing of device ids). Each needs its own --proxy-id.
+        #[arg(long, value_name = "INDEX/COUNT")]
+        shard: Option<pollen_proxy::ProxyShard>,
         /// Serve the proxy's Prometheus metrics (bridges, devices online, dropped replies,
         /// timeouts) at http://ADDR/metrics.
         #[arg(long, value_name = "ADDR")]
@@ -177,13 +181,6 @@ enum Command {
         wait: std::time::Duration,
         #[arg(long)]
         json: bool,
-    },
-    /// Benchmarks of the whole system (build with --release): aggregation, no-op rounds,
-    /// local training, the default MNIST run. Each prints its workload, the machine and
-    /// min / median / max; --json prints one JSON object.
-    Bench {
-        #[command(subcommand)]
-        bench: BenchCommand,
     },
     /// List the recorded runs, newest first.
     Runs {
@@ -263,6 +260,24 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
     },
+}
+
+/// The spec a run command runs: loaded (or built in), the command line's overrides applied by
+/// `overrides`, then validated. Every run command goes through here, so that no override
+/// skips validation (`--rounds 0` is refused everywhere).
+fn run_spec(
+    config: Option<&PathBuf>,
+    rounds: Option<u64>,
+    overrides: impl FnOnce(&mut RunSpec),
+) -> anyhow::Result<RunSpec> {
+    let mut spec = load_spec(config)?;
+    if let Some(r) = rounds {
+        spec.rounds = r;
+    }
+    overrides(&mut spec);
+    spec.validate()
+        .map_err(|e| anyhow::anyhow!("invalid run: {e}"))?;
+    Ok(spec)
 }
 
 fn load_spec(config: Option<&PathBuf>) -> anyhow::Result<RunSpec> {
@@ -457,222 +472,8 @@ enum DataCommand {
     },
 }
 
-#[derive(Subcommand)]
-enum BenchCommand {
-    /// FedAvg aggregation throughput (GB/s of update bytes folded) and its memory.
-    Aggregate {
-        #[arg(long, value_enum, default_value_t = bench::aggregate::Shape::Cnn)]
-        shape: bench::aggregate::Shape,
-        /// Parameters of --shape flat.
-        #[arg(long, default_value_t = 1_000_000)]
-        params: usize,
-        /// Client updates folded per aggregation.
-        #[arg(long, default_value_t = 100)]
-        updates: usize,
-        #[arg(long, default_value_t = 10)]
-        runs: usize,
-        /// Start each update from its safetensors blob and time digest check + decode +
-        /// fold, as the coordinator does in a round.
-        #[arg(long)]
-        from_wire: bool,
-        #[arg(long)]
-        json: bool,
-    },
-    /// Rounds with no-op clients (they return the model they get): seconds per round, MQTT
-    /// messages per second and peak RSS. Lists of --clients and --params run every
-    /// combination, each in its own process (one JSON object per line with --json).
-    Rounds {
-        #[arg(long, value_delimiter = ',', default_value = "100")]
-        clients: Vec<usize>,
-        #[arg(long, value_delimiter = ',', default_value = "1000000")]
-        params: Vec<usize>,
-        #[arg(long, value_enum, default_value_t = Transport::InProcess)]
-        transport: Transport,
-        /// MQTT broker for the device path (e.g. mqtt://127.0.0.1:1883); embedded when absent.
-        #[arg(long)]
-        broker: Option<String>,
-        /// Timed rounds (after one warm-up round).
-        #[arg(long, default_value_t = 5)]
-        rounds: u64,
-        /// Fraction of the clients sampled each round.
-        #[arg(long, default_value_t = 1.0)]
-        fraction: f64,
-        #[arg(long, default_value = "600s", value_parser = humantime::parse_duration)]
-        round_timeout: std::time::Duration,
-        /// Device path: run every agent as a process of its own (`pollen bench agent`), with
-        /// the coordinator, embedded S3 and proxy in this one, as `pollen run` deploys them.
-        #[arg(long)]
-        agent_processes: bool,
-        #[arg(long)]
-        json: bool,
-    },
-    /// One no-op edge agent (what `bench rounds --agent-processes` starts per device); it
-    /// stops when its stdin closes.
-    #[command(hide = true)]
-    Agent {
-        #[arg(long)]
-        broker: String,
-        #[arg(long)]
-        fleet: String,
-        #[arg(long)]
-        device_id: String,
-    },
-    /// Local training throughput (samples/s) for each model and batch size.
-    Train {
-        #[arg(long, value_delimiter = ',', default_value = "mnist-2nn,mnist-cnn")]
-        models: Vec<String>,
-        #[arg(long, value_delimiter = ',', default_value = "10,64")]
-        batch_sizes: Vec<usize>,
-        /// Images in the local epoch (600 = one of 100 IID clients).
-        #[arg(long, default_value_t = 600)]
-        examples: usize,
-        #[arg(long, default_value_t = 3)]
-        runs: usize,
-        #[arg(long)]
-        json: bool,
-    },
-    /// The default MNIST 2NN simulation: seconds per round and time to 97% test accuracy.
-    Mnist {
-        #[arg(long, value_enum, default_value_t = Transport::Device)]
-        transport: Transport,
-        #[arg(long)]
-        broker: Option<String>,
-        /// Stop after this many rounds if the target is not reached.
-        #[arg(long, default_value_t = 100)]
-        max_rounds: u64,
-        #[arg(long, default_value_t = 0.97)]
-        target: f64,
-        #[arg(long)]
-        json: bool,
-    },
-}
-
-/// Runs one benchmark and prints its report.
-async fn run_bench(which: BenchCommand) -> anyhow::Result<()> {
-    match which {
-        BenchCommand::Aggregate {
-            shape,
-            params,
-            updates,
-            runs,
-            from_wire,
-            json,
-        } => {
-            let options = bench::aggregate::AggregateOptions {
-                shape,
-                params,
-                updates,
-                runs,
-                from_wire,
-            };
-            let report =
-                tokio::task::spawn_blocking(move || bench::aggregate::run(&options)).await??;
-            bench::print_report(&report, &report.human(), json)
-        }
-        BenchCommand::Rounds {
-            clients,
-            params,
-            transport,
-            broker,
-            rounds,
-            fraction,
-            round_timeout,
-            agent_processes,
-            json,
-        } => {
-            if clients.len() * params.len() > 1 {
-                // Each combination in a process of its own, so that its peak RSS is its own.
-                let exe = std::env::current_exe().context("locating the pollen binary")?;
-                for &n in &clients {
-                    for &p in &params {
-                        let mut cmd = std::process::Command::new(&exe);
-                        cmd.args(["bench", "rounds", "--clients", &n.to_string()])
-                            .args(["--params", &p.to_string()])
-                            .args(["--transport", transport.name()])
-                            .args(["--rounds", &rounds.to_string()])
-                            .args(["--fraction", &fraction.to_string()])
-                            .args([
-                                "--round-timeout",
-                                &humantime::format_duration(round_timeout).to_string(),
-                            ]);
-                        if let Some(b) = &broker {
-                            cmd.args(["--broker", b]);
-                        }
-                        if agent_processes {
-                            cmd.arg("--agent-processes");
-                        }
-                        if json {
-                            cmd.arg("--json");
-                        }
-                        let status = cmd.status().context("running a benchmark process")?;
-                        anyhow::ensure!(
-                            status.success(),
-                            "bench rounds --clients {n} --params {p} failed ({status})"
-                        );
-                        if !json {
-                            println!();
-                        }
-                    }
-                }
-                return Ok(());
-            }
-            let options = bench::rounds::RoundsOptions {
-                clients: clients[0],
-                params: params[0],
-                transport,
-                broker: broker.map(BrokerConfig::new),
-                rounds,
-                fraction,
-                round_timeout,
-                agent_processes,
-            };
-            let report = bench::rounds::run(&options).await?;
-            bench::print_report(&report, &report.human(), json)
-        }
-        BenchCommand::Agent {
-            broker,
-            fleet,
-            device_id,
-        } => bench::rounds::run_agent(BrokerConfig::new(broker), fleet, device_id).await,
-        BenchCommand::Train {
-            models,
-            batch_sizes,
-            examples,
-            runs,
-            json,
-        } => {
-            let options = bench::train::TrainOptions {
-                models,
-                batch_sizes,
-                examples,
-                runs,
-                data_dir: RunSpec::default_spec().data_source().path,
-            };
-            let report = tokio::task::spawn_blocking(move || bench::train::run(&options)).await??;
-            bench::print_report(&report, &report.human(), json)
-        }
-        BenchCommand::Mnist {
-            transport,
-            broker,
-            max_rounds,
-            target,
-            json,
-        } => {
-            let options = bench::mnist::MnistOptions {
-                transport,
-                broker: broker.map(BrokerConfig::new),
-                max_rounds,
-                target,
-            };
-            let report = bench::mnist::run(&options).await?;
-            bench::print_report(&report, &report.human(), json)
-        }
-    }
-}
-
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Bench { bench } => run_bench(bench).await?,
         Command::Simulate {
             config,
             rounds,
@@ -686,18 +487,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             dashboard,
             http,
         } => {
-            let mut spec = load_spec(config.as_ref())?;
-            if let Some(r) = rounds {
-                spec.rounds = r;
-            }
-            if let Some(c) = clients {
-                spec.data.clients = Some(c);
-            }
-            if let Some(f) = failure_rate {
-                spec.simulation.failure_rate = f;
-            }
-            spec.validate()
-                .map_err(|e| anyhow::anyhow!("invalid run: {e}"))?;
+            let spec = run_spec(config.as_ref(), rounds, |spec| {
+                if let Some(c) = clients {
+                    spec.data.clients = Some(c);
+                }
+                if let Some(f) = failure_rate {
+                    spec.simulation.failure_rate = f;
+                }
+            })?;
             let (bar, report) = reporter(&spec, json);
             let mut options = SimulateOptions::new(runs_dir);
             options.transport = transport;
@@ -720,10 +517,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             json,
             wait_for_clients,
         } => {
-            let mut spec = load_spec(config.as_ref())?;
-            if let Some(r) = rounds {
-                spec.rounds = r;
-            }
+            let spec = run_spec(config.as_ref(), rounds, |_| {})?;
             let shutdown = shutdown_on_ctrl_c(RUN_INTERRUPTED);
             let storage = if inline_weights {
                 Storage::Inline
@@ -762,6 +556,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             devices,
             min_examples,
             max_devices,
+            shard,
             http,
         } => {
             let shutdown = shutdown_on_ctrl_c("stopping the proxy");
@@ -776,6 +571,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         min_examples,
                         max_devices,
                         data: None,
+                        shard,
                     },
                     stale_after: std::time::Duration::from_secs(30),
                     keep_alive: std::time::Duration::from_secs(30),
@@ -834,7 +630,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             epochs,
             json,
         } => {
-            let spec = load_spec(config.as_ref())?;
+            let spec = run_spec(config.as_ref(), None, |_| {})?;
             let report =
                 tokio::task::spawn_blocking(move || pollen_workflows::central::run(&spec, epochs))
                     .await??;
@@ -996,18 +792,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             dashboard,
             http,
         } => {
-            let mut spec = load_spec(spec_path.as_ref())?;
-            if let Some(f) = fleet {
-                spec.devices.fleet = f;
-            }
-            if devices.is_some() {
-                spec.devices.count = devices;
-            }
-            if let Some(r) = rounds {
-                spec.rounds = r;
-            }
-            spec.validate()
-                .map_err(|e| anyhow::anyhow!("invalid run: {e}"))?;
+            let spec = run_spec(spec_path.as_ref(), rounds, |spec| {
+                if let Some(f) = fleet {
+                    spec.devices.fleet = f;
+                }
+                if devices.is_some() {
+                    spec.devices.count = devices;
+                }
+            })?;
             let options = FleetRunOptions {
                 broker: BrokerConfig::new(broker),
                 storage: storage.storage(&runs_dir),

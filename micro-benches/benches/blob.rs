@@ -1,6 +1,6 @@
 //! Micro-benchmarks of the weight-blob codec at the MNIST CNN's size (1,663,370 f32):
 //! safetensors encoding with its SHA-256, digest verification, and decoding with the
-//! finiteness check. `cargo bench -p pollen-proto`.
+//! finiteness check. `cargo bench --manifest-path micro-benches/Cargo.toml --bench blob`.
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use pollen_proto::blob::verify;

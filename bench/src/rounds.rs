@@ -1,4 +1,4 @@
-//! `pollen bench rounds`: federated rounds with no-op clients, so that what is timed is the
+//! `pollen-bench rounds`: federated rounds with no-op clients, so that what is timed is the
 //! system (fan-out, transport, storage, decoding, aggregation), not training.
 //!
 //! A no-op client answers a fit with the model it was sent, as in Flower's no-op benchmark.
@@ -20,9 +20,9 @@ use serde::Serialize;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use super::{Machine, Stats, header, human_bytes, peak_rss_bytes};
-use crate::run::{LocalCoordinator, Storage};
-use crate::simulate::{AgentProcess, FleetOptions, SimulatedFleet, Transport};
+use crate::{Machine, Stats, header, human_bytes, peak_rss_bytes};
+use pollen_workflows::run::{LocalCoordinator, Storage};
+use pollen_workflows::simulate::{AgentProcess, FleetOptions, SimulatedFleet, Transport};
 
 #[derive(Debug, Clone)]
 pub struct RoundsOptions {
@@ -35,7 +35,7 @@ pub struct RoundsOptions {
     pub rounds: u64,
     pub fraction: f64,
     pub round_timeout: Duration,
-    /// Device path: every agent in a process of its own (`pollen bench agent`), the
+    /// Device path: every agent in a process of its own (`pollen-bench agent`), the
     /// coordinator, embedded S3 and proxy in this one, as `pollen run` deploys them.
     pub agent_processes: bool,
 }
@@ -165,8 +165,8 @@ pub async fn run(options: &RoundsOptions) -> anyhow::Result<RoundsReport> {
             agent_process: match options.agent_processes {
                 false => None,
                 true => Some(AgentProcess {
-                    program: std::env::current_exe().context("locating the pollen binary")?,
-                    args: vec!["bench".into(), "agent".into()],
+                    program: std::env::current_exe().context("locating the pollen-bench binary")?,
+                    args: vec!["agent".into()],
                 }),
             },
         },
@@ -332,7 +332,7 @@ impl RoundsReport {
     }
 }
 
-/// `pollen bench agent`: one no-op edge agent, for `bench rounds --agent-processes`. It
+/// `pollen-bench agent`: one no-op edge agent, for `bench rounds --agent-processes`. It
 /// stops (publishing its offline status) when its stdin closes or on Ctrl-C.
 pub async fn run_agent(
     broker: BrokerConfig,

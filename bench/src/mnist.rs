@@ -10,9 +10,9 @@ use pollen_proto::mqtt::BrokerConfig;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use super::{Machine, Stats, header, human_bytes, peak_rss_bytes};
-use crate::simulate::{SimulateOptions, Transport, simulate};
-use crate::spec::RunSpec;
+use crate::{Machine, Stats, header, human_bytes, peak_rss_bytes};
+use pollen_workflows::simulate::{SimulateOptions, Transport, simulate};
+use pollen_workflows::spec::RunSpec;
 
 #[derive(Debug, Clone)]
 pub struct MnistOptions {

@@ -10,8 +10,8 @@ use pollen_train::data::arrays::{MnistSplit, read_mnist};
 use pollen_train::{ModelSpec, Task, TrainSpec};
 use serde::Serialize;
 
-use super::{Machine, Stats, header};
-use crate::spec::RunSpec;
+use crate::{Machine, Stats, header};
+use pollen_workflows::spec::RunSpec;
 
 #[derive(Debug, Clone)]
 pub struct TrainOptions {
@@ -61,7 +61,7 @@ pub fn run(options: &TrainOptions) -> anyhow::Result<TrainReport> {
     for name in &options.models {
         let mut spec = RunSpec::default_spec();
         spec.model = ModelSpec::preset(name).with_context(|| format!("unknown model {name:?}"))?;
-        let task = Task::new(crate::task::resolve_with_data(&spec, &raw)?)?;
+        let task = Task::new(pollen_workflows::task::resolve_with_data(&spec, &raw)?)?;
         let data = task.prepare(&raw)?;
         let global = task.initial_parameters()?;
         for &batch_size in &options.batch_sizes {

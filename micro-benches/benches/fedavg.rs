@@ -1,6 +1,7 @@
 //! Micro-benchmark of FedAvg's streaming fold: one client update of the MNIST CNN's shapes
 //! (1,663,370 parameters) added into the running weighted sum, and the final scaling.
-//! `cargo bench -p pollen-coordinator`; whole-system numbers: `pollen bench aggregate`.
+//! `cargo bench --manifest-path micro-benches/Cargo.toml --bench fedavg`; whole-system numbers:
+//! `pollen-bench aggregate`.
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use pollen_coordinator::FedAvg;

@@ -1,5 +1,6 @@
-//! `pollen bench`: whole-system benchmarks, each printing its workload, the machine and
-//! min / median / max over several runs (or one JSON object with `--json`).
+//! `pollen-bench`: whole-system benchmarks, each printing its workload, the machine and
+//! min / median / max over several runs (or one JSON object with `--json`). They live apart
+//! from the product's `pollen` binary, which neither builds nor ships them.
 //!
 //! - [`aggregate`]: FedAvg folding throughput (GB/s of update bytes) and its memory.
 //! - [`rounds`]: rounds with no-op clients over direct gRPC or the whole device path (proxy,
@@ -7,9 +8,9 @@
 //! - [`train`]: local training throughput (samples/s) of the models.
 //! - [`mnist`]: the default MNIST 2NN simulation: seconds per round and wall time to 97%.
 //!
-//! Numbers are only meaningful from a release build (`cargo run --release ...`); the output
-//! says which build produced it. Micro-benchmarks of single functions are criterion benches
-//! (`cargo bench`).
+//! Numbers are only meaningful from a release build (`cargo run --release --bin pollen-bench`);
+//! the output says which build produced it. Micro-benchmarks of single functions are criterion
+//! benches in `micro-benches/`.
 
 pub mod aggregate;
 pub mod mnist;
@@ -154,6 +155,14 @@ fn self_status(field: &str) -> Option<u64> {
     proc_kib(&std::fs::read_to_string("/proc/self/status").ok()?, field)
 }
 
+/// Current and peak resident set size from one read of `/proc/self/status`. Two separate reads
+/// race with the process's other threads (the RSS can grow past the peak read a moment before);
+/// within one read the kernel reports the peak as at least the current RSS.
+pub fn rss_and_peak_bytes() -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string("/proc/self/status").ok()?;
+    Some((proc_kib(&text, "VmRSS:")?, proc_kib(&text, "VmHWM:")?))
+}
+
 /// Resets the peak RSS to the current RSS (Linux `clear_refs` 5), so that a measurement's peak
 /// does not include what set-up used and freed. Returns whether it worked.
 pub fn reset_peak_rss() -> bool {
@@ -215,8 +224,9 @@ mod tests {
         assert!(m.cores >= 1);
         if std::path::Path::new("/proc/self/status").exists() {
             assert!(m.memory_bytes > 0);
-            let peak = peak_rss_bytes().expect("VmHWM");
-            let now = rss_bytes().expect("VmRSS");
+            assert!(peak_rss_bytes().expect("VmHWM") > 0);
+            assert!(rss_bytes().expect("VmRSS") > 0);
+            let (now, peak) = rss_and_peak_bytes().expect("VmRSS and VmHWM");
             assert!(peak >= now && now > 0, "peak {peak} < current {now}");
         }
     }

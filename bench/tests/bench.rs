@@ -1,20 +1,19 @@
-//! Smoke runs of every `pollen bench` on tiny workloads: each finishes, prints one JSON object
+//! Smoke runs of every `pollen-bench` command on tiny workloads: each finishes, prints one JSON object
 //! with the documented fields, and its figures are consistent. Nothing here asserts a speed:
 //! benchmark numbers come from `docs/BENCHMARKS.md`'s commands on a quiet machine.
 
 use std::process::Command;
 
 fn bench(args: &[&str]) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_pollen"))
-        .arg("bench")
+    let out = Command::new(env!("CARGO_BIN_EXE_pollen-bench"))
         .args(args)
         .arg("--json")
         .output()
-        .expect("pollen runs");
+        .expect("pollen-bench runs");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
-        "pollen bench {args:?} failed: {stderr}"
+        "pollen-bench {args:?} failed: {stderr}"
     );
     let stdout = String::from_utf8(out.stdout).expect("utf-8");
     let lines: Vec<&str> = stdout.lines().collect();

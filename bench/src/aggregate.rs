@@ -21,7 +21,7 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::Serialize;
 
-use super::{Machine, Stats, header, human_bytes, peak_rss_bytes, reset_peak_rss, rss_bytes};
+use crate::{Machine, Stats, header, human_bytes, peak_rss_bytes, reset_peak_rss, rss_bytes};
 
 /// The model whose updates are folded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
