@@ -13,10 +13,12 @@
 //! - [`run`]: storage, strategy and driver wiring shared by every command; `pollen run` on a
 //!   real fleet (discover, select, bridge, train).
 //! - [`broker`]: the embedded MQTT broker (rumqttd).
-//! - `bin/pollen.rs`: the CLI (argument parsing, tracing, output).
+//! - [`cli`]: what the binaries' `main` does around a command (tracing, runtime, errors).
+//! - `bin/pollen.rs`: the CLI (argument parsing, output).
 
 pub mod broker;
 pub mod central;
+pub mod cli;
 pub mod data;
 pub mod run;
 pub mod shares;

@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use pollen_coordinator::http::{HttpServer, HttpSources, serve_http};
 use pollen_coordinator::records::RunHandle;
 use pollen_coordinator::registry::Registry;
 use pollen_coordinator::server::FleetServer;
@@ -21,6 +20,7 @@ use pollen_coordinator::{
     BlobStore, DriverConfig, FedAvg, Metrics, RoundDriver, RoundRecord, RunStore, RunSummary,
     StoreConfig,
 };
+use pollen_dashboard::{HttpServer, HttpSources, serve_http};
 use pollen_proto::mqtt::BrokerConfig;
 use pollen_proxy::{DeviceRecord, Proxy, ProxyConfig, Selection};
 use pollen_train::TaskManifest;

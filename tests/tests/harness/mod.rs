@@ -10,13 +10,13 @@ use std::time::Duration;
 
 use pollen_client::agent::{Agent, AgentOptions};
 use pollen_client::{Client, ClientError, ClientEvaluate, ClientFit, Work};
-use pollen_coordinator::http::{HttpSources, serve_http};
 use pollen_coordinator::server::{FleetServer, serve};
 use pollen_coordinator::storage::embedded::EmbeddedS3;
 use pollen_coordinator::strategy::Evaluation;
 use pollen_coordinator::{
     BlobStore, DriverConfig, FedAvg, FedAvgConfig, Metrics, RoundDriver, RunSummary,
 };
+use pollen_dashboard::{HttpSources, serve_http};
 use pollen_proto::mqtt::BrokerConfig;
 use pollen_proto::scalar::ScalarMap;
 use pollen_proto::{NamedTensor, Parameters};

@@ -655,11 +655,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dashboard { runs_dir, listen } => {
             let runs = open_records(&runs_dir)?;
             let shutdown = shutdown_on_ctrl_c("stopping the dashboard");
-            let sources = pollen_coordinator::http::HttpSources {
+            let sources = pollen_dashboard::HttpSources {
                 runs: Some(runs),
                 ..Default::default()
             };
-            let server = pollen_coordinator::http::serve_http(listen, sources, shutdown)
+            let server = pollen_dashboard::serve_http(listen, sources, shutdown)
                 .await
                 .with_context(|| format!("serving the dashboard on {listen}"))?;
             eprintln!(
@@ -831,26 +831,5 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,rumqttd=off")),
-        )
-        .init();
-    let cli = Cli::parse();
-    let rt = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    match rt.block_on(run(cli)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    pollen_workflows::cli::main(run(Cli::parse()))
 }

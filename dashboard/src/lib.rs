@@ -1,4 +1,5 @@
-//! The coordinator's HTTP endpoint: the web dashboard at `/`, its JSON API under `/api/`, live
+//! pollen-dashboard: the coordinator's HTTP endpoint, apart from the FL core so that embedding
+//! the coordinator pulls in no web server: the web dashboard at `/`, its JSON API under `/api/`, live
 //! events at `/api/events` (server-sent events), Prometheus metrics at `/metrics` and liveness
 //! at `/healthz`.
 //!
@@ -25,9 +26,9 @@ use serde::Serialize;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::{LiveEvent, Metrics};
-use crate::records::{RoundRecord, RunOverview, RunStore};
-use crate::registry::Registry;
+use pollen_coordinator::metrics::{LiveEvent, Metrics};
+use pollen_coordinator::records::{RoundRecord, RunOverview, RunStore};
+use pollen_coordinator::registry::Registry;
 
 const DASHBOARD: &str = include_str!("dashboard.html");
 
@@ -98,7 +99,9 @@ fn internal(e: impl std::fmt::Display) -> ApiError {
 /// Runs a records query off the async workers (SQLite calls block).
 async fn records<T: Send + 'static>(
     s: &HttpSources,
-    query: impl FnOnce(&RunStore) -> Result<T, crate::records::RecordError> + Send + 'static,
+    query: impl FnOnce(&RunStore) -> Result<T, pollen_coordinator::records::RecordError>
+    + Send
+    + 'static,
 ) -> Result<T, ApiError> {
     let Some(runs) = s.runs.clone() else {
         return Err(ApiError(
@@ -361,8 +364,8 @@ impl EventSources {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::counters::Counters;
-    use crate::records::{FailureRecord, RoundStatus};
+    use pollen_coordinator::counters::Counters;
+    use pollen_coordinator::records::{FailureRecord, RoundStatus};
 
     fn round(n: u64, participants: &[&str], failures: &[(&str, &str)]) -> RoundRecord {
         RoundRecord {
@@ -428,7 +431,7 @@ mod tests {
     async fn live_devices_carry_their_connection_and_status() {
         let registry = Registry::new(Arc::new(Counters::default()));
         let (tx, _rx) = tokio::sync::mpsc::channel(4);
-        let info = |id: &str| crate::strategy::ClientInfo {
+        let info = |id: &str| pollen_coordinator::strategy::ClientInfo {
             id: id.into(),
             num_examples: 600,
             agent_version: "0.1.0".into(),
