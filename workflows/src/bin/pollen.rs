@@ -79,12 +79,8 @@ enum Command {
     /// the device path (proxy, embedded MQTT broker, embedded S3); --transport grpc uses direct
     /// gRPC clients, --transport in-process joins them to the coordinator in memory. Without --config: MNIST 2NN, 100 IID clients, C=0.1, E=1, B=10, lr=0.1.
     Simulate {
-        /// Run spec (TOML); defaults to the built-in workflows/mnist-2nn.toml.
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Override the spec's number of rounds.
-        #[arg(long)]
-        rounds: Option<u64>,
+        #[command(flatten)]
+        spec: SpecArgs,
         /// Override the spec's number of clients.
         #[arg(long)]
         clients: Option<usize>,
@@ -116,8 +112,8 @@ enum Command {
     /// Serve the Fleet gRPC API and run a spec's rounds with the clients that connect:
     /// `pollen proxy` bridges for MQTT devices, or direct `pollen-agent --coordinator` clients.
     Coordinator {
-        #[arg(long)]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        spec: SpecArgs,
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:50051")]
         listen: SocketAddr,
@@ -125,8 +121,6 @@ enum Command {
         /// a free port. The URL is printed at start.
         #[arg(long, default_value = "127.0.0.1:0")]
         http: SocketAddr,
-        #[arg(long)]
-        rounds: Option<u64>,
         #[arg(long, default_value = "runs")]
         runs_dir: PathBuf,
         #[command(flatten)]
@@ -240,9 +234,8 @@ enum Command {
     /// The centralized baseline of a simulation spec: the same model trained on the union of
     /// the simulated devices' training data, evaluated as the federated run is.
     Central {
-        /// Run spec (TOML); the built-in MNIST 2NN spec when absent.
-        #[arg(long)]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        spec: SpecArgs,
         /// Passes over the data [default: rounds x local_epochs x fraction_fit, the federated
         /// run's].
         #[arg(long)]
@@ -260,6 +253,24 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
     },
+}
+
+/// The run spec every run command takes, and the override they share.
+#[derive(Args, Clone)]
+struct SpecArgs {
+    /// Run spec (TOML); the built-in MNIST 2NN spec (workflows/mnist-2nn.toml) when absent.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Override the spec's number of rounds.
+    #[arg(long)]
+    rounds: Option<u64>,
+}
+
+impl SpecArgs {
+    /// The spec with these and the command's own `overrides` applied, validated.
+    fn load(&self, overrides: impl FnOnce(&mut RunSpec)) -> anyhow::Result<RunSpec> {
+        run_spec(self.config.as_ref(), self.rounds, overrides)
+    }
 }
 
 /// The spec a run command runs: loaded (or built in), the command line's overrides applied by
@@ -475,8 +486,7 @@ enum DataCommand {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Simulate {
-            config,
-            rounds,
+            spec,
             clients,
             failure_rate,
             transport,
@@ -487,7 +497,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             dashboard,
             http,
         } => {
-            let spec = run_spec(config.as_ref(), rounds, |spec| {
+            let spec = spec.load(|spec| {
                 if let Some(c) = clients {
                     spec.data.clients = Some(c);
                 }
@@ -507,17 +517,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print_summary(&sim.run_id, &sim.run_dir, &sim.summary.rounds);
         }
         Command::Coordinator {
-            config,
+            spec,
             listen,
             http,
-            rounds,
             runs_dir,
             storage,
             inline_weights,
             json,
             wait_for_clients,
         } => {
-            let spec = run_spec(config.as_ref(), rounds, |_| {})?;
+            let spec = spec.load(|_| {})?;
             let shutdown = shutdown_on_ctrl_c(RUN_INTERRUPTED);
             let storage = if inline_weights {
                 Storage::Inline
@@ -625,12 +634,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         },
-        Command::Central {
-            config,
-            epochs,
-            json,
-        } => {
-            let spec = run_spec(config.as_ref(), None, |_| {})?;
+        Command::Central { spec, epochs, json } => {
+            let spec = spec.load(|_| {})?;
             let report =
                 tokio::task::spawn_blocking(move || pollen_workflows::central::run(&spec, epochs))
                     .await??;
