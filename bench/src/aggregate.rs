@@ -1,4 +1,4 @@
-//! `pollen bench aggregate`: how fast the coordinator folds client updates into FedAvg's
+//! `pollen-bench aggregate`: how fast the coordinator folds client updates into FedAvg's
 //! weighted sum, in GB/s of update bytes, and how much memory aggregation itself takes.
 //!
 //! The workload is Flower's: `updates` distinct client models, all in memory, averaged with

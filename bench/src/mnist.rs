@@ -1,4 +1,4 @@
-//! `pollen bench mnist`: the default run (`pollen simulate` without a spec: MNIST 2NN, 100
+//! `pollen-bench mnist`: the default run (`pollen simulate` without a spec: MNIST 2NN, 100
 //! IID clients, C=0.1, E=1, B=10, lr 0.1), timed per round and until the global model first
 //! reaches the target test accuracy (McMahan et al.'s 97%). The run stops at the target.
 

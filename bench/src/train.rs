@@ -1,4 +1,4 @@
-//! `pollen bench train`: local training throughput (samples/s) of one client, for each model
+//! `pollen-bench train`: local training throughput (samples/s) of one client, for each model
 //! and batch size asked for: one local epoch over `examples` MNIST images, as a device does
 //! for a fit command (weights imported, trained, exported).
 
