@@ -1,6 +1,7 @@
 # Pollen images: `pollen` (coordinator, proxy, CLI, simulations, and the agent for simulated
-# fleets; ships data/mnist for the demo) and `pollen-agent` (the edge agent alone). Multi-stage: the Rust toolchain stays in the build
-# stage; the runtime stages are Debian slim with CA certificates and one binary each.
+# fleets; ships data/mnist for the demo) and `pollen-agent` (the edge agent alone).
+# Multi-stage: the Rust toolchain stays in the build stage; the runtime stages are Debian slim
+# with CA certificates, a system user and Pollen's binaries.
 #
 #   docker build --target pollen -t pollen .
 #   docker build --target pollen-agent -t pollen-agent .
@@ -10,20 +11,11 @@
 
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
-# Manifests first, so that a code change does not refetch the crates.
-COPY Cargo.toml Cargo.lock ./
-COPY proto/Cargo.toml proto/
-COPY coordinator/Cargo.toml coordinator/
-COPY client/Cargo.toml client/
-COPY train/Cargo.toml train/
-COPY agent/Cargo.toml agent/
-COPY proxy/Cargo.toml proxy/
-COPY workflows/Cargo.toml workflows/
-COPY bench/Cargo.toml bench/
-COPY tests/Cargo.toml tests/
-RUN cargo fetch --locked
 COPY . .
-RUN --mount=type=cache,target=/src/target \
+# Crates and build outputs in BuildKit caches: a code change refetches nothing and rebuilds
+# only what changed.
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
     cargo build --release --locked --bin pollen --bin pollen-agent \
     && install -d /out && install -m 0755 target/release/pollen target/release/pollen-agent /out/
 
