@@ -381,7 +381,10 @@ mod tests {
         let e = AgentConfig::from_toml("[data]\nshard = \"5/3\"", "agent.toml")
             .expect_err("shard")
             .to_string();
-        assert!(e.contains("5/3: INDEX must be below COUNT"), "{e}");
+        assert!(
+            e.contains("\"5/3\": the index must be below the count"),
+            "{e}"
+        );
         let e = AgentConfig::from_toml("keep_alive = 30", "agent.toml")
             .expect_err("bare integer")
             .to_string();

@@ -14,7 +14,7 @@ fn a_shard_outside_the_fleet_is_refused() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("--shard 5/3: INDEX must be below COUNT"),
+        stderr.contains("--shard \"5/3\": the index must be below the count"),
         "{stderr}"
     );
 }

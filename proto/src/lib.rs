@@ -8,6 +8,8 @@
 //! - [`topics`]: the MQTT topic scheme.
 //! - [`blob`]: the weight-blob format (safetensors of named f32 tensors + SHA-256) and
 //!   [`blob::Parameters`], the model-agnostic weights every component exchanges.
+//! - [`part`]: [`Part`], one of `count` parts written `INDEX/COUNT` (data shares, proxy
+//!   shards).
 //! - [`scalar`]: conversions between wire [`fleet::Scalar`] maps and Rust values.
 //! - [`stats`]: per-channel moments as devices accumulate and coordinators combine them
 //!   (federated statistics).
@@ -19,6 +21,7 @@
 pub mod blob;
 #[cfg(feature = "mqtt")]
 pub mod mqtt;
+pub mod part;
 pub mod prometheus;
 pub mod scalar;
 pub mod stats;
@@ -63,6 +66,7 @@ pub mod limits {
 }
 
 pub use blob::{BlobError, NamedTensor, Parameters, TensorSpec};
+pub use part::Part;
 
 /// `at` in Unix milliseconds (0 before 1970). Deadlines and timestamps on the wire are
 /// wall-clock Unix milliseconds, so every component converts the same way.

@@ -176,11 +176,11 @@ impl Selection {
             return Err("is not in the device list".into());
         }
         if let Some(shard) = &self.shard
-            && !shard.owns(&record.device_id)
+            && !crate::shard::owns(*shard, &record.device_id)
         {
             return Err(format!(
                 "belongs to proxy shard {}/{}, not {shard}",
-                ProxyShard::owner(&record.device_id, shard.count),
+                crate::shard::owner(&record.device_id, shard.count),
                 shard.count
             ));
         }

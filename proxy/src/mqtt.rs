@@ -160,7 +160,11 @@ fn route(shared: &Arc<Shared>, p: &rumqttc::Publish) {
         "reply" => {
             // Every proxy of a sharded fleet hears every reply; another shard's device is
             // that shard's proxy's to count and route.
-            if shared.selection.shard.is_some_and(|s| !s.owns(device)) {
+            if shared
+                .selection
+                .shard
+                .is_some_and(|s| !crate::shard::owns(s, device))
+            {
                 return;
             }
             Stats::bump(&shared.stats.replies_received);

@@ -4,31 +4,19 @@
 //! the devices of the added or removed shard when `n` changes. The hash is FNV-1a, fixed by
 //! this file, so that every proxy build agrees on it (std's hasher is randomly keyed).
 
-use std::fmt;
-use std::str::FromStr;
+/// Shard `index` of `count`, written `INDEX/COUNT` (`pollen proxy --shard 0/3`).
+pub type ProxyShard = pollen_proto::Part;
 
-use serde::{Deserialize, Serialize};
-
-/// Shard `index` of `count` (`index < count`), written `INDEX/COUNT`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct ProxyShard {
-    pub index: u32,
-    pub count: u32,
+/// The shard that owns `device_id` among `count` shards.
+pub fn owner(device_id: &str, count: u32) -> u32 {
+    (0..count)
+        .max_by_key(|&shard| (weight(device_id, shard), shard))
+        .unwrap_or(0)
 }
 
-impl ProxyShard {
-    /// The shard that owns `device_id` among `count` shards.
-    pub fn owner(device_id: &str, count: u32) -> u32 {
-        (0..count)
-            .max_by_key(|&shard| (weight(device_id, shard), shard))
-            .unwrap_or(0)
-    }
-
-    /// Whether this shard bridges `device_id`.
-    pub fn owns(&self, device_id: &str) -> bool {
-        Self::owner(device_id, self.count) == self.index
-    }
+/// Whether `shard` bridges `device_id`.
+pub fn owns(shard: ProxyShard, device_id: &str) -> bool {
+    owner(device_id, shard.count) == shard.index
 }
 
 /// FNV-1a over the device id and the shard number, finished with a 64-bit mix (splitmix64's)
@@ -44,49 +32,6 @@ fn weight(device_id: &str, shard: u32) -> u64 {
     h ^= h >> 27;
     h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
     h ^ (h >> 31)
-}
-
-impl FromStr for ProxyShard {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (i, n) = s
-            .split_once('/')
-            .ok_or_else(|| format!("{s:?} is not INDEX/COUNT (e.g. 0/3)"))?;
-        let index: u32 = i
-            .trim()
-            .parse()
-            .map_err(|_| format!("{s:?}: index {i:?} is not a whole number"))?;
-        let count: u32 = n
-            .trim()
-            .parse()
-            .map_err(|_| format!("{s:?}: count {n:?} is not a whole number"))?;
-        if count == 0 || index >= count {
-            return Err(format!(
-                "{s:?}: the index must be below the count (0/{count}..)"
-            ));
-        }
-        Ok(Self { index, count })
-    }
-}
-
-impl TryFrom<String> for ProxyShard {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
-        s.parse()
-    }
-}
-
-impl From<ProxyShard> for String {
-    fn from(s: ProxyShard) -> String {
-        s.to_string()
-    }
-}
-
-impl fmt::Display for ProxyShard {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.index, self.count)
-    }
 }
 
 #[cfg(test)]
@@ -105,7 +50,7 @@ mod tests {
         for d in &devices {
             let owners: Vec<u32> = shards
                 .iter()
-                .filter(|s| s.owns(d))
+                .filter(|s| owns(**s, d))
                 .map(|s| s.index)
                 .collect();
             assert_eq!(owners.len(), 1, "{d}: {owners:?}");
@@ -123,8 +68,8 @@ mod tests {
         let devices = ids(2000);
         let mut moved = 0;
         for d in &devices {
-            let before = ProxyShard::owner(d, 4);
-            let after = ProxyShard::owner(d, 5);
+            let before = owner(d, 4);
+            let after = owner(d, 5);
             if before != after {
                 assert_eq!(after, 4, "{d} moved from {before} to an old shard {after}");
                 moved += 1;
@@ -132,16 +77,5 @@ mod tests {
         }
         // A fifth of the fleet in expectation.
         assert!((300..=500).contains(&moved), "{moved} moved");
-    }
-
-    #[test]
-    fn shards_parse_print_and_reject_nonsense() {
-        let s: ProxyShard = "2/5".parse().expect("valid");
-        assert_eq!((s.index, s.count, s.to_string()), (2, 5, "2/5".to_string()));
-        for bad in ["5/5", "1/0", "x/3", "3", "-1/3"] {
-            let e = bad.parse::<ProxyShard>().expect_err(bad);
-            assert!(e.contains(bad), "{e}");
-        }
-        assert_eq!(ProxyShard::owner("anything", 1), 0);
     }
 }

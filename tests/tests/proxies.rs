@@ -8,7 +8,6 @@ mod harness;
 use std::time::Duration;
 
 use harness::{Behaviour, Harness, TestClient, all_of, model, mosquitto, values};
-use pollen_proxy::ProxyShard;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fleet_split_across_proxies_bridges_every_device_exactly_once() {
@@ -17,7 +16,7 @@ async fn a_fleet_split_across_proxies_bridges_every_device_exactly_once() {
     let ids: Vec<String> = (0..8).map(|i| format!("gw-{i}")).collect();
     let mut owned = [0u64; SHARDS as usize];
     for id in &ids {
-        owned[ProxyShard::owner(id, SHARDS) as usize] += 1;
+        owned[pollen_proxy::shard::owner(id, SHARDS) as usize] += 1;
     }
     // Eight ids over three shards: a test that silently left a shard empty would prove little.
     assert!(owned.iter().all(|&n| n > 0), "{owned:?}");

@@ -13,8 +13,9 @@
 //! - [`run`]: storage, strategy and driver wiring shared by every command; `pollen run` on a
 //!   real fleet (discover, select, bridge, train).
 //! - [`broker`]: the embedded MQTT broker (rumqttd).
-//! - [`cli`]: what the binaries' `main` does around a command (tracing, runtime, errors).
-//! - `bin/pollen.rs`: the CLI (argument parsing, output).
+//! - [`cli`]: the `pollen` commands (arguments, handlers, output) and what the binaries'
+//!   `main` does around a command (tracing, runtime, errors).
+//! - `bin/pollen.rs`: the `pollen` CLI's parsing and dispatch.
 
 pub mod broker;
 pub mod central;

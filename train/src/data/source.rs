@@ -2,7 +2,6 @@
 //! for simulation and server-side evaluation).
 
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
@@ -48,55 +47,7 @@ impl Format {
 }
 
 /// An IID share of a data set: the `index`-th of `count` equal parts, written `INDEX/COUNT`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct Shard {
-    pub index: usize,
-    pub count: usize,
-}
-
-impl FromStr for Shard {
-    type Err = String;
-
-    /// Errors read well after the name of what was parsed: `--shard 5/3: INDEX must be below
-    /// COUNT`.
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (index, count) = s
-            .split_once('/')
-            .ok_or_else(|| format!("{s:?} must look like INDEX/COUNT, e.g. 3/10"))?;
-        let index: usize = index
-            .trim()
-            .parse()
-            .map_err(|e| format!("{s}: index {index:?}: {e}"))?;
-        let count: usize = count
-            .trim()
-            .parse()
-            .map_err(|e| format!("{s}: count {count:?}: {e}"))?;
-        if count == 0 || index >= count {
-            return Err(format!("{s}: INDEX must be below COUNT"));
-        }
-        Ok(Shard { index, count })
-    }
-}
-
-impl TryFrom<String> for Shard {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
-        s.parse()
-    }
-}
-
-impl From<Shard> for String {
-    fn from(s: Shard) -> String {
-        s.to_string()
-    }
-}
-
-impl std::fmt::Display for Shard {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.index, self.count)
-    }
-}
+pub type Shard = pollen_proto::Part;
 
 /// A device's local data.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -170,8 +121,8 @@ impl DataSource {
                 Ok(Raw::Arrays(match self.shard {
                     None => arrays,
                     Some(shard) => {
-                        let mut rows = iid_split(arrays.len(), shard.count, self.seed)
-                            .swap_remove(shard.index);
+                        let mut rows = iid_split(arrays.len(), shard.count as usize, self.seed)
+                            .swap_remove(shard.index as usize);
                         rows.sort_unstable();
                         arrays.select(&rows)
                     }
@@ -183,8 +134,8 @@ impl DataSource {
                     Some(shard) => {
                         let labels = super::arrays::mnist_labels(&self.path, split)?;
                         Some(
-                            iid_split(labels.len(), shard.count, self.seed)
-                                .swap_remove(shard.index),
+                            iid_split(labels.len(), shard.count as usize, self.seed)
+                                .swap_remove(shard.index as usize),
                         )
                     }
                 };
@@ -197,15 +148,6 @@ impl DataSource {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn shards_parse_and_print_as_index_over_count() {
-        assert_eq!("2/5".parse::<Shard>(), Ok(Shard { index: 2, count: 5 }));
-        assert_eq!(Shard { index: 2, count: 5 }.to_string(), "2/5");
-        assert!("5/5".parse::<Shard>().is_err());
-        assert!("0/0".parse::<Shard>().is_err());
-        assert!("three".parse::<Shard>().is_err());
-    }
 
     #[test]
     fn formats_are_guessed_from_names() {

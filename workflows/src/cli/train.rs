@@ -1,0 +1,321 @@
+//! The commands that train: `pollen simulate`, `pollen coordinator`, `pollen run` and
+//! `pollen central`, with the spec and storage arguments they share.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use pollen_coordinator::StoreConfig;
+use pollen_proto::mqtt::BrokerConfig;
+
+use super::report::{print_devices, print_summary, reporter, show_metric};
+use super::{RUN_INTERRUPTED, shutdown_on_ctrl_c};
+use crate::run::{DriveOptions, FleetRunOptions, LocalCoordinator, Storage};
+use crate::simulate::{SimulateOptions, Transport};
+use crate::spec::RunSpec;
+
+/// The run spec every run command takes, and the override they share.
+#[derive(Args, Clone, Debug)]
+pub struct SpecArgs {
+    /// Run spec (TOML); the built-in MNIST 2NN spec (workflows/mnist-2nn.toml) when absent.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Override the spec's number of rounds.
+    #[arg(long)]
+    pub rounds: Option<u64>,
+}
+
+impl SpecArgs {
+    /// The spec with these and the command's own `overrides` applied, validated.
+    fn load(&self, overrides: impl FnOnce(&mut RunSpec)) -> anyhow::Result<RunSpec> {
+        run_spec(self.config.as_deref(), self.rounds, overrides)
+    }
+}
+
+/// The spec a run command runs: loaded (or built in), the command line's overrides applied by
+/// `overrides`, then validated. Every run command goes through here, so that no override
+/// skips validation (`--rounds 0` is refused everywhere).
+fn run_spec(
+    config: Option<&Path>,
+    rounds: Option<u64>,
+    overrides: impl FnOnce(&mut RunSpec),
+) -> anyhow::Result<RunSpec> {
+    let mut spec = match config {
+        Some(path) => RunSpec::load(path)?.0,
+        None => RunSpec::default_spec(),
+    };
+    if let Some(r) = rounds {
+        spec.rounds = r;
+    }
+    overrides(&mut spec);
+    spec.validate()
+        .map_err(|e| anyhow::anyhow!("invalid run: {e}"))?;
+    Ok(spec)
+}
+
+/// Where weight blobs go (device path).
+#[derive(Args, Clone, Debug)]
+pub struct StorageArgs {
+    /// S3-compatible endpoint (MinIO, Ceph, AWS) instead of the embedded S3 server.
+    /// Credentials come from the AWS environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+    /// profiles, instance roles); devices never see them.
+    #[arg(long, env = "POLLEN_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+    #[arg(long, env = "POLLEN_S3_BUCKET", default_value = "pollen")]
+    pub s3_bucket: String,
+    #[arg(long, env = "AWS_REGION", default_value = "us-east-1")]
+    pub s3_region: String,
+    /// Virtual-hosted-style addressing instead of path-style (AWS S3 without --s3-endpoint
+    /// works either way).
+    #[arg(long)]
+    pub s3_virtual_hosted: bool,
+    /// Where the embedded S3 server listens; devices download from and upload to this
+    /// address, so it must be reachable from them.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub s3_listen: SocketAddr,
+}
+
+impl StorageArgs {
+    fn external(&self) -> Option<StoreConfig> {
+        self.s3_endpoint.as_ref().map(|endpoint| StoreConfig {
+            endpoint: Some(endpoint.clone()),
+            region: self.s3_region.clone(),
+            bucket: self.s3_bucket.clone(),
+            path_style: !self.s3_virtual_hosted,
+            ..StoreConfig::default()
+        })
+    }
+
+    /// The external store when one is named, else the embedded one under `runs_dir`.
+    fn storage(&self, runs_dir: &Path) -> Storage {
+        match self.external() {
+            Some(config) => Storage::External(config),
+            None => Storage::Embedded {
+                root: runs_dir.join("s3"),
+                listen: self.s3_listen,
+            },
+        }
+    }
+}
+
+/// Arguments of `pollen simulate`.
+#[derive(Args, Debug)]
+pub struct SimulateArgs {
+    #[command(flatten)]
+    pub spec: SpecArgs,
+    /// Override the spec's number of clients.
+    #[arg(long)]
+    pub clients: Option<usize>,
+    /// Override the spec's simulation.failure_rate: the fraction of fit commands a
+    /// simulated device fails, to rehearse an unreliable fleet.
+    #[arg(long)]
+    pub failure_rate: Option<f64>,
+    #[arg(long, value_enum, default_value_t = Transport::Device)]
+    pub transport: Transport,
+    /// MQTT broker for the device path (e.g. mqtt://127.0.0.1:1883); embedded when absent.
+    #[arg(long)]
+    pub broker: Option<String>,
+    #[command(flatten)]
+    pub storage: StorageArgs,
+    /// Print one JSON object per round on stdout, and nothing else there.
+    #[arg(long)]
+    pub json: bool,
+    /// Where run records go.
+    #[arg(long, default_value = "runs")]
+    pub runs_dir: PathBuf,
+    /// Serve the live web dashboard and Prometheus /metrics while the run goes (the URL
+    /// is printed).
+    #[arg(long)]
+    pub dashboard: bool,
+    /// Where the dashboard listens; port 0 picks a free port.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
+    pub http: SocketAddr,
+}
+
+pub async fn simulate(a: SimulateArgs) -> anyhow::Result<()> {
+    let spec = a.spec.load(|spec| {
+        if let Some(c) = a.clients {
+            spec.data.clients = Some(c);
+        }
+        if let Some(f) = a.failure_rate {
+            spec.simulation.failure_rate = f;
+        }
+    })?;
+    let (bar, report) = reporter(&spec, a.json);
+    let mut options = SimulateOptions::new(a.runs_dir);
+    options.transport = a.transport;
+    options.broker = a.broker.map(BrokerConfig::new);
+    options.s3 = a.storage.external();
+    options.dashboard = a.dashboard.then_some(a.http);
+    let sim =
+        crate::simulate::simulate(&spec, &options, shutdown_on_ctrl_c(RUN_INTERRUPTED), report)
+            .await?;
+    bar.finish_and_clear();
+    print_summary(&sim.run_id, &sim.run_dir, &sim.summary.rounds);
+    Ok(())
+}
+
+/// Arguments of `pollen coordinator`.
+#[derive(Args, Debug)]
+pub struct CoordinatorArgs {
+    #[command(flatten)]
+    pub spec: SpecArgs,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// HTTP endpoint: the web dashboard at /, Prometheus metrics at /metrics; port 0 picks
+    /// a free port. The URL is printed at start.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub http: SocketAddr,
+    #[arg(long, default_value = "runs")]
+    pub runs_dir: PathBuf,
+    #[command(flatten)]
+    pub storage: StorageArgs,
+    /// No object storage: weights travel inline in gRPC (direct clients only).
+    #[arg(long, conflicts_with = "s3_endpoint")]
+    pub inline_weights: bool,
+    /// Print one JSON object per round on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// How long to wait for min_available_clients to connect, e.g. "90s" or "10m".
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    pub wait_for_clients: std::time::Duration,
+}
+
+pub async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
+    let spec = a.spec.load(|_| {})?;
+    let shutdown = shutdown_on_ctrl_c(RUN_INTERRUPTED);
+    let storage = if a.inline_weights {
+        Storage::Inline
+    } else {
+        a.storage.storage(&a.runs_dir)
+    };
+    let coordinator = LocalCoordinator::start(a.listen, &storage).await?;
+    eprintln!("Fleet gRPC API on {}", coordinator.endpoint());
+    let metrics = coordinator.dashboard(Some(a.http), &a.runs_dir).await?;
+    eprintln!("object storage: {}", coordinator.storage.describe());
+    let manifest = crate::task::resolve_blind(&spec)?;
+    let for_data = spec.clone();
+    let server = tokio::task::spawn_blocking(move || crate::task::server_data(&for_data)).await??;
+    let run = crate::run::create_run(&spec, &a.runs_dir)?;
+    let (run_id, run_dir) = (run.id().to_string(), run.dir().to_path_buf());
+    let (bar, report) = reporter(&spec, a.json);
+    let options = DriveOptions {
+        wait_for_clients: a.wait_for_clients,
+        metrics,
+        ..coordinator.drive_options(run, server)
+    };
+    let summary = crate::run::drive(&spec, manifest, options, report, shutdown).await;
+    bar.finish_and_clear();
+    coordinator.shut_down().await;
+    print_summary(&run_id, &run_dir, &summary?.rounds);
+    Ok(())
+}
+
+/// Arguments of `pollen run`.
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Run spec (TOML); the built-in MNIST 2NN spec when absent.
+    pub spec: Option<PathBuf>,
+    #[arg(long, env = "POLLEN_BROKER", default_value = "mqtt://127.0.0.1:1883")]
+    pub broker: String,
+    /// Override the spec's fleet.
+    #[arg(long)]
+    pub fleet: Option<String>,
+    /// Override the spec's device count.
+    #[arg(long)]
+    pub devices: Option<usize>,
+    #[arg(long)]
+    pub rounds: Option<u64>,
+    #[command(flatten)]
+    pub storage: StorageArgs,
+    #[arg(long, default_value = "runs")]
+    pub runs_dir: PathBuf,
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub discovery_wait: std::time::Duration,
+    #[arg(long)]
+    pub json: bool,
+    /// Serve the live web dashboard and Prometheus /metrics while the run goes (the URL
+    /// is printed).
+    #[arg(long)]
+    pub dashboard: bool,
+    /// Where the dashboard listens; port 0 picks a free port.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
+    pub http: SocketAddr,
+}
+
+pub async fn run(a: RunArgs) -> anyhow::Result<()> {
+    let spec = run_spec(a.spec.as_deref(), a.rounds, |spec| {
+        if let Some(f) = a.fleet {
+            spec.devices.fleet = f;
+        }
+        if a.devices.is_some() {
+            spec.devices.count = a.devices;
+        }
+    })?;
+    let options = FleetRunOptions {
+        broker: BrokerConfig::new(a.broker),
+        storage: a.storage.storage(&a.runs_dir),
+        runs_dir: a.runs_dir,
+        discovery_wait: a.discovery_wait,
+        stale_after: std::time::Duration::from_secs(30),
+        dashboard: a.dashboard.then_some(a.http),
+    };
+    let (bar, report) = reporter(&spec, a.json);
+    let fleet_name = spec.devices.fleet.clone();
+    let json = a.json;
+    let done = crate::run::run_on_fleet(
+        &spec,
+        &options,
+        shutdown_on_ctrl_c(RUN_INTERRUPTED),
+        |selected| {
+            eprintln!("fleet {fleet_name:?}: {} devices selected", selected.len());
+            if !json {
+                print_devices(selected);
+            }
+        },
+        report,
+    )
+    .await?;
+    bar.finish_and_clear();
+    print_summary(&done.run_id, &done.run_dir, &done.summary.rounds);
+    Ok(())
+}
+
+/// Arguments of `pollen central`.
+#[derive(Args, Debug)]
+pub struct CentralArgs {
+    #[command(flatten)]
+    pub spec: SpecArgs,
+    /// Passes over the data [default: rounds x local_epochs x fraction_fit, the federated
+    /// run's].
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Print the report as one JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub async fn central(a: CentralArgs) -> anyhow::Result<()> {
+    let spec = a.spec.load(|_| {})?;
+    let epochs = a.epochs;
+    let report = tokio::task::spawn_blocking(move || crate::central::run(&spec, epochs)).await??;
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(());
+    }
+    let value = report
+        .final_value
+        .map_or("-".into(), |v| show_metric(&report.metric, v));
+    println!(
+        "{}: centralized {} after {} epochs: {value} on {} ({} examples; trained on {}), {:.1} s",
+        report.spec,
+        report.metric,
+        report.epochs.len(),
+        report.evaluated_on,
+        report.eval_examples,
+        report.train_examples,
+        report.seconds
+    );
+    Ok(())
+}
