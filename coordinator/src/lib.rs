@@ -15,8 +15,9 @@
 //! - [`metrics`]: Prometheus metrics (text format) from the counters and finished rounds, and
 //!   the live events the dashboard (`pollen-dashboard`) streams.
 //! - [`server`]: binds the service to a listener and wires shutdown.
-//! - [`storage`]: weight blobs in object storage (S3 API, presigned URLs) and the embedded
-//!   S3 server used when nothing else is configured.
+//! - [`storage`]: weight blobs in object storage behind the `BlobStore` trait: S3 (presigned
+//!   URLs), the embedded S3 server used when nothing else is configured, and an in-memory
+//!   store for tests.
 //! - [`task`]: the run's task manifest, opaque bytes every instruction references, and the
 //!   statistics phase that fits it before round 1.
 //! - [`statistics`]: clients' federated statistics combined into those of their union.
@@ -41,6 +42,6 @@ pub use metrics::Metrics;
 pub use records::{RoundRecord, RunStore};
 pub use registry::Registry;
 pub use service::FleetService;
-pub use storage::{BlobStore, StoreConfig};
+pub use storage::{BlobStore, MemoryStore, S3Store, StoreConfig};
 pub use strategy::Strategy;
 pub use task::{Fitted, TaskSetup};

@@ -1,101 +1,41 @@
-//! Object storage for weight blobs, over the S3 API.
+//! Object storage for weight blobs, behind the [`BlobStore`] trait.
 //!
 //! The coordinator is the only component that holds storage credentials. It writes each global
 //! model once, reads each update once, and hands devices short-lived presigned URLs scoped to a
 //! single object: a GET for the global model, a PUT for the one key the device must upload to.
 //!
-//! Any S3-compatible store works (AWS S3, MinIO, Ceph RGW, Garage): set `endpoint` and keep
-//! `path_style` for the non-AWS ones. The embedded default ([`embedded`]) is an in-process
-//! S3 server over a local folder, so one machine needs nothing installed.
+//! Backends:
+//! - [`S3Store`] ([`s3`]): any S3-compatible store (AWS S3, MinIO, Ceph RGW, Garage): set
+//!   `endpoint` and keep `path_style` for the non-AWS ones. The embedded default
+//!   ([`embedded`]) is an in-process S3 server over a local folder that the same client talks
+//!   to, so one machine needs nothing installed.
+//! - [`MemoryStore`] ([`memory`]): objects in a map, for tests that act as the devices
+//!   themselves.
 //!
 //! # Key layout
+//! Every backend lays keys out alike, through [`Keys`]:
 //! ```text
 //! <prefix>runs/<run>/round-0000/global.safetensors          initial model
 //! <prefix>runs/<run>/round-0003/global.safetensors          model produced by round 3
 //! <prefix>runs/<run>/round-0004/updates/<client>.safetensors  a client's round-4 update
+//! <prefix>runs/<run>/task-<sha256[..16]>.json               the run's task manifest
 //! <prefix>runs/<run>/initial/<client>.safetensors           weights a client offered as initial
 //! ```
 
 pub mod embedded;
+pub mod memory;
+pub mod s3;
 
 use std::time::Duration;
 
-use aws_sdk_s3::Client;
-use aws_sdk_s3::config::{
-    BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
-};
-use aws_sdk_s3::error::DisplayErrorContext;
-use aws_sdk_s3::presigning::PresigningConfig;
-use aws_sdk_s3::primitives::ByteStream;
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
 
-/// Where blobs are stored. Credentials come from `credentials` when given, else from the AWS
-/// default chain (environment, profile, instance role). `Debug` never shows the secret.
-#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct StoreConfig {
-    /// `http(s)://host:port` of an S3-compatible endpoint; `None` means AWS S3 itself.
-    #[serde(default)]
-    pub endpoint: Option<String>,
-    #[serde(default = "default_region")]
-    pub region: String,
-    #[serde(default = "default_bucket")]
-    pub bucket: String,
-    /// Prepended to every key, e.g. `"team-a/"`.
-    #[serde(default)]
-    pub prefix: String,
-    /// Path-style addressing (`endpoint/bucket/key`), needed by most non-AWS stores.
-    #[serde(default = "default_true")]
-    pub path_style: bool,
-    /// Create the bucket when it does not exist.
-    #[serde(default = "default_true")]
-    pub create_bucket: bool,
-    /// Static credentials (access key id, secret). Never sent to devices.
-    #[serde(skip)]
-    pub credentials: Option<(String, String)>,
-}
+pub use memory::MemoryStore;
+pub use s3::{S3Store, StoreConfig};
 
-fn default_region() -> String {
-    "us-east-1".into()
-}
-fn default_bucket() -> String {
-    "pollen".into()
-}
-fn default_true() -> bool {
-    true
-}
-
-impl std::fmt::Debug for StoreConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StoreConfig")
-            .field("endpoint", &self.endpoint)
-            .field("region", &self.region)
-            .field("bucket", &self.bucket)
-            .field("prefix", &self.prefix)
-            .field("path_style", &self.path_style)
-            .field("create_bucket", &self.create_bucket)
-            .field(
-                "credentials",
-                &self.credentials.as_ref().map(|(id, _)| (id, "***")),
-            )
-            .finish()
-    }
-}
-
-impl Default for StoreConfig {
-    fn default() -> Self {
-        Self {
-            endpoint: None,
-            region: default_region(),
-            bucket: default_bucket(),
-            prefix: String::new(),
-            path_style: true,
-            create_bucket: true,
-            credentials: None,
-        }
-    }
-}
+/// The longest a presigned URL may live: SigV4's cap, which the S3 client enforces. The memory
+/// store enforces it too, so that a TTL production would refuse fails in tests as well.
+pub const MAX_PRESIGN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -117,104 +57,53 @@ pub enum StoreError {
     Ttl(Duration),
 }
 
-/// The coordinator's handle on object storage.
-#[derive(Clone)]
-pub struct BlobStore {
-    client: Client,
-    bucket: String,
+/// The coordinator's handle on object storage: whole-object reads and writes with its own
+/// credentials, and presigned URLs that let a device read or write one object without them.
+#[async_trait::async_trait]
+pub trait BlobStore: Send + Sync + std::fmt::Debug {
+    /// Where blobs go, for the log line a person reads at start.
+    fn describe(&self) -> String;
+
+    /// The keys of a run's objects in this store.
+    fn keys(&self) -> &Keys;
+
+    async fn put(&self, key: &str, bytes: Bytes) -> Result<(), StoreError>;
+
+    /// Reads a whole object, refusing objects larger than `limit` bytes before reading them.
+    async fn get(&self, key: &str, limit: u64) -> Result<Bytes, StoreError>;
+
+    /// Deletes an object; used for updates once folded, so storage stays O(model) per round.
+    async fn delete(&self, key: &str) -> Result<(), StoreError>;
+
+    /// A URL that lets its holder GET exactly `key` for `ttl` (at most [`MAX_PRESIGN_TTL`]),
+    /// and nothing else.
+    async fn presign_get(&self, key: &str, ttl: Duration) -> Result<String, StoreError>;
+
+    /// A URL that lets its holder PUT exactly `key` for `ttl` (at most [`MAX_PRESIGN_TTL`]),
+    /// and nothing else.
+    async fn presign_put(&self, key: &str, ttl: Duration) -> Result<String, StoreError>;
+}
+
+/// Names a run's objects under a store's prefix (see the module's key layout).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Keys {
     prefix: String,
-    endpoint: String,
 }
 
-impl std::fmt::Debug for BlobStore {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BlobStore")
-            .field("endpoint", &self.endpoint)
-            .field("bucket", &self.bucket)
-            .field("prefix", &self.prefix)
-            .finish_non_exhaustive()
-    }
-}
-
-/// The SDK's own HTTPS client (hyper + rustls, the platform's trust roots), on ring: the
-/// SDK's default would link a second crypto backend, aws-lc-rs.
-fn https_client() -> aws_sdk_s3::config::SharedHttpClient {
-    use aws_smithy_http_client::tls::{Provider, rustls_provider::CryptoMode};
-    aws_smithy_http_client::Builder::new()
-        .tls_provider(Provider::Rustls(CryptoMode::Ring))
-        .build_https()
-}
-
-fn sdk_message<E: std::error::Error>(e: E) -> String {
-    DisplayErrorContext(e).to_string()
-}
-
-impl BlobStore {
-    /// Builds the S3 client and makes sure the bucket exists.
-    pub async fn connect(config: &StoreConfig) -> Result<Self, StoreError> {
-        let http = https_client();
-        let mut builder = match &config.credentials {
-            Some((key, secret)) => aws_sdk_s3::config::Builder::new()
-                .behavior_version(BehaviorVersion::latest())
-                .credentials_provider(Credentials::new(key, secret, None, None, "pollen-config")),
-            None => {
-                let shared = aws_config::defaults(BehaviorVersion::latest())
-                    .http_client(http.clone())
-                    .load()
-                    .await;
-                aws_sdk_s3::config::Builder::from(&shared)
-            }
-        };
-        builder = builder
-            .http_client(http)
-            .region(Region::new(config.region.clone()))
-            .force_path_style(config.path_style)
-            // Flexible checksums would put a checksum of the *empty* body into presigned PUT
-            // URLs, which then reject the device's upload; blobs carry their own SHA-256.
-            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
-            .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
-        if let Some(endpoint) = &config.endpoint {
-            builder = builder.endpoint_url(endpoint);
-        }
-        let store = Self {
-            client: Client::from_conf(builder.build()),
-            bucket: config.bucket.clone(),
-            prefix: config.prefix.clone(),
-            endpoint: config
-                .endpoint
-                .clone()
-                .unwrap_or_else(|| format!("AWS S3 ({})", config.region)),
-        };
-        store.ensure_bucket(config.create_bucket).await?;
-        Ok(store)
-    }
-
-    async fn ensure_bucket(&self, create: bool) -> Result<(), StoreError> {
-        let bucket_error = |message: String| StoreError::Bucket {
-            endpoint: self.endpoint.clone(),
-            bucket: self.bucket.clone(),
-            message,
-        };
-        match self.client.head_bucket().bucket(&self.bucket).send().await {
-            Ok(_) => Ok(()),
-            Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) && create => self
-                .client
-                .create_bucket()
-                .bucket(&self.bucket)
-                .send()
-                .await
-                .map(|_| ())
-                .map_err(|e| bucket_error(format!("cannot create it: {}", sdk_message(e)))),
-            Err(e) => Err(bucket_error(sdk_message(e))),
+impl Keys {
+    /// `prefix` is prepended to every key as is, e.g. `"team-a/"`.
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Self {
+            prefix: prefix.into(),
         }
     }
 
-    pub fn bucket(&self) -> &str {
-        &self.bucket
+    pub fn prefix(&self) -> &str {
+        &self.prefix
     }
 
     /// Key of the global model that `round` produced (0 = the initial model).
-    pub fn global_key(&self, run_id: &str, round: u64) -> String {
+    pub fn global(&self, run_id: &str, round: u64) -> String {
         format!(
             "{}runs/{run_id}/round-{round:04}/global.safetensors",
             self.prefix
@@ -222,7 +111,7 @@ impl BlobStore {
     }
 
     /// Key a client uploads its `round` update to.
-    pub fn update_key(&self, run_id: &str, round: u64, client_id: &str) -> String {
+    pub fn update(&self, run_id: &str, round: u64, client_id: &str) -> String {
         format!(
             "{}runs/{run_id}/round-{round:04}/updates/{client_id}.safetensors",
             self.prefix
@@ -231,127 +120,50 @@ impl BlobStore {
 
     /// Key of a task manifest, named by its digest: a manifest is written once per run and
     /// content, whatever reads it.
-    pub fn task_key(&self, run_id: &str, sha256: &str) -> String {
+    pub fn task(&self, run_id: &str, sha256: &str) -> String {
         let short = &sha256[..sha256.len().min(16)];
         format!("{}runs/{run_id}/task-{short}.json", self.prefix)
     }
 
     /// Key a client uploads its weights to when asked for initial parameters.
-    pub fn initial_key(&self, run_id: &str, client_id: &str) -> String {
+    pub fn initial(&self, run_id: &str, client_id: &str) -> String {
         format!(
             "{}runs/{run_id}/initial/{client_id}.safetensors",
             self.prefix
         )
     }
+}
 
-    pub async fn put(&self, key: &str, bytes: Bytes) -> Result<(), StoreError> {
-        self.client
-            .put_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .content_type("application/octet-stream")
-            .body(ByteStream::from(bytes))
-            .send()
-            .await
-            .map(|_| ())
-            .map_err(|e| StoreError::Request {
-                op: "PUT",
-                key: key.to_string(),
-                message: sdk_message(e),
-            })
-    }
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-    /// Reads a whole object, refusing objects larger than `limit` bytes before reading them.
-    pub async fn get(&self, key: &str, limit: u64) -> Result<Bytes, StoreError> {
-        let out = self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .send()
-            .await
-            .map_err(|e| StoreError::Request {
-                op: "GET",
-                key: key.to_string(),
-                message: sdk_message(e),
-            })?;
-        let too_large = |size: u64| StoreError::TooLarge {
-            key: key.to_string(),
-            size,
-            limit,
-        };
-        let announced = out.content_length().unwrap_or(0).max(0) as u64;
-        if announced > limit {
-            return Err(too_large(announced));
-        }
-        // Read chunk by chunk and stop at the limit: a missing or lying Content-Length must not
-        // make the coordinator buffer an arbitrary object.
-        let mut body = out.body;
-        let mut bytes = bytes::BytesMut::with_capacity(announced as usize);
-        while let Some(chunk) = body.try_next().await.map_err(|e| StoreError::Request {
-            op: "GET",
-            key: key.to_string(),
-            message: e.to_string(),
-        })? {
-            if (bytes.len() + chunk.len()) as u64 > limit {
-                return Err(too_large((bytes.len() + chunk.len()) as u64));
-            }
-            bytes.extend_from_slice(&chunk);
-        }
-        Ok(bytes.freeze())
-    }
-
-    /// Deletes an object; used for updates once folded, so storage stays O(model) per round.
-    pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        self.client
-            .delete_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .send()
-            .await
-            .map(|_| ())
-            .map_err(|e| StoreError::Request {
-                op: "DELETE",
-                key: key.to_string(),
-                message: sdk_message(e),
-            })
-    }
-
-    fn presigning(ttl: Duration) -> Result<PresigningConfig, StoreError> {
-        PresigningConfig::expires_in(ttl).map_err(|_| StoreError::Ttl(ttl))
-    }
-
-    /// A URL that lets its holder GET exactly `key` for `ttl`, and nothing else.
-    pub async fn presign_get(&self, key: &str, ttl: Duration) -> Result<String, StoreError> {
-        let req = self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .presigned(Self::presigning(ttl)?)
-            .await
-            .map_err(|e| StoreError::Request {
-                op: "presign GET",
-                key: key.to_string(),
-                message: sdk_message(e),
-            })?;
-        Ok(req.uri().to_string())
-    }
-
-    /// A URL that lets its holder PUT exactly `key` for `ttl`, and nothing else.
-    pub async fn presign_put(&self, key: &str, ttl: Duration) -> Result<String, StoreError> {
-        let req = self
-            .client
-            .put_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .presigned(Self::presigning(ttl)?)
-            .await
-            .map_err(|e| StoreError::Request {
-                op: "presign PUT",
-                key: key.to_string(),
-                message: sdk_message(e),
-            })?;
-        Ok(req.uri().to_string())
+    #[test]
+    fn keys_follow_the_documented_layout_under_the_prefix() {
+        let keys = Keys::new("team-a/");
+        assert_eq!(
+            keys.global("r1", 0),
+            "team-a/runs/r1/round-0000/global.safetensors"
+        );
+        assert_eq!(
+            keys.global("r1", 12345),
+            "team-a/runs/r1/round-12345/global.safetensors"
+        );
+        assert_eq!(
+            keys.update("r1", 4, "dev-a"),
+            "team-a/runs/r1/round-0004/updates/dev-a.safetensors"
+        );
+        assert_eq!(
+            keys.task("r1", &"ab".repeat(32)),
+            "team-a/runs/r1/task-abababababababab.json"
+        );
+        assert_eq!(
+            keys.initial("r1", "dev-a"),
+            "team-a/runs/r1/initial/dev-a.safetensors"
+        );
+        assert_eq!(
+            Keys::default().global("r1", 3),
+            "runs/r1/round-0003/global.safetensors"
+        );
     }
 }

@@ -18,7 +18,7 @@ use pollen_coordinator::server::FleetServer;
 use pollen_coordinator::storage::embedded::EmbeddedS3;
 use pollen_coordinator::{
     BlobStore, DriverConfig, FedAvg, Metrics, RoundDriver, RoundRecord, RunStore, RunSummary,
-    StoreConfig,
+    S3Store, StoreConfig,
 };
 use pollen_dashboard::{HttpServer, HttpSources, serve_http};
 use pollen_proto::mqtt::BrokerConfig;
@@ -45,7 +45,7 @@ pub enum Storage {
 /// Object storage opened for a run; dropping it does not stop the embedded server, the
 /// shutdown token given to [`open_storage`] does.
 pub struct OpenStorage {
-    pub store: Option<Arc<BlobStore>>,
+    pub store: Option<Arc<dyn BlobStore>>,
     pub embedded: Option<EmbeddedS3>,
 }
 
@@ -58,7 +58,7 @@ impl OpenStorage {
                 e.endpoint,
                 e.root.display()
             ),
-            (None, Some(s)) => format!("{s:?}"),
+            (None, Some(s)) => s.describe(),
             (None, None) => "none (weights inline)".into(),
         }
     }
@@ -74,7 +74,7 @@ pub async fn open_storage(
             embedded: None,
         }),
         Storage::External(config) => {
-            let store = BlobStore::connect(config).await?;
+            let store = S3Store::connect(config).await?;
             Ok(OpenStorage {
                 store: Some(Arc::new(store)),
                 embedded: None,
@@ -82,7 +82,7 @@ pub async fn open_storage(
         }
         Storage::Embedded { root, listen } => {
             let embedded = EmbeddedS3::start(root, *listen, shutdown).await?;
-            let store = BlobStore::connect(&embedded.store_config("pollen")).await?;
+            let store = S3Store::connect(&embedded.store_config("pollen")).await?;
             Ok(OpenStorage {
                 store: Some(Arc::new(store)),
                 embedded: Some(embedded),
@@ -158,7 +158,7 @@ pub struct DriveOptions {
     pub registry: Arc<Registry>,
     pub run: Arc<RunHandle>,
     /// Weights by reference through this store; inline when `None`.
-    pub store: Option<Arc<BlobStore>>,
+    pub store: Option<Arc<dyn BlobStore>>,
     /// The server's holdout for centralized evaluation.
     pub server: Option<Raw>,
     pub wait_for_clients: Duration,

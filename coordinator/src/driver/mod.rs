@@ -25,13 +25,15 @@ use tokio_util::sync::CancellationToken;
 use crate::counters::Counters;
 use crate::records::{FailureRecord, RoundRecord, RoundStatus, RunHandle};
 use crate::registry::{Registry, Reply};
-use crate::storage::{BlobStore, StoreError};
+use crate::storage::{BlobStore, MAX_PRESIGN_TTL, StoreError};
 use crate::strategy::{
     ClientFailure, EvaluateSummary, Evaluation, FailureReason, FitSummary, Instruction, Strategy,
 };
 use crate::task::{FitManifest, Fitted, Published, TaskSetup};
 
 mod task;
+#[cfg(test)]
+mod tests;
 
 /// How a run is driven (the strategy decides the rest).
 #[derive(Debug, Clone)]
@@ -110,7 +112,7 @@ pub struct RoundDriver {
     /// object storage, also the key it was written to (written once, read by every device).
     encoded: Option<(Arc<Parameters>, EncodedBlob, Option<String>)>,
     /// Weights go by reference through this store when set, inline otherwise.
-    store: Option<Arc<BlobStore>>,
+    store: Option<Arc<dyn BlobStore>>,
     /// The round that produced the current global model (0 = initial), naming its object key.
     global_round: u64,
     metrics: Option<Arc<crate::metrics::Metrics>>,
@@ -216,7 +218,7 @@ impl RoundDriver {
     }
 
     /// Sends weights by reference through `store` (presigned URLs) instead of inline.
-    pub fn with_store(mut self, store: Arc<BlobStore>) -> Self {
+    pub fn with_store(mut self, store: Arc<dyn BlobStore>) -> Self {
         self.store = Some(store);
         self
     }
@@ -224,8 +226,7 @@ impl RoundDriver {
     /// Presigned URLs must outlive the round: a device may start its upload just before the
     /// deadline.
     fn presign_ttl(&self) -> Duration {
-        (self.config.round_timeout + Duration::from_secs(60))
-            .min(Duration::from_secs(7 * 24 * 3600))
+        (self.config.round_timeout + Duration::from_secs(60)).min(MAX_PRESIGN_TTL)
     }
 
     /// Records rounds, checkpoints and status into this run.
@@ -352,7 +353,7 @@ impl RoundDriver {
             .ok_or_else(|| DriverError::NoInitialParameters("no client connected".into()))?;
         let upload = match &self.store {
             Some(store) => {
-                let key = store.initial_key(&self.run_id, &client.id);
+                let key = store.keys().initial(&self.run_id, &client.id);
                 let url = store.presign_put(&key, self.presign_ttl()).await?;
                 Some(Upload { location: key, url })
             }
@@ -595,7 +596,7 @@ impl RoundDriver {
         let key = match stored {
             Some(key) => key,
             None => {
-                let key = store.global_key(&self.run_id, self.global_round);
+                let key = store.keys().global(&self.run_id, self.global_round);
                 store.put(&key, blob.bytes.clone()).await?;
                 if let Some(entry) = self.encoded.as_mut() {
                     entry.2 = Some(key.clone());
@@ -630,7 +631,7 @@ impl RoundDriver {
         for Instruction { client_id, .. } in &instructions {
             uploads.push(match (&self.store, phase) {
                 (Some(store), Phase::Fit) => {
-                    let key = store.update_key(&self.run_id, round, client_id);
+                    let key = store.keys().update(&self.run_id, round, client_id);
                     let url = store.presign_put(&key, self.presign_ttl()).await?;
                     Some(Upload { location: key, url })
                 }
@@ -878,7 +879,7 @@ async fn await_reply(
 
 async fn await_fit(
     registry: Arc<Registry>,
-    store: Option<Arc<BlobStore>>,
+    store: Option<Arc<dyn BlobStore>>,
     request: OpenRequest,
     round: u64,
     deadline: tokio::time::Instant,
@@ -916,7 +917,7 @@ async fn await_fit(
 
 async fn fit_outcome(
     registry: &Registry,
-    store: Option<&BlobStore>,
+    store: Option<&dyn BlobStore>,
     (client_id, request_id, rx, upload_location): (
         String,
         u64,
@@ -970,7 +971,7 @@ async fn fit_outcome(
 async fn resolve_weights(
     weights: Weights,
     expected_location: Option<&str>,
-    store: Option<&BlobStore>,
+    store: Option<&dyn BlobStore>,
     specs: Option<Arc<Vec<TensorSpec>>>,
     limit: u64,
 ) -> Result<(Parameters, u64), String> {

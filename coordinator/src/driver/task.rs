@@ -28,7 +28,7 @@ impl RoundDriver {
         let key = match &task.key {
             Some(key) => key.clone(),
             None => {
-                let key = store.task_key(&self.run_id, &task.sha256);
+                let key = store.keys().task(&self.run_id, &task.sha256);
                 store.put(&key, task.manifest.clone()).await?;
                 task.key = Some(key.clone());
                 key

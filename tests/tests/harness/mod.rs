@@ -14,7 +14,7 @@ use pollen_coordinator::server::{FleetServer, serve};
 use pollen_coordinator::storage::embedded::EmbeddedS3;
 use pollen_coordinator::strategy::Evaluation;
 use pollen_coordinator::{
-    BlobStore, DriverConfig, FedAvg, FedAvgConfig, Metrics, RoundDriver, RunSummary,
+    BlobStore, DriverConfig, FedAvg, FedAvgConfig, Metrics, RoundDriver, RunSummary, S3Store,
 };
 use pollen_dashboard::{HttpSources, serve_http};
 use pollen_proto::mqtt::BrokerConfig;
@@ -102,7 +102,7 @@ pub struct Harness {
     pub broker: BrokerConfig,
     pub stop: CancellationToken,
     pub server: FleetServer,
-    pub store: Arc<BlobStore>,
+    pub store: Arc<dyn BlobStore>,
     pub s3_secret: String,
     /// One proxy, or one per shard of the fleet.
     pub proxies: Vec<ProxyHandle>,
@@ -142,7 +142,7 @@ impl Harness {
         .await
         .expect("embedded S3 starts");
         let store = Arc::new(
-            BlobStore::connect(&s3.store_config("pollen"))
+            S3Store::connect(&s3.store_config("pollen"))
                 .await
                 .expect("bucket"),
         );
