@@ -594,10 +594,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 pollen_proto::mqtt::redact(&broker)
             );
             if let Some(addr) = http {
-                let server =
-                    pollen_proto::prometheus::serve(addr, proxy.prometheus(), shutdown.clone())
-                        .await
-                        .with_context(|| format!("serving metrics on {addr}"))?;
+                let server = pollen_proto::prometheus::serve(
+                    addr,
+                    proxy.metrics_registry(),
+                    shutdown.clone(),
+                )
+                .await
+                .with_context(|| format!("serving metrics on {addr}"))?;
                 eprintln!("Prometheus metrics on http://{}/metrics", server.addr);
             }
             shutdown.cancelled().await;
