@@ -88,11 +88,10 @@ pub async fn run_mqtt(
         "pollen-agent starting (MQTT)"
     );
     if let Some(addr) = metrics {
-        let stats = agent.stats();
-        let render = move || stats.snapshot().render_prometheus();
-        let server = pollen_proto::prometheus::serve(addr, render, shutdown.clone())
-            .await
-            .with_context(|| format!("serving metrics on {addr}"))?;
+        let server =
+            pollen_proto::prometheus::serve(addr, agent.stats().registry(), shutdown.clone())
+                .await
+                .with_context(|| format!("serving metrics on {addr}"))?;
         tracing::info!("Prometheus metrics on http://{}/metrics", server.addr);
     }
     agent.run(shutdown).await?;

@@ -1,26 +1,66 @@
 //! Counters of what went wrong (and how much moved), shared by the service and the driver.
-//! [`crate::metrics`] exports them to Prometheus; the run records carry per-round deltas.
+//! [`crate::metrics`] exports them to Prometheus; the run records carry per-round deltas of
+//! their snapshots.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::{Registry, Unit};
+
+/// Why a reply was dropped; variants are spelled as the exported label values.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+enum DropReason {
+    late,
+    duplicate,
+    unknown,
+    wrong_client,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct DropLabels {
+    reason: DropReason,
+}
 
 /// Monotonic counters; cheap to bump from any task.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Counters {
     /// Replies to a request the coordinator had already closed at its deadline.
-    pub replies_late: AtomicU64,
+    pub replies_late: Counter,
     /// A second reply to a request that was already answered.
-    pub replies_duplicate: AtomicU64,
+    pub replies_duplicate: Counter,
     /// Replies naming a request id the coordinator never issued (or long forgotten).
-    pub replies_unknown: AtomicU64,
+    pub replies_unknown: Counter,
     /// Replies from a client to a request addressed to another client.
-    pub replies_wrong_client: AtomicU64,
+    pub replies_wrong_client: Counter,
     /// Fit updates that failed validation (digest, codec, names, shapes, NaN/Inf).
-    pub updates_rejected: AtomicU64,
+    pub updates_rejected: Counter,
     /// Stream messages that could not be decoded or broke the protocol; each ends its stream.
-    pub messages_malformed: AtomicU64,
+    pub messages_malformed: Counter,
     /// Weight bytes sent to and received from clients.
-    pub bytes_sent: AtomicU64,
-    pub bytes_received: AtomicU64,
+    pub bytes_sent: Counter,
+    pub bytes_received: Counter,
+    /// The `replies_*` counters are its members (a counter's clones share its value), all made
+    /// up front so that every reason is exported from the start, at 0 too.
+    replies_dropped: Family<DropLabels, Counter>,
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        let replies_dropped = Family::<DropLabels, Counter>::default();
+        let member = |reason| replies_dropped.get_or_create_owned(&DropLabels { reason });
+        Self {
+            replies_late: member(DropReason::late),
+            replies_duplicate: member(DropReason::duplicate),
+            replies_unknown: member(DropReason::unknown),
+            replies_wrong_client: member(DropReason::wrong_client),
+            updates_rejected: Counter::default(),
+            messages_malformed: Counter::default(),
+            bytes_sent: Counter::default(),
+            bytes_received: Counter::default(),
+            replies_dropped,
+        }
+    }
 }
 
 /// A point-in-time copy of [`Counters`].
@@ -37,25 +77,48 @@ pub struct CountersSnapshot {
 }
 
 impl Counters {
-    pub fn bump(counter: &AtomicU64) {
-        counter.fetch_add(1, Relaxed);
-    }
-
-    pub fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Relaxed);
-    }
-
     pub fn snapshot(&self) -> CountersSnapshot {
         CountersSnapshot {
-            replies_late: self.replies_late.load(Relaxed),
-            replies_duplicate: self.replies_duplicate.load(Relaxed),
-            replies_unknown: self.replies_unknown.load(Relaxed),
-            replies_wrong_client: self.replies_wrong_client.load(Relaxed),
-            updates_rejected: self.updates_rejected.load(Relaxed),
-            messages_malformed: self.messages_malformed.load(Relaxed),
-            bytes_sent: self.bytes_sent.load(Relaxed),
-            bytes_received: self.bytes_received.load(Relaxed),
+            replies_late: self.replies_late.get(),
+            replies_duplicate: self.replies_duplicate.get(),
+            replies_unknown: self.replies_unknown.get(),
+            replies_wrong_client: self.replies_wrong_client.get(),
+            updates_rejected: self.updates_rejected.get(),
+            messages_malformed: self.messages_malformed.get(),
+            bytes_sent: self.bytes_sent.get(),
+            bytes_received: self.bytes_received.get(),
         }
+    }
+
+    /// Adds these counters to `registry`; they keep counting there.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register_with_unit(
+            "pollen_sent",
+            "Weight bytes sent to clients (inline or through object storage)",
+            Unit::Bytes,
+            self.bytes_sent.clone(),
+        );
+        registry.register_with_unit(
+            "pollen_received",
+            "Weight bytes received from clients",
+            Unit::Bytes,
+            self.bytes_received.clone(),
+        );
+        registry.register(
+            "pollen_replies_dropped",
+            "Replies dropped, by reason",
+            self.replies_dropped.clone(),
+        );
+        registry.register(
+            "pollen_updates_rejected",
+            "Updates that failed validation (digest, size, shapes, NaN/Inf)",
+            self.updates_rejected.clone(),
+        );
+        registry.register(
+            "pollen_messages_malformed",
+            "Undecodable or protocol-breaking Fleet messages",
+            self.messages_malformed.clone(),
+        );
     }
 }
 

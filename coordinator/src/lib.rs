@@ -12,8 +12,8 @@
 //! - [`driver`]: the round driver (fan-out, deadlines, folding, evaluation, records).
 //! - [`records`]: run directories, `metrics.jsonl`, checkpoints, the SQLite run database.
 //! - [`counters`]: what was rejected, dropped, sent and received.
-//! - [`metrics`]: Prometheus metrics (text format) from the counters and finished rounds, and
-//!   the live events the dashboard (`pollen-dashboard`) streams.
+//! - [`metrics`]: Prometheus metrics (a `prometheus-client` registry) from the counters and
+//!   finished rounds, and the live events the dashboard (`pollen-dashboard`) streams.
 //! - [`server`]: binds the service to a listener and wires shutdown.
 //! - [`storage`]: weight blobs in object storage behind the `BlobStore` trait: S3 (presigned
 //!   URLs), the embedded S3 server used when nothing else is configured, and an in-memory

@@ -1,29 +1,37 @@
-//! Prometheus metrics of the coordinator, in the text exposition format (version 0.0.4).
+//! Prometheus metrics of the coordinator, in one `prometheus-client` registry per coordinator.
 //!
-//! Two sources: the live [`crate::counters::Counters`] and client registry (read at scrape time), and what each
-//! finished round reports ([`Metrics::observe_round`]): rounds by status, client results and
-//! failures by reason, durations as histograms, the latest accuracy and loss. Names follow
-//! Prometheus conventions (`pollen_` prefix, `_total` counters, `_seconds` and `_bytes` units).
+//! Three sources: what each finished round reports ([`Metrics::observe_round`]): rounds by
+//! status, client results and failures by reason, durations as histograms, the latest accuracy
+//! and loss; the live [`crate::counters::Counters`]; and, read at each scrape, the run, the
+//! clients connected and the uptime. Names follow Prometheus conventions (`pollen_` prefix,
+//! `_total` counters, `_seconds` and `_bytes` units); counters are registered without `_total`,
+//! which the encoder appends.
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Unit;
 use tokio::sync::broadcast;
-
-use pollen_proto::prometheus::{by_label, counter, gauge};
 
 use crate::records::{RoundRecord, RoundStatus};
 use crate::registry::Registry;
+use crate::strategy::FailureReason;
 
 /// Failure reasons, all exported (at 0 too) so that dashboards see every series from the start.
-const FAILURE_REASONS: [&str; 5] = [
-    "timeout",
-    "client_error",
-    "rejected",
-    "disconnected",
-    "protocol_error",
+const FAILURE_REASONS: [FailureReason; 5] = [
+    FailureReason::Timeout,
+    FailureReason::ClientError,
+    FailureReason::Rejected,
+    FailureReason::Disconnected,
+    FailureReason::ProtocolError,
 ];
 
 /// Upper bounds of the round-duration histogram, in seconds.
@@ -33,47 +41,62 @@ const ROUND_BUCKETS: &[f64] = &[
 /// Upper bounds of the aggregation-duration histogram, in seconds.
 const AGGREGATE_BUCKETS: &[f64] = &[0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0];
 
-#[derive(Debug, Clone)]
-struct Histogram {
-    bounds: &'static [f64],
-    /// Non-cumulative counts per bucket; the last slot is +Inf.
-    counts: Vec<u64>,
-    sum: f64,
-    count: u64,
+// Label values: variants are spelled as they are exported.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+enum Status {
+    ok,
+    failed,
 }
 
-impl Histogram {
-    fn new(bounds: &'static [f64]) -> Self {
-        Self {
-            bounds,
-            counts: vec![0; bounds.len() + 1],
-            sum: 0.0,
-            count: 0,
-        }
-    }
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct StatusLabels {
+    status: Status,
+}
 
-    fn observe(&mut self, v: f64) {
-        let slot = self
-            .bounds
-            .iter()
-            .position(|b| v <= *b)
-            .unwrap_or(self.bounds.len());
-        self.counts[slot] += 1;
-        self.sum += v;
-        self.count += 1;
-    }
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+enum ClientResult {
+    success,
+    failure,
+}
 
-    fn render(&self, out: &mut String, name: &str, help: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        let mut cumulative = 0;
-        for (bound, n) in self.bounds.iter().zip(&self.counts) {
-            cumulative += n;
-            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
-        }
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
-        let _ = writeln!(out, "{name}_sum {}", self.sum);
-        let _ = writeln!(out, "{name}_count {}", self.count);
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ResultLabels {
+    result: ClientResult,
+}
+
+/// `reason` is [`FailureReason::as_str`], the spelling of the run records too.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct FailureLabels {
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+enum Outcome {
+    sampled,
+    succeeded,
+    failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: Outcome,
+}
+
+/// A family whose members for `label_sets` exist from the start, so that they are exported at
+/// 0 before anything happened.
+fn family<S, M>(label_sets: impl IntoIterator<Item = S>) -> Family<S, M>
+where
+    S: Clone + std::hash::Hash + Eq,
+    M: Default,
+{
+    let family = Family::default();
+    for labels in label_sets {
+        drop(family.get_or_create(&labels));
     }
+    family
 }
 
 /// What live views (the dashboard's event stream) are told as it happens.
@@ -88,66 +111,237 @@ pub enum LiveEvent {
 /// Events buffered per subscriber; one that falls further behind is told to resynchronise.
 const EVENT_BUFFER: usize = 256;
 
+/// What finished rounds add up to.
 #[derive(Debug)]
-struct State {
-    run_id: Option<String>,
-    run_status: Option<String>,
-    rounds_ok: u64,
-    rounds_failed: u64,
-    last_round: u64,
-    clients_sampled: u64,
-    clients_succeeded: u64,
-    failures_by_reason: BTreeMap<String, u64>,
+struct RoundMetrics {
+    rounds: Family<StatusLabels, Counter>,
+    last_round: Gauge<u64, AtomicU64>,
+    clients_sampled: Counter,
+    client_results: Family<ResultLabels, Counter>,
+    client_failures: Family<FailureLabels, Counter>,
+    round_clients: Family<OutcomeLabels, Gauge<u64, AtomicU64>>,
     round_seconds: Histogram,
     aggregate_seconds: Histogram,
+}
+
+impl RoundMetrics {
+    fn new() -> Self {
+        Self {
+            rounds: family([Status::ok, Status::failed].map(|status| StatusLabels { status })),
+            last_round: Gauge::default(),
+            clients_sampled: Counter::default(),
+            client_results: family(
+                [ClientResult::success, ClientResult::failure]
+                    .map(|result| ResultLabels { result }),
+            ),
+            client_failures: family(FAILURE_REASONS.map(|r| FailureLabels { reason: r.as_str() })),
+            round_clients: family(
+                [Outcome::sampled, Outcome::succeeded, Outcome::failed]
+                    .map(|outcome| OutcomeLabels { outcome }),
+            ),
+            round_seconds: Histogram::new(ROUND_BUCKETS.iter().copied()),
+            aggregate_seconds: Histogram::new(AGGREGATE_BUCKETS.iter().copied()),
+        }
+    }
+
+    fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register(
+            "pollen_rounds",
+            "Rounds finished, by status",
+            self.rounds.clone(),
+        );
+        registry.register(
+            "pollen_round",
+            "The last finished round",
+            self.last_round.clone(),
+        );
+        registry.register(
+            "pollen_clients_sampled",
+            "Clients sampled for fit, summed over rounds",
+            self.clients_sampled.clone(),
+        );
+        registry.register(
+            "pollen_client_results",
+            "Client fit results, successful or failed",
+            self.client_results.clone(),
+        );
+        registry.register(
+            "pollen_client_failures",
+            "Client fit failures, by reason",
+            self.client_failures.clone(),
+        );
+        registry.register(
+            "pollen_round_clients",
+            "Clients of the last round, by outcome",
+            self.round_clients.clone(),
+        );
+        registry.register_with_unit(
+            "pollen_round_duration",
+            "Wall time of a round (fit, aggregation, evaluation, records)",
+            Unit::Seconds,
+            self.round_seconds.clone(),
+        );
+        registry.register_with_unit(
+            "pollen_aggregation_duration",
+            "Time to finish a round's aggregation",
+            Unit::Seconds,
+            self.aggregate_seconds.clone(),
+        );
+    }
+
+    fn observe(&self, r: &RoundRecord) {
+        let status = match r.status {
+            RoundStatus::Ok => Status::ok,
+            RoundStatus::Failed => Status::failed,
+        };
+        self.rounds.get_or_create(&StatusLabels { status }).inc();
+        self.last_round.set(r.round);
+        self.clients_sampled.inc_by(r.sampled as u64);
+        let result = |result| self.client_results.get_or_create(&ResultLabels { result });
+        result(ClientResult::success).inc_by(r.succeeded as u64);
+        result(ClientResult::failure).inc_by(r.failures_by_reason.values().sum::<usize>() as u64);
+        for (reason, n) in &r.failures_by_reason {
+            if let Some(known) = FAILURE_REASONS.iter().find(|f| f.as_str() == reason) {
+                let labels = FailureLabels {
+                    reason: known.as_str(),
+                };
+                self.client_failures
+                    .get_or_create(&labels)
+                    .inc_by(*n as u64);
+            }
+        }
+        for (outcome, n) in [
+            (Outcome::sampled, r.sampled),
+            (Outcome::succeeded, r.succeeded),
+            (Outcome::failed, r.failed),
+        ] {
+            let labels = OutcomeLabels { outcome };
+            self.round_clients.get_or_create(&labels).set(n as u64);
+        }
+        self.round_seconds.observe(r.seconds);
+        self.aggregate_seconds.observe(r.aggregate_seconds);
+    }
+}
+
+/// The run and the latest evaluation: what live views ask for and scrapes read.
+#[derive(Debug, Default, Clone)]
+struct Latest {
+    run_id: Option<String>,
+    run_status: Option<String>,
     accuracy: Option<f64>,
     loss: Option<f64>,
     train_loss: Option<f64>,
     federated_loss: Option<f64>,
-    last_sampled: u64,
-    last_succeeded: u64,
-    last_failed: u64,
+}
+
+fn lock(latest: &Mutex<Latest>) -> MutexGuard<'_, Latest> {
+    latest.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What is read at each scrape rather than counted: the run, the latest evaluation (absent
+/// until a round had one, rather than a misleading 0), the clients connected now, the uptime.
+struct LiveCollector {
+    started: Instant,
+    latest: Arc<Mutex<Latest>>,
+    fleet: Arc<Registry>,
+}
+
+impl std::fmt::Debug for LiveCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveCollector")
+            .field("started", &self.started)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Collector for LiveCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let latest = lock(&self.latest).clone();
+        if let Some(run) = &latest.run_id {
+            encoder
+                .encode_descriptor(
+                    "pollen_run",
+                    "The run this coordinator drives.",
+                    None,
+                    MetricType::Info,
+                )?
+                .encode_info(&[("run_id", run.as_str())])?;
+        }
+        let mut gauge = |name: &'static str, help: &'static str, value: f64| {
+            encoder
+                .encode_descriptor(name, help, None, MetricType::Gauge)?
+                .encode_gauge(&value)
+        };
+        gauge(
+            "pollen_run_elapsed_seconds",
+            "Seconds since the coordinator started.",
+            self.started.elapsed().as_secs_f64(),
+        )?;
+        for (name, help, value) in [
+            (
+                "pollen_accuracy",
+                "Accuracy of the global model (centralized, else federated evaluation), 0-1.",
+                latest.accuracy,
+            ),
+            (
+                "pollen_loss",
+                "Loss of the global model on the evaluation data.",
+                latest.loss,
+            ),
+            (
+                "pollen_train_loss",
+                "Example-weighted training loss the clients reported.",
+                latest.train_loss,
+            ),
+            (
+                "pollen_federated_loss",
+                "Example-weighted evaluation loss the clients reported.",
+                latest.federated_loss,
+            ),
+        ] {
+            if let Some(v) = value {
+                gauge(name, help, v)?;
+            }
+        }
+        encoder
+            .encode_descriptor(
+                "pollen_clients_connected",
+                "Fleet clients (direct or proxy bridges) connected now.",
+                None,
+                MetricType::Gauge,
+            )?
+            .encode_gauge(&self.fleet.len())
+    }
 }
 
 /// The coordinator's metrics; share one per process.
 #[derive(Debug)]
 pub struct Metrics {
-    started: Instant,
-    state: Mutex<State>,
+    rounds: RoundMetrics,
+    latest: Arc<Mutex<Latest>>,
+    registry: prometheus_client::registry::Registry,
     events: broadcast::Sender<LiveEvent>,
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
-        Self {
-            started: Instant::now(),
-            events: broadcast::channel(EVENT_BUFFER).0,
-            state: Mutex::new(State {
-                run_id: None,
-                run_status: None,
-                rounds_ok: 0,
-                rounds_failed: 0,
-                last_round: 0,
-                clients_sampled: 0,
-                clients_succeeded: 0,
-                failures_by_reason: BTreeMap::new(),
-                round_seconds: Histogram::new(ROUND_BUCKETS),
-                aggregate_seconds: Histogram::new(AGGREGATE_BUCKETS),
-                accuracy: None,
-                loss: None,
-                train_loss: None,
-                federated_loss: None,
-                last_sampled: 0,
-                last_succeeded: 0,
-                last_failed: 0,
-            }),
-        }
-    }
-}
-
 impl Metrics {
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    /// Metrics of the coordinator whose clients and counters are in `fleet`.
+    pub fn new(fleet: Arc<Registry>) -> Self {
+        let rounds = RoundMetrics::new();
+        let latest = Arc::new(Mutex::new(Latest::default()));
+        let mut registry = prometheus_client::registry::Registry::default();
+        rounds.register(&mut registry);
+        fleet.counters().register(&mut registry);
+        registry.register_collector(Box::new(LiveCollector {
+            started: Instant::now(),
+            latest: latest.clone(),
+            fleet,
+        }));
+        Self {
+            rounds,
+            latest,
+            registry,
+            events: broadcast::channel(EVENT_BUFFER).0,
+        }
     }
 
     /// Live events from now on.
@@ -157,7 +351,7 @@ impl Metrics {
 
     /// The run being driven now, if one is running.
     pub fn live_run(&self) -> Option<String> {
-        let s = self.lock();
+        let s = lock(&self.latest);
         match s.run_status.as_deref() {
             Some("running") => s.run_id.clone(),
             _ => None,
@@ -167,7 +361,7 @@ impl Metrics {
     /// Takes in a run's start (`running`) or end.
     pub fn observe_run(&self, run_id: &str, status: &str) {
         {
-            let mut s = self.lock();
+            let mut s = lock(&self.latest);
             s.run_id = Some(run_id.to_string());
             s.run_status = Some(status.to_string());
         }
@@ -180,187 +374,24 @@ impl Metrics {
 
     /// Takes in a finished round.
     pub fn observe_round(&self, r: &RoundRecord) {
-        self.observe_round_numbers(r);
+        self.rounds.observe(r);
+        {
+            let mut s = lock(&self.latest);
+            s.run_id = Some(r.run_id.clone());
+            s.accuracy = r.accuracy.or(s.accuracy);
+            s.loss = r.loss.or(s.loss);
+            s.train_loss = r.train_loss.or(s.train_loss);
+            s.federated_loss = r.federated_loss.or(s.federated_loss);
+        }
         // The record (participants included) is copied only when a dashboard is watching.
         if self.events.receiver_count() > 0 {
             let _ = self.events.send(LiveEvent::Round(Arc::new(r.clone())));
         }
     }
 
-    fn observe_round_numbers(&self, r: &RoundRecord) {
-        let mut s = self.lock();
-        s.run_id = Some(r.run_id.clone());
-        match r.status {
-            RoundStatus::Ok => s.rounds_ok += 1,
-            RoundStatus::Failed => s.rounds_failed += 1,
-        }
-        s.last_round = r.round;
-        s.clients_sampled += r.sampled as u64;
-        s.clients_succeeded += r.succeeded as u64;
-        for (reason, n) in &r.failures_by_reason {
-            *s.failures_by_reason.entry(reason.clone()).or_insert(0) += *n as u64;
-        }
-        s.round_seconds.observe(r.seconds);
-        s.aggregate_seconds.observe(r.aggregate_seconds);
-        s.accuracy = r.accuracy.or(s.accuracy);
-        s.loss = r.loss.or(s.loss);
-        s.train_loss = r.train_loss.or(s.train_loss);
-        s.federated_loss = r.federated_loss.or(s.federated_loss);
-        s.last_sampled = r.sampled as u64;
-        s.last_succeeded = r.succeeded as u64;
-        s.last_failed = r.failed as u64;
-    }
-
-    /// The exposition text, with live values read from `registry`.
-    pub fn render(&self, registry: &Registry) -> String {
-        let c = registry.counters().snapshot();
-        let s = self.lock();
-        let mut out = String::with_capacity(4096);
-        if let Some(run) = &s.run_id {
-            by_label(
-                &mut out,
-                "gauge",
-                "pollen_run_info",
-                "The run this coordinator drives.",
-                "run_id",
-                [(run, 1)],
-            );
-        }
-        gauge(
-            &mut out,
-            "pollen_run_elapsed_seconds",
-            "Seconds since the coordinator started.",
-            self.started.elapsed().as_secs_f64(),
-        );
-        by_label(
-            &mut out,
-            "counter",
-            "pollen_rounds_total",
-            "Rounds finished, by status.",
-            "status",
-            [("ok", s.rounds_ok), ("failed", s.rounds_failed)],
-        );
-        gauge(
-            &mut out,
-            "pollen_round",
-            "The last finished round.",
-            s.last_round,
-        );
-        counter(
-            &mut out,
-            "pollen_clients_sampled_total",
-            "Clients sampled for fit, summed over rounds.",
-            s.clients_sampled,
-        );
-        let failures: u64 = s.failures_by_reason.values().sum();
-        by_label(
-            &mut out,
-            "counter",
-            "pollen_client_results_total",
-            "Client fit results, successful or failed.",
-            "result",
-            [("success", s.clients_succeeded), ("failure", failures)],
-        );
-        by_label(
-            &mut out,
-            "counter",
-            "pollen_client_failures_total",
-            "Client fit failures, by reason.",
-            "reason",
-            FAILURE_REASONS.map(|r| (r, s.failures_by_reason.get(r).copied().unwrap_or(0))),
-        );
-        by_label(
-            &mut out,
-            "gauge",
-            "pollen_round_clients",
-            "Clients of the last round, by outcome.",
-            "outcome",
-            [
-                ("sampled", s.last_sampled),
-                ("succeeded", s.last_succeeded),
-                ("failed", s.last_failed),
-            ],
-        );
-        s.round_seconds.render(
-            &mut out,
-            "pollen_round_duration_seconds",
-            "Wall time of a round (fit, aggregation, evaluation, records).",
-        );
-        s.aggregate_seconds.render(
-            &mut out,
-            "pollen_aggregation_duration_seconds",
-            "Time to finish a round's aggregation.",
-        );
-        for (name, help, value) in [
-            (
-                "pollen_accuracy",
-                "Accuracy of the global model (centralized, else federated evaluation), 0-1.",
-                s.accuracy,
-            ),
-            (
-                "pollen_loss",
-                "Loss of the global model on the evaluation data.",
-                s.loss,
-            ),
-            (
-                "pollen_train_loss",
-                "Example-weighted training loss the clients reported.",
-                s.train_loss,
-            ),
-            (
-                "pollen_federated_loss",
-                "Example-weighted evaluation loss the clients reported.",
-                s.federated_loss,
-            ),
-        ] {
-            if let Some(v) = value {
-                gauge(&mut out, name, help, v);
-            }
-        }
-        gauge(
-            &mut out,
-            "pollen_clients_connected",
-            "Fleet clients (direct or proxy bridges) connected now.",
-            registry.len(),
-        );
-        counter(
-            &mut out,
-            "pollen_sent_bytes_total",
-            "Weight bytes sent to clients (inline or through object storage).",
-            c.bytes_sent,
-        );
-        counter(
-            &mut out,
-            "pollen_received_bytes_total",
-            "Weight bytes received from clients.",
-            c.bytes_received,
-        );
-        by_label(
-            &mut out,
-            "counter",
-            "pollen_replies_dropped_total",
-            "Replies dropped, by reason.",
-            "reason",
-            [
-                ("late", c.replies_late),
-                ("duplicate", c.replies_duplicate),
-                ("unknown", c.replies_unknown),
-                ("wrong_client", c.replies_wrong_client),
-            ],
-        );
-        counter(
-            &mut out,
-            "pollen_updates_rejected_total",
-            "Updates that failed validation (digest, size, shapes, NaN/Inf).",
-            c.updates_rejected,
-        );
-        counter(
-            &mut out,
-            "pollen_messages_malformed_total",
-            "Undecodable or protocol-breaking Fleet messages.",
-            c.messages_malformed,
-        );
-        out
+    /// The exposition, with live values read now.
+    pub fn render(&self) -> String {
+        pollen_proto::prometheus::encode(&self.registry)
     }
 }
 
@@ -404,31 +435,50 @@ mod tests {
 
     #[test]
     fn rounds_show_up_as_counters_histograms_and_gauges() {
-        let m = Metrics::default();
+        let fleet = Arc::new(Registry::new(Arc::new(Counters::default())));
+        let m = Metrics::new(fleet.clone());
         m.observe_round(&record(1, RoundStatus::Ok, 0.3));
         m.observe_round(&record(2, RoundStatus::Failed, 7.0));
-        let registry = Registry::new(Arc::new(Counters::default()));
-        Counters::add(&registry.counters().bytes_sent, 1234);
-        let text = m.render(&registry);
+        fleet.counters().bytes_sent.inc_by(1234);
+        let text = m.render();
         for line in [
             "pollen_rounds_total{status=\"ok\"} 1",
             "pollen_rounds_total{status=\"failed\"} 1",
             "pollen_client_results_total{result=\"success\"} 4",
             "pollen_client_results_total{result=\"failure\"} 2",
             "pollen_client_failures_total{reason=\"timeout\"} 2",
+            "pollen_client_failures_total{reason=\"protocol_error\"} 0",
             "pollen_round_duration_seconds_bucket{le=\"0.5\"} 1",
-            "pollen_round_duration_seconds_bucket{le=\"10\"} 2",
+            "pollen_round_duration_seconds_bucket{le=\"10.0\"} 2",
+            "pollen_round_duration_seconds_bucket{le=\"+Inf\"} 2",
             "pollen_round_duration_seconds_count 2",
+            "pollen_round_clients{outcome=\"failed\"} 1",
+            "pollen_round 2",
             "pollen_accuracy 0.7",
             "pollen_sent_bytes_total 1234",
+            "pollen_replies_dropped_total{reason=\"wrong_client\"} 0",
             "pollen_clients_connected 0",
             "pollen_run_info{run_id=\"run-1\"} 1",
+            "# EOF",
         ] {
             assert!(
                 text.lines().any(|l| l == line),
                 "missing {line:?} in\n{text}"
             );
         }
+        assert!(!text.contains("pollen_federated_loss"), "{text}");
+    }
+
+    /// Run ids embed the run's name, which may hold anything; the encoder escapes label values.
+    #[test]
+    fn the_run_id_label_is_escaped() {
+        let m = Metrics::new(Arc::new(Registry::new(Arc::new(Counters::default()))));
+        m.observe_run("a\"b\\c\nd", "running");
+        let text = m.render();
+        assert!(
+            text.contains("pollen_run_info{run_id=\"a\\\"b\\\\c\\nd\"} 1\n"),
+            "{text}"
+        );
     }
 
     /// Every metric the Grafana dashboard in docs/ queries is one this module exports.
@@ -437,11 +487,11 @@ mod tests {
         let dashboard: serde_json::Value =
             serde_json::from_str(include_str!("../../docs/grafana/pollen-dashboard.json"))
                 .expect("the dashboard is JSON");
-        let m = Metrics::default();
+        let m = Metrics::new(Arc::new(Registry::new(Arc::new(Counters::default()))));
         let mut r = record(1, RoundStatus::Ok, 0.3);
         r.federated_loss = Some(0.5);
         m.observe_round(&r);
-        let text = m.render(&Registry::new(Arc::new(Counters::default())));
+        let text = m.render();
         let exported: std::collections::HashSet<&str> = text
             .lines()
             .filter(|l| !l.starts_with('#'))

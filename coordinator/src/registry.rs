@@ -356,7 +356,7 @@ impl Registry {
         match inner.pending.get(&request_id) {
             Some(p) if p.client_id != client_id => {
                 drop(inner);
-                Counters::bump(&self.counters.replies_wrong_client);
+                self.counters.replies_wrong_client.inc();
                 tracing::warn!(client = %client_id, request = request_id, "reply to a request addressed to another client dropped");
                 false
             }
@@ -367,7 +367,7 @@ impl Registry {
                 // The awaiting side may have given up between the lookup and now; then the
                 // reply is late.
                 if p.reply.send(reply).is_err() {
-                    Counters::bump(&self.counters.replies_late);
+                    self.counters.replies_late.inc();
                     return false;
                 }
                 true
@@ -380,7 +380,7 @@ impl Registry {
                     Some((Closed::Answered, _)) => (&self.counters.replies_duplicate, "duplicate"),
                     None => (&self.counters.replies_unknown, "unknown-request"),
                 };
-                Counters::bump(counter);
+                counter.inc();
                 tracing::warn!(client = %client_id, request = request_id, "{what} reply dropped");
                 false
             }

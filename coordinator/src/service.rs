@@ -14,7 +14,6 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::counters::Counters;
 use crate::registry::Registry;
 use crate::strategy::ClientInfo;
 
@@ -76,7 +75,7 @@ impl fleet_server::Fleet for FleetService {
                 )));
             }
             Ok(Err(status)) => {
-                Counters::bump(&counters.messages_malformed);
+                counters.messages_malformed.inc();
                 tracing::warn!(%peer, "malformed first message: {}", status.message());
                 return Err(Status::invalid_argument(format!(
                     "{peer}: first message could not be decoded: {}",
@@ -87,7 +86,7 @@ impl fleet_server::Fleet for FleetService {
             Ok(Ok(Some(m))) => m,
         };
         let Some(ClientMsg::Join(join)) = first.msg else {
-            Counters::bump(&counters.messages_malformed);
+            counters.messages_malformed.inc();
             return Err(Status::failed_precondition(format!(
                 "{peer}: the first message on a Fleet stream must be Join"
             )));
@@ -147,7 +146,7 @@ impl FleetService {
                 match inbound.next().await {
                     Some(Ok(msg)) => {
                         if msg.msg.is_none() || matches!(msg.msg, Some(ClientMsg::Join(_))) {
-                            Counters::bump(&counters.messages_malformed);
+                            counters.messages_malformed.inc();
                             let _ = tx
                                 .send(Err(Status::invalid_argument(format!(
                                     "client {client_id}: message with no body or a second Join"
@@ -161,7 +160,7 @@ impl FleetService {
                     Some(Err(status)) => {
                         // A message that does not decode ends this client's stream, never the
                         // coordinator; the client may reconnect and try again.
-                        Counters::bump(&counters.messages_malformed);
+                        counters.messages_malformed.inc();
                         tracing::warn!(client = %client_id, "malformed message: {}", status.message());
                         let _ = tx
                             .send(Err(Status::invalid_argument(format!(

@@ -36,9 +36,10 @@ const DASHBOARD: &str = include_str!("dashboard.html");
 /// past runs only (`pollen dashboard`) has no registry or metrics, and serves no `/metrics`.
 #[derive(Clone, Default)]
 pub struct HttpSources {
-    /// Connected clients: live device status on the dashboard, `/metrics`.
+    /// Connected clients: live device status on the dashboard.
     pub registry: Option<Arc<Registry>>,
-    /// Prometheus metrics and the live event stream.
+    /// Prometheus metrics (the registry's clients and counters included) and the live event
+    /// stream.
     pub metrics: Option<Arc<Metrics>>,
     /// The run records the dashboard lists and charts.
     pub runs: Option<Arc<RunStore>>,
@@ -116,7 +117,7 @@ async fn records<T: Send + 'static>(
 }
 
 async fn render_metrics(State(s): State<HttpSources>) -> Result<impl IntoResponse, ApiError> {
-    let (Some(registry), Some(metrics)) = (&s.registry, &s.metrics) else {
+    let Some(metrics) = &s.metrics else {
         return Err(ApiError(
             StatusCode::NOT_FOUND,
             "no coordinator runs here, so there are no live metrics".into(),
@@ -124,7 +125,7 @@ async fn render_metrics(State(s): State<HttpSources>) -> Result<impl IntoRespons
     };
     Ok((
         [(header::CONTENT_TYPE, prometheus::CONTENT_TYPE)],
-        metrics.render(registry),
+        metrics.render(),
     ))
 }
 

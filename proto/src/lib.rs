@@ -15,7 +15,8 @@
 //!   (federated statistics).
 //! - `mqtt` (feature `mqtt`): broker URLs (`mqtt://`, `mqtts://` + X.509 files) to `rumqttc`
 //!   options with Pollen's packet limits.
-//! - [`prometheus`]: the Prometheus text format every `/metrics` endpoint writes.
+//! - [`prometheus`]: encoding a component's metrics registry in the OpenMetrics text format,
+//!   and (feature `metrics-http`) serving it at `/metrics`.
 //! - [`limits`]: message-size limits chosen deliberately (tonic defaults to 4 MiB).
 
 pub mod blob;

@@ -1,48 +1,20 @@
-//! Writing the Prometheus text exposition format (version 0.0.4), shared by every component
-//! that serves `/metrics` (coordinator, proxy, agent).
+//! `/metrics` for every component that serves one (coordinator, proxy, agent): each keeps its
+//! metrics in its own `prometheus-client` [`Registry`], encoded here in the OpenMetrics text
+//! format.
 
-use std::fmt::{Display, Write as _};
+use prometheus_client::registry::Registry;
 
-/// The `Content-Type` of a `/metrics` answer.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+/// The `Content-Type` of what [`encode`] writes.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// Escapes a label value as the format requires (label values may hold anything a device
-/// reports).
-pub fn label(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
-/// A metric family with one unlabelled sample.
-pub fn sample(out: &mut String, kind: &str, name: &str, help: &str, value: impl Display) {
-    let _ = writeln!(
-        out,
-        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-    );
-}
-
-pub fn counter(out: &mut String, name: &str, help: &str, value: u64) {
-    sample(out, "counter", name, help, value);
-}
-
-pub fn gauge(out: &mut String, name: &str, help: &str, value: impl Display) {
-    sample(out, "gauge", name, help, value);
-}
-
-/// A metric family with one sample per value of the label `key`.
-pub fn by_label<V: Display>(
-    out: &mut String,
-    kind: &str,
-    name: &str,
-    help: &str,
-    key: &str,
-    samples: impl IntoIterator<Item = (impl AsRef<str>, V)>,
-) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-    for (value, v) in samples {
-        let _ = writeln!(out, "{name}{{{key}=\"{}\"}} {v}", label(value.as_ref()));
-    }
+/// Everything `registry` holds, with the values of now, ending with `# EOF`.
+pub fn encode(registry: &Registry) -> String {
+    let mut out = String::with_capacity(4096);
+    // The encoder fails only when its writer does (Pollen's collectors only write), and writing
+    // to a String cannot fail.
+    prometheus_client::encoding::text::encode(&mut out, registry)
+        .expect("encoding into a String cannot fail");
+    out
 }
 
 /// A running `/metrics` endpoint.
@@ -52,21 +24,27 @@ pub struct MetricsServer {
     pub handle: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
-/// Serves `/metrics` (what `render` returns at each scrape) and `/healthz` on `addr` (port 0:
+/// Serves `/metrics` (what `registry` holds at each scrape) and `/healthz` on `addr` (port 0:
 /// any free port) until `shutdown`; for components without a dashboard (proxy, edge agent).
 #[cfg(feature = "metrics-http")]
 pub async fn serve(
     addr: std::net::SocketAddr,
-    render: impl Fn() -> String + Clone + Send + Sync + 'static,
+    registry: Registry,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<MetricsServer> {
     use axum::routing::get;
+    let registry = std::sync::Arc::new(registry);
     let app = axum::Router::new()
         .route(
             "/metrics",
             get(move || {
-                let render = render.clone();
-                async move { ([(axum::http::header::CONTENT_TYPE, CONTENT_TYPE)], render()) }
+                let registry = registry.clone();
+                async move {
+                    (
+                        [(axum::http::header::CONTENT_TYPE, CONTENT_TYPE)],
+                        encode(&registry),
+                    )
+                }
             }),
         )
         .route("/healthz", get(|| async { "ok\n" }));
@@ -93,28 +71,17 @@ pub async fn serve_router(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use prometheus_client::metrics::counter::Counter;
 
     #[test]
-    fn families_render_in_the_text_format() {
-        let mut out = String::new();
-        counter(&mut out, "x_total", "Xs.", 3);
-        by_label(
-            &mut out,
-            "counter",
-            "y_total",
-            "Ys.",
-            "reason",
-            [("a\"b", 1u64)],
-        );
+    fn counters_gain_their_suffix_and_the_exposition_ends_with_eof() {
+        let mut registry = Registry::default();
+        let counter: Counter = Counter::default();
+        counter.inc_by(3);
+        registry.register("x", "Xs", counter);
         assert_eq!(
-            out,
-            "# HELP x_total Xs.\n# TYPE x_total counter\nx_total 3\n\
-             # HELP y_total Ys.\n# TYPE y_total counter\ny_total{reason=\"a\\\"b\"} 1\n"
+            encode(&registry),
+            "# HELP x Xs.\n# TYPE x counter\nx_total 3\n# EOF\n"
         );
-    }
-
-    #[test]
-    fn label_values_are_escaped() {
-        assert_eq!(label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
     }
 }

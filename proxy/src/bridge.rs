@@ -25,7 +25,6 @@ use tonic::Streaming;
 
 use crate::book::{InstructionOutcome, ReplyOutcome, RequestBook};
 use crate::proxy::Shared;
-use crate::stats::Stats;
 
 /// Messages to the coordinator buffered per bridge.
 const OUTBOUND_BUFFER: usize = 16;
@@ -183,7 +182,7 @@ impl Bridge<'_> {
                 }
                 _ = tokio::time::sleep(until_deadline), if next_deadline.is_some() => {
                     for closing in self.book.expire(crate::now_unix_ms()) {
-                        Stats::bump(&shared.stats.timeouts);
+                        shared.stats.timeouts.inc();
                         tracing::info!(device = %self.device, request = %closing.cancel.request_id, "deadline passed without an answer");
                         self.to_coordinator(&tx, closing.failure).await;
                         self.publish(closing.cancel).await;
@@ -222,7 +221,7 @@ impl Bridge<'_> {
                                 self.to_coordinator(&tx, failure).await;
                             }
                             InstructionOutcome::Cancel(cancel) => {
-                                Stats::bump(&shared.stats.cancels);
+                                shared.stats.cancels.inc();
                                 self.publish(cancel).await;
                             }
                             InstructionOutcome::Ignore => {}
@@ -279,7 +278,7 @@ impl Bridge<'_> {
                 (&stats.replies_malformed, format!("malformed ({why})"))
             }
         };
-        Stats::bump(counter);
+        counter.inc();
         tracing::warn!(device = %self.device, %request, "{what} reply dropped");
         None
     }
@@ -301,7 +300,9 @@ impl Bridge<'_> {
             .publish_bytes(topic, QoS::AtLeastOnce, false, payload.into())
             .await
         {
-            Ok(()) => Stats::bump(&self.shared.stats.commands_published),
+            Ok(()) => {
+                self.shared.stats.commands_published.inc();
+            }
             // Only when the MQTT task is gone, i.e. the proxy is stopping.
             Err(e) => {
                 tracing::warn!(device = %self.device, request = %command.request_id, "command not published: {e}")

@@ -267,6 +267,14 @@ impl DeviceRegistry {
         self.devices.len()
     }
 
+    /// How many devices are online at `now_unix_ms`.
+    pub fn online_at(&self, now_unix_ms: u64) -> usize {
+        self.devices
+            .values()
+            .filter(|e| self.alive(e, now_unix_ms))
+            .count()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.devices.is_empty()
     }

@@ -15,7 +15,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::ProxyConfig;
 use crate::proxy::Shared;
-use crate::stats::Stats;
 
 /// QoS 1 messages the proxy may have unacknowledged at once. Every bridge may publish a
 /// command in the same instant when a round starts; rumqttc's default (100) would serialise a
@@ -113,7 +112,7 @@ pub(crate) async fn run_dispatcher(
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 backoff = BACKOFF_START;
                 if connected_before {
-                    Stats::bump(&shared.stats.reconnects);
+                    shared.stats.reconnects.inc();
                 }
                 connected_before = true;
                 tracing::info!(
@@ -167,14 +166,18 @@ fn route(shared: &Arc<Shared>, p: &rumqttc::Publish) {
             {
                 return;
             }
-            Stats::bump(&shared.stats.replies_received);
+            shared.stats.replies_received.inc();
             match decode_reply(&p.topic, device, &p.payload) {
                 Some(reply) => shared.route_reply(device, reply),
-                None => Stats::bump(&shared.stats.replies_malformed),
+                None => {
+                    shared.stats.replies_malformed.inc();
+                }
             }
         }
         "status" => match decode_status(&p.topic, device, &p.payload) {
-            StatusUpdate::Malformed => Stats::bump(&shared.stats.status_malformed),
+            StatusUpdate::Malformed => {
+                shared.stats.status_malformed.inc();
+            }
             update => shared.on_status(device, update, p.retain),
         },
         _ => {}

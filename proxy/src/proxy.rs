@@ -42,7 +42,8 @@ pub(crate) struct Shared {
     pub broker_url: String,
     pub selection: Selection,
     pub stats: Stats,
-    pub registry: Mutex<DeviceRegistry>,
+    /// Shared with the `/metrics` registry, which counts the devices online at each scrape.
+    pub registry: Arc<Mutex<DeviceRegistry>>,
     bridges: Mutex<Bridges>,
     pub mqtt: AsyncClient,
     /// One HTTP/2 connection multiplexes every bridge's Join stream.
@@ -54,7 +55,7 @@ pub(crate) struct Shared {
     pub shutdown: CancellationToken,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // The guarded maps stay consistent even if a holder panicked (every update is a single
     // insert or remove); keep the proxy serving rather than poison every device.
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -103,17 +104,19 @@ impl Shared {
             .get(device)
             .map(|b| b.inbox.clone());
         let Some(inbox) = inbox else {
-            Stats::bump(&self.stats.replies_unknown);
+            self.stats.replies_unknown.inc();
             tracing::debug!(%device, request = %reply.request_id, "reply for a device without a bridge dropped");
             return;
         };
         match inbox.try_send(reply) {
             Ok(()) => {}
             Err(TrySendError::Full(reply)) => {
-                Stats::bump(&self.stats.replies_dropped);
+                self.stats.replies_dropped.inc();
                 tracing::warn!(%device, request = %reply.request_id, "reply dropped: the bridge's inbox is full");
             }
-            Err(TrySendError::Closed(_)) => Stats::bump(&self.stats.replies_unknown),
+            Err(TrySendError::Closed(_)) => {
+                self.stats.replies_unknown.inc();
+            }
         }
     }
 
@@ -230,7 +233,7 @@ impl Proxy {
             broker_url: config.broker.redacted_url(),
             selection: config.selection.clone(),
             stats: Stats::default(),
-            registry: Mutex::new(DeviceRegistry::new(config.stale_after)),
+            registry: Arc::new(Mutex::new(DeviceRegistry::new(config.stale_after))),
             bridges: Mutex::new(Bridges::default()),
             mqtt,
             channel,
@@ -311,20 +314,16 @@ impl ProxyHandle {
         lock(&self.shared.registry).records()
     }
 
-    /// Renders the proxy's Prometheus metrics at each call (for `/metrics`).
-    pub fn prometheus(&self) -> impl Fn() -> String + Clone + Send + Sync + 'static {
-        let shared = self.shared.clone();
-        move || {
-            let devices = lock(&shared.registry).records();
-            shared.stats.snapshot().render_prometheus(&devices)
-        }
+    /// The proxy's Prometheus metrics, live, for `/metrics`.
+    pub fn metrics_registry(&self) -> prometheus_client::registry::Registry {
+        self.shared.stats.registry(self.shared.registry.clone())
     }
 
     /// Waits until at least `n` bridges are joined to the coordinator; false if `timeout`
     /// passes first.
     pub async fn wait_for_bridges(&self, n: usize, timeout: Duration) -> bool {
         let stats = &self.shared.stats;
-        let enough = || stats.bridges_open.load(Relaxed) >= n as u64;
+        let enough = || stats.bridges_open.get() >= n as u64;
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let changed = stats.bridges_changed.notified();

@@ -1,57 +1,189 @@
-//! Counters a proxy keeps about its traffic, read as a [`ProxyStatsSnapshot`].
+//! Counters a proxy keeps about its traffic, read as a [`ProxyStatsSnapshot`] and exported at
+//! `/metrics` through [`Stats::registry`].
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
 
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use serde::Serialize;
 use tokio::sync::Notify;
 
+use crate::devices::DeviceRegistry;
+
+/// Why a device reply was dropped; variants are spelled as the exported label values.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+enum DropReason {
+    duplicate,
+    late,
+    unknown,
+    malformed,
+    inbox_full,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct DropLabels {
+    reason: DropReason,
+}
+
 /// Live counters, shared by the dispatcher and every bridge.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Stats {
-    pub commands_published: AtomicU64,
-    pub replies_received: AtomicU64,
-    pub replies_duplicate: AtomicU64,
-    pub replies_late: AtomicU64,
-    pub replies_unknown: AtomicU64,
-    pub replies_malformed: AtomicU64,
-    pub replies_dropped: AtomicU64,
-    pub status_malformed: AtomicU64,
-    pub timeouts: AtomicU64,
-    pub cancels: AtomicU64,
-    pub bridges_open: AtomicU64,
-    pub reconnects: AtomicU64,
+    pub commands_published: Counter,
+    pub replies_received: Counter,
+    pub replies_duplicate: Counter,
+    pub replies_late: Counter,
+    pub replies_unknown: Counter,
+    pub replies_malformed: Counter,
+    pub replies_dropped: Counter,
+    pub status_malformed: Counter,
+    pub timeouts: Counter,
+    pub cancels: Counter,
+    pub bridges_open: Gauge<u64, AtomicU64>,
+    pub reconnects: Counter,
     /// Woken whenever `bridges_open` changes, for [`crate::ProxyHandle::wait_for_bridges`].
     pub bridges_changed: Notify,
+    /// `replies_duplicate` to `replies_dropped` are its members (a counter's clones share its
+    /// value), all made up front so that every reason is exported from the start, at 0 too.
+    dropped_by_reason: Family<DropLabels, Counter>,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        let dropped_by_reason = Family::<DropLabels, Counter>::default();
+        let member = |reason| dropped_by_reason.get_or_create_owned(&DropLabels { reason });
+        Self {
+            commands_published: Counter::default(),
+            replies_received: Counter::default(),
+            replies_duplicate: member(DropReason::duplicate),
+            replies_late: member(DropReason::late),
+            replies_unknown: member(DropReason::unknown),
+            replies_malformed: member(DropReason::malformed),
+            replies_dropped: member(DropReason::inbox_full),
+            status_malformed: Counter::default(),
+            timeouts: Counter::default(),
+            cancels: Counter::default(),
+            bridges_open: Gauge::default(),
+            reconnects: Counter::default(),
+            bridges_changed: Notify::new(),
+            dropped_by_reason,
+        }
+    }
 }
 
 impl Stats {
-    pub fn bump(counter: &AtomicU64) {
-        counter.fetch_add(1, Relaxed);
-    }
-
     pub fn snapshot(&self) -> ProxyStatsSnapshot {
         ProxyStatsSnapshot {
-            commands_published: self.commands_published.load(Relaxed),
-            replies_received: self.replies_received.load(Relaxed),
-            replies_duplicate: self.replies_duplicate.load(Relaxed),
-            replies_late: self.replies_late.load(Relaxed),
-            replies_unknown: self.replies_unknown.load(Relaxed),
-            replies_malformed: self.replies_malformed.load(Relaxed),
-            replies_dropped: self.replies_dropped.load(Relaxed),
-            status_malformed: self.status_malformed.load(Relaxed),
-            timeouts: self.timeouts.load(Relaxed),
-            cancels: self.cancels.load(Relaxed),
-            bridges_open: self.bridges_open.load(Relaxed),
-            reconnects: self.reconnects.load(Relaxed),
+            commands_published: self.commands_published.get(),
+            replies_received: self.replies_received.get(),
+            replies_duplicate: self.replies_duplicate.get(),
+            replies_late: self.replies_late.get(),
+            replies_unknown: self.replies_unknown.get(),
+            replies_malformed: self.replies_malformed.get(),
+            replies_dropped: self.replies_dropped.get(),
+            status_malformed: self.status_malformed.get(),
+            timeouts: self.timeouts.get(),
+            cancels: self.cancels.get(),
+            bridges_open: self.bridges_open.get(),
+            reconnects: self.reconnects.get(),
         }
     }
 
     /// Marks one bridge as joined until the returned guard drops, so that a bridge that ends
     /// by any path (error, panic, shutdown) leaves the gauge right.
     pub fn bridge_open(&self) -> OpenBridge<'_> {
-        self.bridges_open.fetch_add(1, Relaxed);
+        self.bridges_open.inc();
         self.bridges_changed.notify_waiters();
         OpenBridge { stats: self }
+    }
+
+    /// What `pollen proxy --http` serves at `/metrics`: these counters, and the devices of
+    /// `devices` by state, read at each scrape.
+    pub fn registry(&self, devices: Arc<Mutex<DeviceRegistry>>) -> Registry {
+        let mut registry = Registry::default();
+        for (name, help, counter) in [
+            (
+                "pollen_proxy_commands_published",
+                "Commands (work and cancels) handed to the MQTT client",
+                &self.commands_published,
+            ),
+            (
+                "pollen_proxy_replies_received",
+                "Messages received on device reply topics, well-formed or not",
+                &self.replies_received,
+            ),
+            (
+                "pollen_proxy_status_malformed",
+                "Device status messages that did not decode or named another device",
+                &self.status_malformed,
+            ),
+            (
+                "pollen_proxy_timeouts",
+                "Requests failed with TIMEOUT: the device missed the deadline",
+                &self.timeouts,
+            ),
+            (
+                "pollen_proxy_cancels",
+                "Requests the coordinator cancelled while open",
+                &self.cancels,
+            ),
+            (
+                "pollen_proxy_mqtt_reconnects",
+                "MQTT reconnections after the first connection",
+                &self.reconnects,
+            ),
+        ] {
+            registry.register(name, help, counter.clone());
+        }
+        registry.register(
+            "pollen_proxy_replies_dropped",
+            "Device replies dropped, by reason",
+            self.dropped_by_reason.clone(),
+        );
+        registry.register(
+            "pollen_proxy_bridges",
+            "Devices bridged to the coordinator now (one Fleet stream each)",
+            self.bridges_open.clone(),
+        );
+        registry.register_collector(Box::new(DevicesCollector(devices)));
+        registry
+    }
+}
+
+/// The devices by state, counted at each scrape: whether a device is online depends on when
+/// it was last heard from.
+struct DevicesCollector(Arc<Mutex<DeviceRegistry>>);
+
+impl std::fmt::Debug for DevicesCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DevicesCollector").finish_non_exhaustive()
+    }
+}
+
+impl Collector for DevicesCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let (known, online) = {
+            let devices = crate::proxy::lock(&self.0);
+            (devices.len(), devices.online_at(crate::now_unix_ms()))
+        };
+        let mut family = encoder.encode_descriptor(
+            "pollen_proxy_devices",
+            "Devices of the fleet known from their status messages, by state.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (state, n) in [("online", online), ("offline", known - online)] {
+            family
+                .encode_family(&[("state", state)])?
+                .encode_gauge(&n)?;
+        }
+        Ok(())
     }
 }
 
@@ -61,7 +193,7 @@ pub(crate) struct OpenBridge<'a> {
 
 impl Drop for OpenBridge<'_> {
     fn drop(&mut self) {
-        self.stats.bridges_open.fetch_sub(1, Relaxed);
+        self.stats.bridges_open.dec();
         self.stats.bridges_changed.notify_waiters();
     }
 }
@@ -97,109 +229,41 @@ pub struct ProxyStatsSnapshot {
     pub reconnects: u64,
 }
 
-impl ProxyStatsSnapshot {
-    /// These counters and the devices the proxy knows, in the Prometheus text format (what
-    /// `pollen proxy --http` serves at `/metrics`).
-    pub fn render_prometheus(&self, devices: &[crate::DeviceRecord]) -> String {
-        use pollen_proto::prometheus::{by_label, counter, gauge};
-        let mut out = String::with_capacity(2048);
-        counter(
-            &mut out,
-            "pollen_proxy_commands_published_total",
-            "Commands (work and cancels) handed to the MQTT client.",
-            self.commands_published,
-        );
-        counter(
-            &mut out,
-            "pollen_proxy_replies_received_total",
-            "Messages received on device reply topics, well-formed or not.",
-            self.replies_received,
-        );
-        by_label(
-            &mut out,
-            "counter",
-            "pollen_proxy_replies_dropped_total",
-            "Device replies dropped, by reason.",
-            "reason",
-            [
-                ("duplicate", self.replies_duplicate),
-                ("late", self.replies_late),
-                ("unknown", self.replies_unknown),
-                ("malformed", self.replies_malformed),
-                ("inbox_full", self.replies_dropped),
-            ],
-        );
-        counter(
-            &mut out,
-            "pollen_proxy_status_malformed_total",
-            "Device status messages that did not decode or named another device.",
-            self.status_malformed,
-        );
-        counter(
-            &mut out,
-            "pollen_proxy_timeouts_total",
-            "Requests failed with TIMEOUT: the device missed the deadline.",
-            self.timeouts,
-        );
-        counter(
-            &mut out,
-            "pollen_proxy_cancels_total",
-            "Requests the coordinator cancelled while open.",
-            self.cancels,
-        );
-        counter(
-            &mut out,
-            "pollen_proxy_mqtt_reconnects_total",
-            "MQTT reconnections after the first connection.",
-            self.reconnects,
-        );
-        gauge(
-            &mut out,
-            "pollen_proxy_bridges",
-            "Devices bridged to the coordinator now (one Fleet stream each).",
-            self.bridges_open,
-        );
-        let online = devices.iter().filter(|d| d.online).count();
-        by_label(
-            &mut out,
-            "gauge",
-            "pollen_proxy_devices",
-            "Devices of the fleet known from their status messages, by state.",
-            "state",
-            [("online", online), ("offline", devices.len() - online)],
-        );
-        out
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pollen_proto::device::DeviceStatus;
 
     #[test]
     fn the_exposition_names_every_counter_and_the_device_states() {
-        let stats = ProxyStatsSnapshot {
-            replies_late: 2,
-            bridges_open: 3,
-            ..Default::default()
-        };
-        let device = |id: &str, online| crate::DeviceRecord {
-            device_id: id.into(),
-            online,
-            ..Default::default()
-        };
-        let text = stats.render_prometheus(&[device("a", true), device("b", false)]);
+        let stats = Stats::default();
+        stats.replies_late.inc_by(2);
+        let _bridges = [stats.bridge_open(), stats.bridge_open()];
+        let mut devices = DeviceRegistry::new(std::time::Duration::from_secs(30));
+        let now = crate::now_unix_ms();
+        for (id, online) in [("a", true), ("b", false)] {
+            let status = DeviceStatus {
+                device_id: id.into(),
+                online,
+                ..Default::default()
+            };
+            devices.update(status, false, now);
+        }
+        let text = pollen_proto::prometheus::encode(&stats.registry(Arc::new(Mutex::new(devices))));
         for line in [
             "pollen_proxy_replies_dropped_total{reason=\"late\"} 2",
-            "pollen_proxy_bridges 3",
+            "pollen_proxy_replies_dropped_total{reason=\"inbox_full\"} 0",
+            "pollen_proxy_bridges 2",
             "pollen_proxy_devices{state=\"online\"} 1",
             "pollen_proxy_devices{state=\"offline\"} 1",
             "pollen_proxy_timeouts_total 0",
+            "pollen_proxy_commands_published_total 0",
         ] {
             assert!(
                 text.lines().any(|l| l == line),
                 "missing {line:?} in\n{text}"
             );
         }
+        assert_eq!(stats.snapshot().replies_late, 2);
     }
 }

@@ -318,19 +318,22 @@ async fn duplicate_and_late_replies_are_dropped_and_counted() {
     assert_eq!(r1.failures[0].client, "dev-late");
     tokio::time::sleep(Duration::from_secs(2)).await;
     // The same story on the coordinator's Prometheus endpoint.
-    let text = reqwest::get(format!("{}/metrics", h.http))
+    let response = reqwest::get(format!("{}/metrics", h.http))
         .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("body");
+        .expect("GET /metrics");
+    assert_eq!(
+        response.headers()["content-type"],
+        pollen_proto::prometheus::CONTENT_TYPE
+    );
+    let text = response.text().await.expect("body");
+    assert!(text.ends_with("# EOF\n"), "{text}");
     for line in [
         "pollen_rounds_total{status=\"ok\"} 2",
         "pollen_client_results_total{result=\"success\"} 4",
         "pollen_client_results_total{result=\"failure\"} 2",
         "pollen_client_failures_total{reason=\"timeout\"} 2",
         "pollen_round_duration_seconds_count 2",
-        "pollen_accuracy 1",
+        "pollen_accuracy 1.0",
     ] {
         assert!(
             text.lines().any(|l| l == line),

@@ -275,7 +275,7 @@ impl LocalCoordinator {
         let Some(addr) = addr else {
             return Ok(None);
         };
-        let metrics = Arc::new(Metrics::default());
+        let metrics = Arc::new(Metrics::new(self.server.registry.clone()));
         serve_dashboard(
             addr,
             runs_dir,

@@ -24,7 +24,6 @@ mod state;
 mod work;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,6 +31,10 @@ use pollen_proto::limits::MAX_MQTT_PAYLOAD_BYTES;
 use pollen_proto::mqtt::{BrokerConfig, BrokerError, mqtt_options};
 use pollen_proto::scalar::ScalarMap;
 use pollen_proto::topics::{self, TopicError};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
 use prost::Message;
 use rumqttc::{LastWill, MqttOptions, QoS};
 use tokio::sync::{Semaphore, mpsc};
@@ -106,31 +109,77 @@ impl AgentOptions {
     }
 }
 
+/// A command's outcome; variants are spelled as the exported label values.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+enum Outcome {
+    fit_done,
+    evaluate_done,
+    get_parameters_done,
+    statistics_done,
+    failed,
+    cancelled,
+    expired,
+    duplicate,
+    malformed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: Outcome,
+}
+
 /// Counters of what an agent did, readable while it runs.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct AgentStats {
     /// Messages that arrived on the command topic, malformed ones included.
-    pub commands_received: AtomicU64,
+    pub commands_received: Counter,
     /// Payloads that were not a usable `Command` (ignored).
-    pub commands_malformed: AtomicU64,
+    pub commands_malformed: Counter,
     /// Redeliveries of a command already queued, running or handled.
-    pub commands_duplicate: AtomicU64,
+    pub commands_duplicate: Counter,
     /// Commands cancelled while queued or running.
-    pub commands_cancelled: AtomicU64,
+    pub commands_cancelled: Counter,
     /// Commands whose deadline passed before they could start.
-    pub commands_expired: AtomicU64,
-    pub fits_done: AtomicU64,
-    pub evaluations_done: AtomicU64,
-    pub parameters_done: AtomicU64,
-    pub statistics_done: AtomicU64,
+    pub commands_expired: Counter,
+    pub fits_done: Counter,
+    pub evaluations_done: Counter,
+    pub parameters_done: Counter,
+    pub statistics_done: Counter,
     /// Failure replies (any code).
-    pub failures_sent: AtomicU64,
+    pub failures_sent: Counter,
     /// Replies handed to the MQTT client (progress and republications included).
-    pub replies_published: AtomicU64,
+    pub replies_published: Counter,
     /// Connections after the first.
-    pub reconnects: AtomicU64,
+    pub reconnects: Counter,
     /// Failed connection attempts and lost connections.
-    pub connection_errors: AtomicU64,
+    pub connection_errors: Counter,
+    /// The counters of commands by outcome are its members (a counter's clones share its
+    /// value), all made up front so that every outcome is exported from the start, at 0 too.
+    commands: Family<OutcomeLabels, Counter>,
+}
+
+impl Default for AgentStats {
+    fn default() -> Self {
+        let commands = Family::<OutcomeLabels, Counter>::default();
+        let member = |outcome| commands.get_or_create_owned(&OutcomeLabels { outcome });
+        Self {
+            commands_received: Counter::default(),
+            commands_malformed: member(Outcome::malformed),
+            commands_duplicate: member(Outcome::duplicate),
+            commands_cancelled: member(Outcome::cancelled),
+            commands_expired: member(Outcome::expired),
+            fits_done: member(Outcome::fit_done),
+            evaluations_done: member(Outcome::evaluate_done),
+            parameters_done: member(Outcome::get_parameters_done),
+            statistics_done: member(Outcome::statistics_done),
+            failures_sent: member(Outcome::failed),
+            replies_published: Counter::default(),
+            reconnects: Counter::default(),
+            connection_errors: Counter::default(),
+            commands,
+        }
+    }
 }
 
 /// A copy of [`AgentStats`] at one moment.
@@ -153,74 +202,52 @@ pub struct AgentStatsSnapshot {
 
 impl AgentStats {
     pub fn snapshot(&self) -> AgentStatsSnapshot {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         AgentStatsSnapshot {
-            commands_received: get(&self.commands_received),
-            commands_malformed: get(&self.commands_malformed),
-            commands_duplicate: get(&self.commands_duplicate),
-            commands_cancelled: get(&self.commands_cancelled),
-            commands_expired: get(&self.commands_expired),
-            fits_done: get(&self.fits_done),
-            evaluations_done: get(&self.evaluations_done),
-            parameters_done: get(&self.parameters_done),
-            statistics_done: get(&self.statistics_done),
-            failures_sent: get(&self.failures_sent),
-            replies_published: get(&self.replies_published),
-            reconnects: get(&self.reconnects),
-            connection_errors: get(&self.connection_errors),
+            commands_received: self.commands_received.get(),
+            commands_malformed: self.commands_malformed.get(),
+            commands_duplicate: self.commands_duplicate.get(),
+            commands_cancelled: self.commands_cancelled.get(),
+            commands_expired: self.commands_expired.get(),
+            fits_done: self.fits_done.get(),
+            evaluations_done: self.evaluations_done.get(),
+            parameters_done: self.parameters_done.get(),
+            statistics_done: self.statistics_done.get(),
+            failures_sent: self.failures_sent.get(),
+            replies_published: self.replies_published.get(),
+            reconnects: self.reconnects.get(),
+            connection_errors: self.connection_errors.get(),
         }
     }
-}
 
-impl AgentStatsSnapshot {
-    /// The agent's counters in the Prometheus text format (what `pollen-agent --metrics`
-    /// serves at `/metrics`).
-    pub fn render_prometheus(&self) -> String {
-        use pollen_proto::prometheus::{by_label, counter};
-        let mut out = String::with_capacity(2048);
-        counter(
-            &mut out,
-            "pollen_agent_commands_received_total",
-            "Messages on the command topic, malformed ones included.",
-            self.commands_received,
+    /// What `pollen-agent --metrics` serves at `/metrics`: these counters, still counting.
+    pub fn registry(&self) -> Registry {
+        let mut registry = Registry::default();
+        registry.register(
+            "pollen_agent_commands_received",
+            "Messages on the command topic, malformed ones included",
+            self.commands_received.clone(),
         );
-        by_label(
-            &mut out,
-            "counter",
-            "pollen_agent_commands_total",
-            "Commands by outcome: work done by kind, failed, cancelled, expired, ignored.",
-            "outcome",
-            [
-                ("fit_done", self.fits_done),
-                ("evaluate_done", self.evaluations_done),
-                ("get_parameters_done", self.parameters_done),
-                ("statistics_done", self.statistics_done),
-                ("failed", self.failures_sent),
-                ("cancelled", self.commands_cancelled),
-                ("expired", self.commands_expired),
-                ("duplicate", self.commands_duplicate),
-                ("malformed", self.commands_malformed),
-            ],
+        registry.register(
+            "pollen_agent_commands",
+            "Commands by outcome: work done by kind, failed, cancelled, expired, ignored",
+            self.commands.clone(),
         );
-        counter(
-            &mut out,
-            "pollen_agent_replies_published_total",
-            "Replies handed to the MQTT client (progress and republications included).",
-            self.replies_published,
+        registry.register(
+            "pollen_agent_replies_published",
+            "Replies handed to the MQTT client (progress and republications included)",
+            self.replies_published.clone(),
         );
-        counter(
-            &mut out,
-            "pollen_agent_mqtt_reconnects_total",
-            "Broker connections after the first.",
-            self.reconnects,
+        registry.register(
+            "pollen_agent_mqtt_reconnects",
+            "Broker connections after the first",
+            self.reconnects.clone(),
         );
-        counter(
-            &mut out,
-            "pollen_agent_mqtt_connection_errors_total",
-            "Failed connection attempts and lost connections.",
-            self.connection_errors,
+        registry.register(
+            "pollen_agent_mqtt_connection_errors",
+            "Failed connection attempts and lost connections",
+            self.connection_errors.clone(),
         );
-        out
+        registry
     }
 }
 
@@ -468,13 +495,14 @@ mod tests {
     #[test]
     fn agent_metrics_count_commands_by_outcome() {
         let stats = AgentStats::default();
-        stats.fits_done.fetch_add(3, Ordering::Relaxed);
-        stats.commands_expired.fetch_add(1, Ordering::Relaxed);
-        let text = stats.snapshot().render_prometheus();
+        stats.fits_done.inc_by(3);
+        stats.commands_expired.inc();
+        let text = pollen_proto::prometheus::encode(&stats.registry());
         for line in [
             "pollen_agent_commands_total{outcome=\"fit_done\"} 3",
             "pollen_agent_commands_total{outcome=\"expired\"} 1",
             "pollen_agent_commands_total{outcome=\"failed\"} 0",
+            "pollen_agent_commands_total{outcome=\"get_parameters_done\"} 0",
             "pollen_agent_mqtt_reconnects_total 0",
         ] {
             assert!(
@@ -482,5 +510,7 @@ mod tests {
                 "missing {line:?} in\n{text}"
             );
         }
+        let snapshot = stats.snapshot();
+        assert_eq!((snapshot.fits_done, snapshot.commands_expired), (3, 1));
     }
 }

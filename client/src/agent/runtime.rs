@@ -12,7 +12,6 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -259,7 +258,7 @@ impl Runtime {
             NetEvent::Connected { session_present } => {
                 self.connections += 1;
                 if self.connections > 1 {
-                    self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                    self.stats.reconnects.inc();
                     tracing::info!(session_present, "reconnected to the broker");
                 } else {
                     tracing::info!(session_present, "connected to the broker");
@@ -278,7 +277,7 @@ impl Runtime {
                 } else {
                     tracing::warn!("cannot reach the broker: {error}");
                 }
-                self.stats.connection_errors.fetch_add(1, Ordering::Relaxed);
+                self.stats.connection_errors.inc();
                 self.connected = false;
                 self.subscribed = false;
             }
@@ -295,13 +294,11 @@ impl Runtime {
             );
             return;
         }
-        self.stats.commands_received.fetch_add(1, Ordering::Relaxed);
+        self.stats.commands_received.inc();
         let command = match super::state::parse_command(payload) {
             Ok(command) => command,
             Err(e) => {
-                self.stats
-                    .commands_malformed
-                    .fetch_add(1, Ordering::Relaxed);
+                self.stats.commands_malformed.inc();
                 tracing::warn!(
                     topic,
                     bytes = payload.len(),
@@ -326,9 +323,7 @@ impl Runtime {
         match self.scheduler.receive(command, now) {
             Intake::Queued => {}
             Intake::Duplicate => {
-                self.stats
-                    .commands_duplicate
-                    .fetch_add(1, Ordering::Relaxed);
+                self.stats.commands_duplicate.inc();
                 tracing::info!(%request_id, "duplicate command ignored");
                 if let Some(payload) = self.outbox.get(&request_id).cloned() {
                     self.publish_reply(&request_id, payload);
@@ -339,15 +334,11 @@ impl Runtime {
                 self.deliver(reply, command.deadline_unix_ms, now);
             }
             Intake::CancelledQueued => {
-                self.stats
-                    .commands_cancelled
-                    .fetch_add(1, Ordering::Relaxed);
+                self.stats.commands_cancelled.inc();
                 tracing::info!(%request_id, "queued command cancelled");
             }
             Intake::CancelledRunning => {
-                self.stats
-                    .commands_cancelled
-                    .fetch_add(1, Ordering::Relaxed);
+                self.stats.commands_cancelled.inc();
                 tracing::info!(%request_id, "running command cancelled");
                 if let Some((_, _, cancel)) = self.running.take() {
                     cancel.cancel();
@@ -366,7 +357,7 @@ impl Runtime {
         while let Some(next) = self.scheduler.next(now) {
             match next {
                 Next::Expired(command) => {
-                    self.stats.commands_expired.fetch_add(1, Ordering::Relaxed);
+                    self.stats.commands_expired.inc();
                     tracing::warn!(
                         request_id = %command.request_id,
                         deadline_unix_ms = command.deadline_unix_ms,
@@ -436,7 +427,7 @@ impl Runtime {
                 _ => None,
             };
             if let Some(counter) = counter {
-                counter.fetch_add(1, Ordering::Relaxed);
+                counter.inc();
             }
             self.deliver(reply, deadline, now);
         }
@@ -446,7 +437,7 @@ impl Runtime {
     /// Puts a final reply in the outbox, then publishes it.
     fn deliver(&mut self, reply: Reply, deadline_unix_ms: u64, now: u64) {
         if matches!(reply.body, Some(Body::Failure(_))) {
-            self.stats.failures_sent.fetch_add(1, Ordering::Relaxed);
+            self.stats.failures_sent.inc();
         }
         let request_id = reply.request_id.clone();
         let payload = encode_reply(reply);
@@ -470,7 +461,7 @@ impl Runtime {
             .try_publish(&self.reply_topic, QoS::AtLeastOnce, false, payload)
         {
             Ok(()) => {
-                self.stats.replies_published.fetch_add(1, Ordering::Relaxed);
+                self.stats.replies_published.inc();
                 self.outbox.mark_sent(request_id);
             }
             Err(e) => tracing::warn!(request_id, "reply not handed to the MQTT client yet: {e}"),

@@ -22,7 +22,6 @@ use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::counters::Counters;
 use crate::records::{FailureRecord, RoundRecord, RoundStatus, RunHandle};
 use crate::registry::{Registry, Reply};
 use crate::storage::{BlobStore, MAX_PRESIGN_TTL, StoreError};
@@ -669,10 +668,10 @@ impl RoundDriver {
             };
             match self.registry.request(&client_id, round, build).await {
                 Ok((request_id, rx)) => {
-                    Counters::add(
-                        &self.registry.counters().bytes_sent,
-                        blob.bytes.len() as u64,
-                    );
+                    self.registry
+                        .counters()
+                        .bytes_sent
+                        .inc_by(blob.bytes.len() as u64);
                     open.push(OpenRequest {
                         client_id,
                         request_id,
@@ -748,7 +747,7 @@ impl RoundDriver {
                     metrics,
                     bytes,
                 } => {
-                    Counters::add(&self.registry.counters().bytes_received, bytes);
+                    self.registry.counters().bytes_received.inc_by(bytes);
                     let (agg, folded) = tokio::task::spawn_blocking(move || {
                         let r = aggregator.fold(&parameters, num_examples);
                         (aggregator, r)
@@ -762,7 +761,7 @@ impl RoundDriver {
                             metrics,
                         }),
                         Err(e) => {
-                            Counters::bump(&self.registry.counters().updates_rejected);
+                            self.registry.counters().updates_rejected.inc();
                             let message = format!("client {client_id}, round {round}: {e}");
                             tracing::warn!("update rejected: {message}");
                             failures.push(failure(&client_id, FailureReason::Rejected, message));
@@ -938,7 +937,7 @@ async fn fit_outcome(
         other => return FitOutcome::Failed(unexpected(&client_id, other)),
     };
     let reject = |message: String| {
-        Counters::bump(&registry.counters().updates_rejected);
+        registry.counters().updates_rejected.inc();
         let message = format!("client {client_id}, round {round}: {message}");
         tracing::warn!("update rejected: {message}");
         FitOutcome::Failed(failure(&client_id, FailureReason::Rejected, message))

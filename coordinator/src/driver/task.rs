@@ -9,7 +9,6 @@ use pollen_proto::fleet::{
 use tokio::task::JoinSet;
 
 use super::{DriverError, RoundDriver, await_reply, failure, unexpected};
-use crate::counters::Counters;
 use crate::registry::Reply;
 use crate::statistics::{Combiner, FederatedStatistics};
 use crate::strategy::{ClientFailure, FailureReason};
@@ -96,7 +95,7 @@ impl RoundDriver {
                         None => Err("an answer without statistics".into()),
                     };
                     if let Err(message) = added {
-                        Counters::bump(&self.registry.counters().updates_rejected);
+                        self.registry.counters().updates_rejected.inc();
                         tracing::warn!(client = %client_id, "statistics rejected: {message}");
                         failures.push(failure(&client_id, FailureReason::Rejected, message));
                     }

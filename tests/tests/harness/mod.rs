@@ -149,7 +149,7 @@ impl Harness {
         let server = serve(SocketAddr::from(([127, 0, 0, 1], 0)), stop.clone())
             .await
             .expect("bind port 0");
-        let metrics = Arc::new(Metrics::default());
+        let metrics = Arc::new(Metrics::new(server.registry.clone()));
         let http = serve_http(
             SocketAddr::from(([127, 0, 0, 1], 0)),
             HttpSources {
