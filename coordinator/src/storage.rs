@@ -23,6 +23,7 @@
 //! ```
 
 pub mod embedded;
+mod folder;
 pub mod memory;
 pub mod s3;
 

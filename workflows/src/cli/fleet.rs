@@ -70,9 +70,10 @@ pub async fn proxy(a: ProxyArgs) -> anyhow::Result<()> {
         a.coordinator
     );
     if let Some(addr) = a.http {
-        let server = pollen_proto::prometheus::serve(addr, proxy.metrics_registry(), shutdown.clone())
-            .await
-            .with_context(|| format!("serving metrics on {addr}"))?;
+        let server =
+            pollen_proto::prometheus::serve(addr, proxy.metrics_registry(), shutdown.clone())
+                .await
+                .with_context(|| format!("serving metrics on {addr}"))?;
         eprintln!("Prometheus metrics on http://{}/metrics", server.addr);
     }
     shutdown.cancelled().await;
