@@ -6,7 +6,11 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-/// Part `index` of `count` (`index < count`), written and parsed as `INDEX/COUNT`.
+/// Most parts anything is split into: a proxy hashes every device id against each shard, and a
+/// data share allocates a list per part, so a count of billions would hang or exhaust memory.
+pub const MAX_COUNT: u32 = 65_536;
+
+/// Part `index` of `count` (`index < count <= MAX_COUNT`), written and parsed as `INDEX/COUNT`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct Part {
@@ -36,7 +40,17 @@ impl FromStr for Part {
                 "{s:?}: the index must be below the count (0/{count}..)"
             ));
         }
+        if count > MAX_COUNT {
+            return Err(format!("{s:?}: at most {MAX_COUNT} parts"));
+        }
         Ok(Self { index, count })
+    }
+}
+
+impl Part {
+    /// Whether `index < count <= MAX_COUNT`, for parts built in code rather than parsed.
+    pub fn is_valid(&self) -> bool {
+        self.index < self.count && self.count <= MAX_COUNT
     }
 }
 
@@ -67,10 +81,26 @@ mod tests {
     fn parts_parse_print_and_reject_nonsense() {
         let p: Part = " 2 / 5".parse().expect("valid");
         assert_eq!((p.index, p.count, p.to_string()), (2, 5, "2/5".to_string()));
-        for bad in ["5/5", "1/0", "x/3", "3", "-1/3", "1/y"] {
+        for bad in [
+            "5/5",
+            "1/0",
+            "x/3",
+            "3",
+            "-1/3",
+            "1/y",
+            "0/65537",
+            "0/4000000000",
+        ] {
             let e = bad.parse::<Part>().expect_err(bad);
             assert!(e.contains(&format!("{bad:?}")), "{e}");
         }
+        assert!(
+            "65535/65536"
+                .parse::<Part>()
+                .expect("the largest")
+                .is_valid()
+        );
+        assert!(!Part { index: 3, count: 3 }.is_valid());
     }
 
     #[test]

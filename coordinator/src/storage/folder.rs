@@ -29,6 +29,8 @@ const CHUNK: usize = 1 << 20;
 /// S3's own ceiling for a single PUT; a presigned URL's holder cannot fill the disk past it in
 /// one upload.
 const MAX_OBJECT_BYTES: u64 = 5 << 30;
+/// Longest wait for the next piece of an upload's body.
+const BODY_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
 /// Where uploads are written before they are renamed into place: a name no bucket can have.
 const UPLOADS: &str = ".uploads";
 
@@ -38,13 +40,42 @@ pub(super) struct Folder {
     root: PathBuf,
 }
 
+/// The server's own failure: logged with its path, answered without it (the answer reaches
+/// devices, which have no business knowing the server's folders).
 fn io_error(what: &str, path: &Path, e: std::io::Error) -> S3Error {
-    s3_error!(e, InternalError, "{what} {}", path.display())
+    tracing::warn!(path = %path.display(), "embedded S3: cannot {what}: {e}");
+    s3_error!(
+        e,
+        InternalError,
+        "the embedded store cannot {what} the object"
+    )
+}
+
+/// An error meaning no object is there: nothing at the path, or a file or folder in the way
+/// (`a/b` when `a` is an object, or a key naming a folder other keys made).
+fn is_absent(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{IsADirectory, NotADirectory, NotFound};
+    matches!(e.kind(), NotFound | NotADirectory | IsADirectory)
+}
+
+/// An upload's temporary file, removed unless it was renamed into place: also when the
+/// request is dropped mid-body (a device gone, the server shutting down).
+struct TempUpload(PathBuf);
+
+impl Drop for TempUpload {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 impl Folder {
     pub(super) fn new(root: &Path) -> std::io::Result<Self> {
-        std::fs::create_dir_all(root.join(UPLOADS))?;
+        // What a crash left half-written is of no use to anyone.
+        let uploads = root.join(UPLOADS);
+        if uploads.exists() {
+            std::fs::remove_dir_all(&uploads)?;
+        }
+        std::fs::create_dir_all(&uploads)?;
         Ok(Self {
             root: root.to_path_buf(),
         })
@@ -95,44 +126,64 @@ impl Folder {
         }
     }
 
-    /// The object's file and what S3 says about it, or `NoSuchKey`.
-    async fn stat(&self, bucket: &str, key: &str) -> S3Result<(PathBuf, Stat)> {
+    /// The object's file, open, and what S3 says about it, or `NoSuchKey`. Size and ETag come
+    /// from the open file, so that they describe the bytes served even if a PUT renames a new
+    /// object over the key meanwhile.
+    async fn open(&self, bucket: &str, key: &str) -> S3Result<(tokio::fs::File, Stat)> {
         let path = self.object(bucket, key)?;
-        match tokio::fs::metadata(&path).await {
-            Ok(m) if m.is_file() => {
-                let modified = m.modified().map_err(|e| io_error("stat", &path, e))?;
-                Ok((path, Stat::new(m.len(), modified)))
-            }
-            Ok(_) => Err(s3_error!(NoSuchKey)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                self.bucket_exists(bucket).await?;
-                Err(s3_error!(NoSuchKey))
-            }
-            Err(e) => Err(io_error("stat", &path, e)),
+        let absent = async || {
+            self.bucket_exists(bucket).await?;
+            Err(s3_error!(NoSuchKey))
+        };
+        let file = match tokio::fs::File::open(&path).await {
+            Ok(file) => file,
+            Err(e) if is_absent(&e) => return absent().await,
+            Err(e) => return Err(io_error("open", &path, e)),
+        };
+        let meta = file
+            .metadata()
+            .await
+            .map_err(|e| io_error("stat", &path, e))?;
+        if !meta.is_file() {
+            return absent().await;
         }
+        Ok((
+            file,
+            Stat::of(&meta).map_err(|e| io_error("stat", &path, e))?,
+        ))
     }
 }
 
-/// Size, modification time and the ETag derived from both.
+/// Size, modification time and file identity, and the ETag derived from them.
 struct Stat {
     len: u64,
     modified: SystemTime,
+    inode: u64,
 }
 
 impl Stat {
-    fn new(len: u64, modified: SystemTime) -> Self {
-        Self { len, modified }
+    fn of(meta: &std::fs::Metadata) -> std::io::Result<Self> {
+        #[cfg(unix)]
+        let inode = std::os::unix::fs::MetadataExt::ino(meta);
+        #[cfg(not(unix))]
+        let inode = 0;
+        Ok(Self {
+            len: meta.len(),
+            modified: meta.modified()?,
+            inode,
+        })
     }
 
-    /// Size and modification time, as file servers derive their ETags: it changes with every
-    /// write without hashing the object (clients treat ETags as opaque; blobs carry their own
-    /// SHA-256).
+    /// Inode, modification time and size, as file servers derive their ETags, without hashing
+    /// the object (clients treat ETags as opaque; blobs carry their own SHA-256). Every PUT
+    /// renames a new file into place, so the inode changes with every write even within the
+    /// file system's timestamp granularity.
     fn e_tag(&self) -> ETag {
         let nanos = self
             .modified
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
-        ETag::Strong(format!("{nanos:x}-{:x}", self.len))
+        ETag::Strong(format!("{:x}-{nanos:x}-{:x}", self.inode, self.len))
     }
 
     fn length(&self) -> S3Result<i64> {
@@ -168,7 +219,7 @@ impl S3 for Folder {
         &self,
         req: S3Request<HeadObjectInput>,
     ) -> S3Result<S3Response<HeadObjectOutput>> {
-        let (_, stat) = self.stat(&req.input.bucket, &req.input.key).await?;
+        let (_, stat) = self.open(&req.input.bucket, &req.input.key).await?;
         Ok(S3Response::new(HeadObjectOutput {
             content_length: Some(stat.length()?),
             e_tag: Some(stat.e_tag()),
@@ -188,10 +239,7 @@ impl S3 for Folder {
                 "the embedded store serves whole objects only"
             ));
         }
-        let (path, stat) = self.stat(&input.bucket, &input.key).await?;
-        let file = tokio::fs::File::open(&path)
-            .await
-            .map_err(|e| io_error("open", &path, e))?;
+        let (file, stat) = self.open(&input.bucket, &input.key).await?;
         let body = tokio_util::io::ReaderStream::with_capacity(file, CHUNK);
         Ok(S3Response::new(GetObjectOutput {
             body: Some(StreamingBlob::wrap(body)),
@@ -232,68 +280,87 @@ impl S3 for Folder {
         {
             return Err(s3_error!(EntityTooLarge));
         }
-        let temp = self.root.join(UPLOADS).join(format!(
+        let temp = TempUpload(self.root.join(UPLOADS).join(format!(
             "{}-{:016x}",
             std::process::id(),
             rand::random::<u64>()
-        ));
-        let written = async {
-            let file = tokio::fs::File::create(&temp)
-                .await
-                .map_err(|e| io_error("create", &temp, e))?;
-            let mut out = tokio::io::BufWriter::with_capacity(CHUNK, file);
-            let mut md5 = input.content_md5.as_ref().map(|_| Md5::new());
-            let mut len: u64 = 0;
-            while let Some(chunk) = body.next().await {
-                let chunk =
-                    chunk.map_err(|e| s3_error!(IncompleteBody, "reading the body: {e}"))?;
-                len += chunk.len() as u64;
-                if len > MAX_OBJECT_BYTES {
-                    return Err(s3_error!(EntityTooLarge));
-                }
-                if let Some(h) = &mut md5 {
-                    h.update(&chunk);
-                }
-                out.write_all(&chunk)
-                    .await
-                    .map_err(|e| io_error("write", &temp, e))?;
-            }
-            out.flush().await.map_err(|e| io_error("write", &temp, e))?;
-            if input
-                .content_length
-                .is_some_and(|n| u64::try_from(n).ok() != Some(len))
-            {
-                return Err(s3_error!(IncompleteBody, "{len} bytes, not Content-Length"));
-            }
-            if let (Some(h), Some(expected)) = (md5, &input.content_md5)
-                && base64::engine::general_purpose::STANDARD.encode(h.finalize()) != *expected
-            {
-                return Err(s3_error!(
-                    BadDigest,
-                    "the body does not match its Content-MD5"
-                ));
-            }
-            if let Some(parent) = path.parent().filter(|p| *p != bucket) {
-                tokio::fs::create_dir_all(parent)
-                    .await
-                    .map_err(|e| io_error("create", parent, e))?;
-            }
-            tokio::fs::rename(&temp, &path)
-                .await
-                .map_err(|e| io_error("rename into", &path, e))?;
-            Ok(len)
-        }
-        .await;
-        if written.is_err() {
-            let _ = tokio::fs::remove_file(&temp).await;
-        }
-        let len = written?;
-        let modified = tokio::fs::metadata(&path)
+        )));
+        let file = tokio::fs::File::create(&temp.0)
             .await
-            .and_then(|m| m.modified())
-            .map_err(|e| io_error("stat", &path, e))?;
+            .map_err(|e| io_error("create", &temp.0, e))?;
+        let mut out = tokio::io::BufWriter::with_capacity(CHUNK, file);
+        let mut md5 = input.content_md5.as_ref().map(|_| Md5::new());
+        let mut len: u64 = 0;
+        loop {
+            // A device whose link died mid-upload without closing the connection would hold
+            // the upload (and its file) forever.
+            let next = tokio::time::timeout(BODY_IDLE, body.next())
+                .await
+                .map_err(|_| s3_error!(RequestTimeout, "no body bytes for {BODY_IDLE:?}"))?;
+            let Some(chunk) = next else { break };
+            let chunk = chunk.map_err(|e| s3_error!(IncompleteBody, "reading the body: {e}"))?;
+            len += chunk.len() as u64;
+            if len > MAX_OBJECT_BYTES {
+                return Err(s3_error!(EntityTooLarge));
+            }
+            if let Some(h) = &mut md5 {
+                h.update(&chunk);
+            }
+            out.write_all(&chunk)
+                .await
+                .map_err(|e| io_error("write", &temp.0, e))?;
+        }
+        out.flush()
+            .await
+            .map_err(|e| io_error("write", &temp.0, e))?;
+        if input
+            .content_length
+            .is_some_and(|n| u64::try_from(n).ok() != Some(len))
+        {
+            return Err(s3_error!(IncompleteBody, "{len} bytes, not Content-Length"));
+        }
+        if let (Some(h), Some(expected)) = (md5, &input.content_md5)
+            && base64::engine::general_purpose::STANDARD.encode(h.finalize()) != *expected
+        {
+            return Err(s3_error!(
+                BadDigest,
+                "the body does not match its Content-MD5"
+            ));
+        }
+        // Read before the rename (which keeps it): afterwards the key may already hold another
+        // upload, or nothing.
+        let stat = out
+            .get_ref()
+            .metadata()
+            .await
+            .and_then(|m| Stat::of(&m))
+            .map_err(|e| io_error("stat", &temp.0, e))?;
+        drop(out);
+        let conflict = || {
+            s3_error!(
+                InvalidRequest,
+                "key {:?} runs into an object or a folder of other objects",
+                input.key
+            )
+        };
+        if let Some(parent) = path.parent().filter(|p| *p != bucket) {
+            match tokio::fs::create_dir_all(parent).await {
+                Ok(()) => {}
+                Err(e) if is_absent(&e) || e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    return Err(conflict());
+                }
+                Err(e) => return Err(io_error("create a folder for", parent, e)),
+            }
+        }
+        match tokio::fs::rename(&temp.0, &path).await {
+            Ok(()) => {}
+            Err(e) if is_absent(&e) || e.kind() == std::io::ErrorKind::DirectoryNotEmpty => {
+                return Err(conflict());
+            }
+            Err(e) => return Err(io_error("store", &path, e)),
+        }
         Ok(S3Response::new(PutObjectOutput {
-            e_tag: Some(Stat::new(len, modified).e_tag()),
+            e_tag: Some(stat.e_tag()),
             size: i64::try_from(len).ok(),
             ..Default::default()
         }))
@@ -311,7 +378,7 @@ impl S3 for Folder {
         match tokio::fs::remove_file(&path).await {
             // Deleting a missing key succeeds in S3 too.
             Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) if is_absent(&e) => {}
             Err(e) => return Err(io_error("delete", &path, e)),
         }
         Ok(S3Response::new(DeleteObjectOutput::default()))

@@ -106,6 +106,17 @@ impl DataSource {
     /// Reads the data; MNIST reads `split`.
     pub fn read_split(&self, split: MnistSplit) -> Result<Raw, DataError> {
         let format = self.format()?;
+        if let Some(shard) = self.shard
+            && !shard.is_valid()
+        {
+            return Err(DataError::Format {
+                path: self.path.display().to_string(),
+                reason: format!(
+                    "data.shard {shard}: the index must be below the count, at most {}",
+                    pollen_proto::part::MAX_COUNT
+                ),
+            });
+        }
         match format {
             Format::Csv => {
                 if self.shard.is_some() {
