@@ -114,6 +114,15 @@ fn sdk_message<E: std::error::Error>(e: E) -> String {
     DisplayErrorContext(e).to_string()
 }
 
+/// The error of request `op` on `key`, with the SDK's whole chain of causes.
+fn failed<E: std::error::Error>(op: &'static str, key: &str) -> impl FnOnce(E) -> StoreError {
+    move |e| StoreError::Request {
+        op,
+        key: key.to_string(),
+        message: sdk_message(e),
+    }
+}
+
 impl S3Store {
     /// Builds the S3 client and makes sure the bucket exists.
     pub async fn connect(config: &StoreConfig) -> Result<Self, StoreError> {
@@ -203,11 +212,7 @@ impl BlobStore for S3Store {
             .send()
             .await
             .map(|_| ())
-            .map_err(|e| StoreError::Request {
-                op: "PUT",
-                key: key.to_string(),
-                message: sdk_message(e),
-            })
+            .map_err(failed("PUT", key))
     }
 
     async fn get(&self, key: &str, limit: u64) -> Result<Bytes, StoreError> {
@@ -218,11 +223,7 @@ impl BlobStore for S3Store {
             .key(key)
             .send()
             .await
-            .map_err(|e| StoreError::Request {
-                op: "GET",
-                key: key.to_string(),
-                message: sdk_message(e),
-            })?;
+            .map_err(failed("GET", key))?;
         let too_large = |size: u64| StoreError::TooLarge {
             key: key.to_string(),
             size,
@@ -257,11 +258,7 @@ impl BlobStore for S3Store {
             .send()
             .await
             .map(|_| ())
-            .map_err(|e| StoreError::Request {
-                op: "DELETE",
-                key: key.to_string(),
-                message: sdk_message(e),
-            })
+            .map_err(failed("DELETE", key))
     }
 
     async fn presign_get(&self, key: &str, ttl: Duration) -> Result<String, StoreError> {
@@ -272,11 +269,7 @@ impl BlobStore for S3Store {
             .key(key)
             .presigned(Self::presigning(ttl)?)
             .await
-            .map_err(|e| StoreError::Request {
-                op: "presign GET",
-                key: key.to_string(),
-                message: sdk_message(e),
-            })?;
+            .map_err(failed("presign GET", key))?;
         Ok(req.uri().to_string())
     }
 
@@ -288,11 +281,7 @@ impl BlobStore for S3Store {
             .key(key)
             .presigned(Self::presigning(ttl)?)
             .await
-            .map_err(|e| StoreError::Request {
-                op: "presign PUT",
-                key: key.to_string(),
-                message: sdk_message(e),
-            })?;
+            .map_err(failed("presign PUT", key))?;
         Ok(req.uri().to_string())
     }
 }

@@ -98,6 +98,25 @@ impl StorageArgs {
     }
 }
 
+/// The live dashboard of a run that trains in this process.
+#[derive(Args, Clone, Debug)]
+pub struct LiveDashboardArgs {
+    /// Serve the live web dashboard and Prometheus /metrics while the run goes (the URL
+    /// is printed).
+    #[arg(long)]
+    pub dashboard: bool,
+    /// Where the dashboard listens; port 0 picks a free port.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
+    pub http: SocketAddr,
+}
+
+impl LiveDashboardArgs {
+    /// Where to serve it, if asked to.
+    fn addr(&self) -> Option<SocketAddr> {
+        self.dashboard.then_some(self.http)
+    }
+}
+
 /// Arguments of `pollen simulate`.
 #[derive(Args, Debug)]
 pub struct SimulateArgs {
@@ -123,13 +142,8 @@ pub struct SimulateArgs {
     /// Where run records go.
     #[arg(long, default_value = "runs")]
     pub runs_dir: PathBuf,
-    /// Serve the live web dashboard and Prometheus /metrics while the run goes (the URL
-    /// is printed).
-    #[arg(long)]
-    pub dashboard: bool,
-    /// Where the dashboard listens; port 0 picks a free port.
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
-    pub http: SocketAddr,
+    #[command(flatten)]
+    pub dashboard: LiveDashboardArgs,
 }
 
 pub async fn simulate(a: SimulateArgs) -> anyhow::Result<()> {
@@ -146,7 +160,7 @@ pub async fn simulate(a: SimulateArgs) -> anyhow::Result<()> {
     options.transport = a.transport;
     options.broker = a.broker.map(BrokerConfig::new);
     options.s3 = a.storage.external();
-    options.dashboard = a.dashboard.then_some(a.http);
+    options.dashboard = a.dashboard.addr();
     let sim =
         crate::simulate::simulate(&spec, &options, shutdown_on_ctrl_c(RUN_INTERRUPTED), report)
             .await?;
@@ -235,13 +249,8 @@ pub struct RunArgs {
     pub discovery_wait: std::time::Duration,
     #[arg(long)]
     pub json: bool,
-    /// Serve the live web dashboard and Prometheus /metrics while the run goes (the URL
-    /// is printed).
-    #[arg(long)]
-    pub dashboard: bool,
-    /// Where the dashboard listens; port 0 picks a free port.
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
-    pub http: SocketAddr,
+    #[command(flatten)]
+    pub dashboard: LiveDashboardArgs,
 }
 
 pub async fn run(a: RunArgs) -> anyhow::Result<()> {
@@ -259,7 +268,7 @@ pub async fn run(a: RunArgs) -> anyhow::Result<()> {
         runs_dir: a.runs_dir,
         discovery_wait: a.discovery_wait,
         stale_after: std::time::Duration::from_secs(30),
-        dashboard: a.dashboard.then_some(a.http),
+        dashboard: a.dashboard.addr(),
     };
     let (bar, report) = reporter(&spec, a.json);
     let fleet_name = spec.devices.fleet.clone();
