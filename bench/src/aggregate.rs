@@ -6,12 +6,13 @@
 //! uploads, and the coordinator's whole per-update work is timed (digest check, decode with
 //! finiteness check, fold), as in a real round.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
 use pollen_coordinator::FedAvg;
 use pollen_coordinator::fedavg::FedAvgConfig;
-use pollen_coordinator::strategy::Strategy;
+use pollen_coordinator::strategy::{ClientUpdate, Strategy};
 use pollen_proto::blob::EncodedBlob;
 use pollen_proto::{NamedTensor, Parameters};
 use pollen_train::manifest::TaskKind;
@@ -103,7 +104,7 @@ fn random_like(template: &Parameters, seed: u64) -> Parameters {
 }
 
 enum Updates {
-    Decoded(Vec<Parameters>),
+    Decoded(Vec<ClientUpdate>),
     Encoded(Vec<EncodedBlob>),
 }
 
@@ -121,39 +122,49 @@ pub fn run(options: &AggregateOptions) -> anyhow::Result<AggregateReport> {
         .into_par_iter()
         .map(|i| random_like(&global, i + 1))
         .collect();
+    let update = |i: usize, parameters: Parameters| ClientUpdate {
+        client_id: format!("c{i}"),
+        num_examples: 10 + i as u64,
+        parameters,
+    };
     let updates = if options.from_wire {
         Updates::Encoded(decoded.into_par_iter().map(|p| p.encode()).collect())
     } else {
-        Updates::Decoded(decoded)
+        Updates::Decoded(
+            decoded
+                .into_iter()
+                .enumerate()
+                .map(|(i, p)| update(i, p))
+                .collect(),
+        )
     };
     let mut strategy = FedAvg::new(FedAvgConfig::default());
     let before = rss_bytes();
     let reset = reset_peak_rss();
     let mut seconds = Vec::with_capacity(options.runs);
     let mut last = None;
+    let global = Arc::new(global);
     for _ in 0..options.runs {
         let started = Instant::now();
         let mut aggregator = strategy.fit_aggregator(1, &global);
         match &updates {
             Updates::Decoded(list) => {
-                for (i, u) in list.iter().enumerate() {
-                    aggregator
-                        .fold(u, 10 + i as u64)
-                        .map_err(anyhow::Error::msg)?;
+                for u in list {
+                    aggregator.fold(u).map_err(anyhow::Error::msg)?;
                 }
             }
             Updates::Encoded(list) => {
                 for (i, blob) in list.iter().enumerate() {
                     let u = Parameters::from_wire(&blob.to_inline(), Some(&specs))
                         .context("decoding an update")?;
-                    aggregator
-                        .fold(&u, 10 + i as u64)
-                        .map_err(anyhow::Error::msg)?;
+                    aggregator.fold(&update(i, u)).map_err(anyhow::Error::msg)?;
                 }
             }
         }
         let model = aggregator
             .finish()
+            .map_err(anyhow::Error::msg)?
+            .parameters
             .context("no model out of the aggregator")?;
         seconds.push(started.elapsed().as_secs_f64());
         last = Some(model);

@@ -83,7 +83,7 @@ pub async fn run(options: &MnistOptions) -> anyhow::Result<MnistReport> {
         workload: format!(
             "default simulation: MNIST 2NN, {} IID clients, C={}, E={}, B={}, lr {}, over {}",
             spec.data.clients.unwrap_or(0),
-            spec.strategy.fedavg().fraction_fit,
+            spec.strategy.fraction_fit,
             spec.train.local_epochs,
             spec.train.batch_size,
             spec.train.learning_rate,

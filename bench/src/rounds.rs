@@ -223,6 +223,7 @@ pub async fn run(options: &RoundsOptions) -> anyhow::Result<RoundsReport> {
             wait_for_clients: Duration::from_secs(60),
             seed: 1,
             primary_metric: None,
+            ..Default::default()
         },
     )
     .on_round(stats_at_round);

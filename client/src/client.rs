@@ -110,6 +110,14 @@ pub trait Client: Send + 'static {
         parameters: Parameters,
     ) -> Result<ClientEvaluate, ClientError>;
 
+    /// How long to hold the answer just computed before sending it. Real clients answer at
+    /// once (the default); simulated devices return their simulated slowness (hardware, link,
+    /// time asleep) here, which the runtime waits out without holding a compute slot, so that
+    /// a simulated fleet's timing can be studied on a few cores.
+    fn answer_delay(&mut self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
+
     /// Federated statistics of the local training data under `work.task`'s input schema. The
     /// default refuses: a client that holds no data set has none to describe.
     fn statistics(&mut self, work: &Work<'_>) -> Result<Statistics, ClientError> {

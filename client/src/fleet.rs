@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::client::{Client, ClientError, TaskBlob, Work};
 use crate::task::TaskCache;
 use crate::transfer::{self, TransferError};
+use crate::update::UpdateEncoder;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FleetClientError {
@@ -172,6 +173,7 @@ pub async fn serve<C: Client>(
     // first use, so that thousands of simulated clients with inline weights hold none.
     let http = Arc::new(LazyHttp::default());
     let tasks = Arc::new(TaskCache::default());
+    let updates = Arc::new(UpdateEncoder::default());
     loop {
         let msg = tokio::select! {
             m = inbound.next() => m,
@@ -199,17 +201,15 @@ pub async fn serve<C: Client>(
             work => {
                 let (client, tx, cancelled) = (client.clone(), tx.clone(), cancelled.clone());
                 let slots = options.compute_slots.clone();
-                let (http, tasks) = (http.clone(), tasks.clone());
+                let (http, tasks, updates) = (http.clone(), tasks.clone(), updates.clone());
                 let hash_inline = !options.skip_inline_digest;
                 // Work runs in its own task so that Cancel and Stop are still read meanwhile.
                 tokio::spawn(async move {
-                    let _permit = match &slots {
-                        Some(s) => Some(s.clone().acquire_owned().await),
-                        None => None,
-                    };
                     let ctx = Answering {
                         http: &http,
                         tasks: &tasks,
+                        updates: &updates,
+                        slots: slots.as_ref(),
                         hash_inline,
                     };
                     let Some((request_id, reply)) = ctx.answer(client, work).await else {
@@ -259,8 +259,12 @@ fn failure(request_id: u64, round: u64, e: ClientError) -> ClientMessage {
 }
 
 /// The parameters wire weights stand for: inline bytes decoded, or a reference downloaded from
-/// its presigned URL (size, digest and codec checked).
-async fn fetch(weights: Option<Weights>, http: &LazyHttp) -> Result<Parameters, ClientError> {
+/// its presigned URL (size, digest and codec checked); and the blob's digest, which a delta
+/// update names as its base.
+async fn fetch(
+    weights: Option<Weights>,
+    http: &LazyHttp,
+) -> Result<(Parameters, String), ClientError> {
     match weights.and_then(|w| w.body) {
         Some(Body::Reference(r)) => {
             if r.url.is_empty() {
@@ -269,45 +273,41 @@ async fn fetch(weights: Option<Weights>, http: &LazyHttp) -> Result<Parameters, 
                     r.location
                 )));
             }
+            let sha256 = r.sha256.clone();
             let get = BlobGet {
                 url: r.url,
                 sha256: r.sha256,
                 size_bytes: r.size_bytes,
                 codec: r.codec,
             };
-            transfer::download(http.get()?, &get)
+            let parameters = transfer::download(http.get()?, &get)
                 .await
-                .map_err(ClientError::from)
+                .map_err(ClientError::from)?;
+            Ok((parameters, sha256))
         }
         body => {
+            let sha256 = match &body {
+                Some(Body::Inline(b)) => b.sha256.clone(),
+                _ => String::new(),
+            };
             let weights = Weights { body };
-            tokio::task::spawn_blocking(move || Parameters::from_wire(&weights, None))
-                .await
-                .map_err(|e| ClientError::training(format!("decoding task failed: {e}")))?
-                .map_err(ClientError::from)
+            let parameters =
+                tokio::task::spawn_blocking(move || Parameters::from_wire(&weights, None))
+                    .await
+                    .map_err(|e| ClientError::training(format!("decoding task failed: {e}")))?
+                    .map_err(ClientError::from)?;
+            Ok((parameters, sha256))
         }
     }
 }
 
-/// Encodes an answer's weights: inline, or uploaded to the presigned PUT the coordinator gave
-/// and named by its key.
+/// Sends an encoded answer: inline, or uploaded to the presigned PUT the coordinator gave and
+/// named by its key.
 async fn deliver(
-    parameters: Parameters,
+    blob: pollen_proto::blob::EncodedBlob,
     upload: Option<Upload>,
     http: &LazyHttp,
-    hash_inline: bool,
 ) -> Result<Weights, ClientError> {
-    // Blobs by reference always carry their digest.
-    let hash = hash_inline || upload.is_some();
-    let blob = tokio::task::spawn_blocking(move || {
-        if hash {
-            parameters.encode()
-        } else {
-            parameters.encode_unhashed()
-        }
-    })
-    .await
-    .map_err(|e| ClientError::training(format!("encoding task failed: {e}")))?;
     match upload {
         None => Ok(blob.to_inline()),
         Some(Upload { location, url }) => {
@@ -319,23 +319,29 @@ async fn deliver(
     }
 }
 
-/// Runs `f` on the client on a blocking thread.
-async fn compute<C: Client, T: Send + 'static>(
-    client: Arc<Mutex<C>>,
-    f: impl FnOnce(&mut C) -> Result<T, ClientError> + Send + 'static,
-) -> Result<T, ClientError> {
+/// Encodes `parameters` as plain f32 weights (initial parameters), off the async threads.
+async fn encode_plain(
+    parameters: Parameters,
+    hash: bool,
+) -> Result<pollen_proto::blob::EncodedBlob, ClientError> {
     tokio::task::spawn_blocking(move || {
-        let mut c = client.lock().unwrap_or_else(|e| e.into_inner());
-        f(&mut *c)
+        if hash {
+            parameters.encode()
+        } else {
+            parameters.encode_unhashed()
+        }
     })
     .await
-    .map_err(|e| ClientError::training(format!("client task failed: {e}")))?
+    .map_err(|e| ClientError::training(format!("encoding task failed: {e}")))
 }
 
 /// What answering an instruction needs besides the client.
 struct Answering<'a> {
     http: &'a LazyHttp,
     tasks: &'a TaskCache,
+    updates: &'a Arc<UpdateEncoder>,
+    /// Compute slots shared by this process's clients; held only while the client computes.
+    slots: Option<&'a Arc<Semaphore>>,
     hash_inline: bool,
 }
 
@@ -363,6 +369,37 @@ impl Answering<'_> {
         self.tasks.resolve(task, || self.http.get().cloned()).await
     }
 
+    /// Runs `f` on the client on a blocking thread, holding a compute slot if slots are
+    /// limited; then waits out the client's answer delay (a simulated slow device's), without
+    /// the slot.
+    async fn compute<C: Client, T: Send + 'static>(
+        &self,
+        client: Arc<Mutex<C>>,
+        f: impl FnOnce(&mut C) -> Result<T, ClientError> + Send + 'static,
+    ) -> Result<T, ClientError> {
+        let permit = match self.slots {
+            Some(s) => Some(
+                s.clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| ClientError::training("the compute slots were closed"))?,
+            ),
+            None => None,
+        };
+        let (out, delay) = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let mut c = client.lock().unwrap_or_else(|e| e.into_inner());
+            let out = f(&mut *c);
+            (out, c.answer_delay())
+        })
+        .await
+        .map_err(|e| ClientError::training(format!("client task failed: {e}")))?;
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        out
+    }
+
     /// Runs one instruction on the client, returning its request id and the message to send.
     async fn answer<C: Client>(
         &self,
@@ -378,8 +415,11 @@ impl Answering<'_> {
                         task: self.task(ins.task.as_ref()).await?,
                         config: ins.config,
                     };
-                    let p = compute(client, move |c| c.get_parameters(&owned.work())).await?;
-                    deliver(p, ins.upload, self.http, self.hash_inline).await
+                    let p = self
+                        .compute(client, move |c| c.get_parameters(&owned.work()))
+                        .await?;
+                    let hash = self.hash_inline || ins.upload.is_some();
+                    deliver(encode_plain(p, hash).await?, ins.upload, self.http).await
                 }
                 .await;
                 let msg = match result {
@@ -402,11 +442,26 @@ impl Answering<'_> {
                         task: self.task(ins.task.as_ref()).await?,
                         config: ins.config,
                     };
-                    let global = fetch(ins.weights, self.http).await?;
-                    let fit = compute(client, move |c| c.fit(&owned.work(), global)).await?;
-                    let weights =
-                        deliver(fit.parameters, ins.upload, self.http, self.hash_inline).await?;
-                    Ok::<_, ClientError>((weights, fit.num_examples, fit.metrics))
+                    let (global, base_sha256) = fetch(ins.weights, self.http).await?;
+                    // Blobs by reference always carry their digest.
+                    let hash = self.hash_inline || ins.upload.is_some();
+                    let updates = self.updates.clone();
+                    let (blob, num_examples, metrics) = self
+                        .compute(client, move |c| {
+                            let fit = c.fit(&owned.work(), global.clone())?;
+                            let blob = updates.encode(
+                                &owned.run_id,
+                                &owned.config,
+                                fit.parameters,
+                                &global,
+                                &base_sha256,
+                                hash,
+                            )?;
+                            Ok((blob, fit.num_examples, fit.metrics))
+                        })
+                        .await?;
+                    let weights = deliver(blob, ins.upload, self.http).await?;
+                    Ok::<_, ClientError>((weights, num_examples, metrics))
                 }
                 .await;
                 let msg = match result {
@@ -432,8 +487,9 @@ impl Answering<'_> {
                         task: self.task(ins.task.as_ref()).await?,
                         config: ins.config,
                     };
-                    let global = fetch(ins.weights, self.http).await?;
-                    compute(client, move |c| c.evaluate(&owned.work(), global)).await
+                    let (global, _) = fetch(ins.weights, self.http).await?;
+                    self.compute(client, move |c| c.evaluate(&owned.work(), global))
+                        .await
                 }
                 .await;
                 let msg = match result {
@@ -458,7 +514,8 @@ impl Answering<'_> {
                         task: self.task(ins.task.as_ref()).await?,
                         config: ins.config,
                     };
-                    compute(client, move |c| c.statistics(&owned.work())).await
+                    self.compute(client, move |c| c.statistics(&owned.work()))
+                        .await
                 }
                 .await;
                 let msg = match result {

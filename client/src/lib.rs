@@ -11,6 +11,8 @@
 //! - [`client`]: the `Client` trait, the [`Work`] an instruction is about, and its answers.
 //! - [`task`]: task manifests resolved from their references and cached by digest.
 //! - [`transfer`]: presigned-URL download (verified) and upload of blobs, shared by both paths.
+//! - [`update`]: how an update leaves the device: local DP, then the codec the instruction asks
+//!   for (f32, or f16/int8/top-k deltas with error feedback).
 //! - [`fleet`]: the gRPC Fleet client loop.
 //! - [`agent`]: the MQTT edge agent (session, heartbeats, command queue, outbox).
 
@@ -19,6 +21,7 @@ pub mod client;
 pub mod fleet;
 pub mod task;
 pub mod transfer;
+pub mod update;
 
 pub use agent::{Agent, AgentError, AgentOptions, AgentStats};
 pub use client::{Client, ClientError, ClientEvaluate, ClientFit, TaskBlob, Work};

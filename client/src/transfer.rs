@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use pollen_proto::blob::{self, BlobError, Parameters};
 use pollen_proto::device::BlobGet;
-use pollen_proto::fleet::{Codec, FailureCode};
+use pollen_proto::fleet::FailureCode;
 
 use crate::client::{ClientError, TaskBlob};
 
@@ -180,18 +180,21 @@ pub const MAX_TASK_BYTES: u64 = 1024 * 1024;
 /// and digest and decodes it (on a blocking thread: the model may be megabytes).
 pub async fn download(http: &reqwest::Client, get: &BlobGet) -> Result<Parameters, TransferError> {
     let shown = redact(&get.url);
-    if get.codec != Codec::SafetensorsF32 as i32 {
-        // No point fetching what cannot be read.
-        return Err(TransferError::Blob {
-            url: shown,
-            source: BlobError::UnsupportedCodec(get.codec),
-        });
-    }
+    // No point fetching what cannot be read: a model comes as weights, never as a change.
+    let codec = match blob::known_codec(get.codec) {
+        Ok(c) if !pollen_proto::codec::is_delta(c) => c,
+        _ => {
+            return Err(TransferError::Blob {
+                url: shown,
+                source: BlobError::UnsupportedCodec(get.codec),
+            });
+        }
+    };
     let body = fetch(http, &get.url, get.size_bytes).await?;
-    let (sha256, codec) = (get.sha256.clone(), get.codec);
+    let (sha256, wire) = (get.sha256.clone(), get.codec);
     let decoded = tokio::task::spawn_blocking(move || {
-        blob::verify(&body, &sha256, codec)?;
-        Parameters::decode(&body, None)
+        blob::verify(&body, &sha256, wire)?;
+        pollen_proto::codec::decode(&body, codec, None, None)
     })
     .await
     .map_err(|e| TransferError::Blob {

@@ -22,6 +22,19 @@ struct DropLabels {
     reason: DropReason,
 }
 
+/// Why a valid update was not folded.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+enum UnusedReason {
+    straggler,
+    stale,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct UnusedLabels {
+    reason: UnusedReason,
+}
+
 /// Monotonic counters; cheap to bump from any task.
 #[derive(Debug)]
 pub struct Counters {
@@ -35,6 +48,10 @@ pub struct Counters {
     pub replies_wrong_client: Counter,
     /// Fit updates that failed validation (digest, codec, names, shapes, NaN/Inf).
     pub updates_rejected: Counter,
+    /// Fits cancelled because their round had closed on its target (over-selection).
+    pub stragglers_dropped: Counter,
+    /// FedBuff updates trained on a model version older than the staleness limit.
+    pub updates_stale: Counter,
     /// Stream messages that could not be decoded or broke the protocol; each ends its stream.
     pub messages_malformed: Counter,
     /// Weight bytes sent to and received from clients.
@@ -43,13 +60,19 @@ pub struct Counters {
     /// The `replies_*` counters are its members (a counter's clones share its value), all made
     /// up front so that every reason is exported from the start, at 0 too.
     replies_dropped: Family<DropLabels, Counter>,
+    /// `stragglers_dropped` and `updates_stale`, by reason.
+    updates_unused: Family<UnusedLabels, Counter>,
 }
 
 impl Default for Counters {
     fn default() -> Self {
         let replies_dropped = Family::<DropLabels, Counter>::default();
         let member = |reason| replies_dropped.get_or_create_owned(&DropLabels { reason });
+        let updates_unused = Family::<UnusedLabels, Counter>::default();
+        let unused = |reason| updates_unused.get_or_create_owned(&UnusedLabels { reason });
         Self {
+            stragglers_dropped: unused(UnusedReason::straggler),
+            updates_stale: unused(UnusedReason::stale),
             replies_late: member(DropReason::late),
             replies_duplicate: member(DropReason::duplicate),
             replies_unknown: member(DropReason::unknown),
@@ -59,6 +82,7 @@ impl Default for Counters {
             bytes_sent: Counter::default(),
             bytes_received: Counter::default(),
             replies_dropped,
+            updates_unused,
         }
     }
 }
@@ -71,6 +95,10 @@ pub struct CountersSnapshot {
     pub replies_unknown: u64,
     pub replies_wrong_client: u64,
     pub updates_rejected: u64,
+    #[serde(default)]
+    pub stragglers_dropped: u64,
+    #[serde(default)]
+    pub updates_stale: u64,
     pub messages_malformed: u64,
     pub bytes_sent: u64,
     pub bytes_received: u64,
@@ -84,6 +112,8 @@ impl Counters {
             replies_unknown: self.replies_unknown.get(),
             replies_wrong_client: self.replies_wrong_client.get(),
             updates_rejected: self.updates_rejected.get(),
+            stragglers_dropped: self.stragglers_dropped.get(),
+            updates_stale: self.updates_stale.get(),
             messages_malformed: self.messages_malformed.get(),
             bytes_sent: self.bytes_sent.get(),
             bytes_received: self.bytes_received.get(),
@@ -115,6 +145,11 @@ impl Counters {
             self.updates_rejected.clone(),
         );
         registry.register(
+            "pollen_updates_unused",
+            "Valid updates not folded: a straggler's after its round closed on its target, or one staler than FedBuff's limit",
+            self.updates_unused.clone(),
+        );
+        registry.register(
             "pollen_messages_malformed",
             "Undecodable or protocol-breaking Fleet messages",
             self.messages_malformed.clone(),
@@ -131,6 +166,8 @@ impl CountersSnapshot {
             replies_unknown: self.replies_unknown - earlier.replies_unknown,
             replies_wrong_client: self.replies_wrong_client - earlier.replies_wrong_client,
             updates_rejected: self.updates_rejected - earlier.updates_rejected,
+            stragglers_dropped: self.stragglers_dropped - earlier.stragglers_dropped,
+            updates_stale: self.updates_stale - earlier.updates_stale,
             messages_malformed: self.messages_malformed - earlier.messages_malformed,
             bytes_sent: self.bytes_sent - earlier.bytes_sent,
             bytes_received: self.bytes_received - earlier.bytes_received,

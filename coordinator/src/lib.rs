@@ -5,8 +5,13 @@
 //! gRPC [`FleetService`] has registered, and [`records`] keeps every run reproducible.
 //!
 //! # Layout
-//! - [`strategy`]: the `Strategy` contract (Flower's vocabulary) and its data types.
-//! - [`fedavg`]: FedAvg with streaming, example-weighted aggregation and Flower's sampling.
+//! - [`strategy`]: the `Strategy` contract (Flower's vocabulary), FedAvg and the strategies
+//!   built on it (FedAvgM, FedProx, FedAdam, FedYogi, FedAdagrad, FedMedian, FedTrimmedAvg,
+//!   Krum, Bulyan), and the `[strategy]` table of a run spec.
+//! - [`round`]: a synchronous round as a pure state machine (quorum, deadline, early close,
+//!   late and duplicate answers) over an explicit clock.
+//! - [`fedbuff`]: the asynchronous discipline's buffer (staleness weights, versions).
+//! - [`privacy`]: central and local differential privacy and the Rényi-DP accountant.
 //! - [`registry`]: connected clients and open requests (dedupe, late replies).
 //! - [`service`]: the tonic `Fleet` service.
 //! - [`driver`]: the round driver (fan-out, deadlines, folding, evaluation, records).
@@ -24,10 +29,12 @@
 
 pub mod counters;
 pub mod driver;
-pub mod fedavg;
+pub mod fedbuff;
 pub mod metrics;
+pub mod privacy;
 pub mod records;
 pub mod registry;
+pub mod round;
 pub mod server;
 pub mod service;
 pub mod statistics;
@@ -37,11 +44,13 @@ pub mod task;
 
 pub use counters::Counters;
 pub use driver::{DriverConfig, DriverError, RoundDriver, RunSummary};
-pub use fedavg::{FedAvg, FedAvgConfig};
 pub use metrics::Metrics;
 pub use records::{RoundRecord, RunStore};
 pub use registry::Registry;
 pub use service::FleetService;
 pub use storage::{BlobStore, MemoryStore, S3Store, StoreConfig};
 pub use strategy::Strategy;
+pub use strategy::config::StrategyConfig;
+pub use strategy::fedavg;
+pub use strategy::fedavg::{FedAvg, FedAvgConfig};
 pub use task::{Fitted, TaskSetup};

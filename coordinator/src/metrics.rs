@@ -415,6 +415,9 @@ mod tests {
             succeeded: 2,
             failed: 1,
             failures_by_reason: [("timeout".to_string(), 1)].into(),
+            rejections: Default::default(),
+            stragglers: Vec::new(),
+            closure: None,
             train_loss: Some(0.3),
             train_metrics: Default::default(),
             federated_loss: None,
@@ -429,6 +432,8 @@ mod tests {
             rejected_updates: 0,
             participants: vec![],
             failures: vec![],
+            privacy: None,
+            asynchronous: None,
             finished_at: String::new(),
         }
     }

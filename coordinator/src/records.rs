@@ -50,7 +50,23 @@ pub enum RoundStatus {
 pub struct FailureRecord {
     pub client: String,
     pub reason: String,
+    /// Why a `rejected` answer was refused (`digest`, `shape`, `non_finite`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejection: Option<String>,
     pub message: String,
+}
+
+/// What an asynchronous (FedBuff) model version was made of.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AsyncRecord {
+    /// Mean and largest staleness (model versions between the one an update was trained on
+    /// and the one it was folded into) of the updates in this version.
+    pub mean_staleness: f64,
+    pub max_staleness: u64,
+    /// Updates dropped since the previous version because they were staler than the limit.
+    pub dropped_stale: usize,
+    /// Devices training when this version was published.
+    pub in_flight: usize,
 }
 
 /// Everything recorded about one round; also what `pollen simulate --json` prints.
@@ -80,6 +96,16 @@ pub struct RoundRecord {
     pub succeeded: usize,
     pub failed: usize,
     pub failures_by_reason: BTreeMap<String, usize>,
+    /// Rejected answers by why they were refused.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub rejections: BTreeMap<String, usize>,
+    /// Clients still training when the round closed on its target (`close_after`); their
+    /// results were dropped.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stragglers: Vec<String>,
+    /// How the fit phase ended: `all_answered`, `target` or `deadline`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub closure: Option<String>,
     /// Example-weighted mean of the clients' training loss.
     pub train_loss: Option<f64>,
     pub train_metrics: BTreeMap<String, f64>,
@@ -96,6 +122,12 @@ pub struct RoundRecord {
     pub rejected_updates: u64,
     pub participants: Vec<String>,
     pub failures: Vec<FailureRecord>,
+    /// Differential privacy spent up to this round, for runs with DP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<crate::strategy::PrivacySpent>,
+    /// FedBuff runs: staleness of this version's updates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub asynchronous: Option<AsyncRecord>,
     pub finished_at: String,
 }
 

@@ -383,6 +383,9 @@ mod tests {
             succeeded: participants.len(),
             failed: failures.len(),
             failures_by_reason: Default::default(),
+            rejections: Default::default(),
+            stragglers: Vec::new(),
+            closure: None,
             train_loss: None,
             train_metrics: Default::default(),
             federated_loss: None,
@@ -401,9 +404,12 @@ mod tests {
                 .map(|(c, reason)| FailureRecord {
                     client: c.to_string(),
                     reason: reason.to_string(),
+                    rejection: None,
                     message: "no reply".into(),
                 })
                 .collect(),
+            privacy: None,
+            asynchronous: None,
             finished_at: String::new(),
         }
     }

@@ -7,6 +7,11 @@
 //! (always for blobs by reference, when given for inline ones), the container, the dtype, the
 //! names and shapes against what the receiver expects, and that every value is finite, and names
 //! the tensor at fault when one check fails.
+//!
+//! This module is the f32 codec (`CODEC_SAFETENSORS_F32`) and what every codec shares (digests,
+//! codec checks, [`EncodedBlob`]); the compressed codecs (f16, int8, and updates as deltas
+//! against the global model) are in [`crate::codec`], whose [`decode`](crate::codec::decode)
+//! reads every codec.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -43,12 +48,98 @@ pub struct Parameters {
 pub enum BlobError {
     #[error("digest mismatch: expected sha256 {expected}, got {actual}")]
     DigestMismatch { expected: String, actual: String },
-    #[error("unsupported codec {0:?}; this build reads CODEC_SAFETENSORS_F32")]
+    #[error(
+        "unsupported codec {0}; this build reads codecs 1 to 6 (safetensors f32, f16 and int8; \
+         deltas in f16, int8 and top-k)"
+    )]
     UnsupportedCodec(i32),
+    #[error(
+        "unknown codec name {0:?}; expected f32, f16, int8, delta-f16, delta-int8 or \
+         delta-topk:<fraction>"
+    )]
+    UnknownCodec(String),
     #[error("not a valid safetensors blob: {0}")]
     Malformed(String),
-    #[error("tensor {tensor:?} has dtype {dtype}, expected F32")]
-    Dtype { tensor: String, dtype: String },
+    #[error("tensor {tensor:?} has dtype {dtype}, expected {expected}")]
+    Dtype {
+        tensor: String,
+        dtype: String,
+        expected: &'static str,
+    },
+    #[error("the wire says codec {wire} but the blob's metadata says {blob:?}")]
+    CodecMismatch { wire: String, blob: String },
+    #[error("the blob's metadata has no {key:?}")]
+    MissingMetadata { key: String },
+    #[error("codec {codec} needs the base model the delta was computed against, and its sha256")]
+    MissingBase { codec: String },
+    #[error(
+        "the delta was computed against the model with sha256 {actual}, but the base here has \
+         sha256 {expected}"
+    )]
+    BaseMismatch { expected: String, actual: String },
+    #[error("the {role} does not fit the model at tensor {tensor:?}: {problem}")]
+    Layout {
+        role: &'static str,
+        tensor: String,
+        problem: String,
+    },
+    #[error(
+        "tensor {tensor:?}: the scale of channel {channel} is {value}; scales must be finite and >= 0"
+    )]
+    BadScale {
+        tensor: String,
+        channel: usize,
+        value: f32,
+    },
+    #[error(
+        "tensor {tensor:?}: index {index} at position {position} is out of range for {len} values"
+    )]
+    IndexOutOfRange {
+        tensor: String,
+        position: usize,
+        index: u32,
+        len: usize,
+    },
+    #[error(
+        "tensor {tensor:?}: index {index} at position {position} follows {previous}; indices must \
+         be strictly increasing"
+    )]
+    IndexNotIncreasing {
+        tensor: String,
+        position: usize,
+        index: u32,
+        previous: u32,
+    },
+    #[error(
+        "tensor {tensor:?}: top-k indices have shape {idx:?} and values {val:?}; both must be [k] \
+         with the same k"
+    )]
+    TopKShape {
+        tensor: String,
+        idx: Vec<usize>,
+        val: Vec<usize>,
+    },
+    #[error("tensor {tensor:?}: base {base} + delta {delta} at flat index {index} is not finite")]
+    NonFiniteResult {
+        tensor: String,
+        index: usize,
+        base: f32,
+        delta: f32,
+    },
+    #[error("tensor {tensor:?}: value {value} at flat index {index} does not fit {codec}")]
+    Unrepresentable {
+        tensor: String,
+        index: usize,
+        value: f32,
+        codec: &'static str,
+    },
+    #[error("top-k fraction {0} is not in (0, 1]")]
+    BadFraction(f64),
+    #[error("tensor {tensor:?}: names ending in {suffix:?} are reserved by the int8 codecs")]
+    ReservedName {
+        tensor: String,
+        suffix: &'static str,
+    },
     #[error("tensor {tensor:?} has shape {actual:?}, expected {expected:?}")]
     Shape {
         tensor: String,
@@ -83,11 +174,13 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
-/// An encoded blob and its digest, cheap to clone (the bytes are shared).
+/// An encoded blob, its digest (empty when it was encoded unhashed) and its codec, cheap to
+/// clone (the bytes are shared).
 #[derive(Debug, Clone)]
 pub struct EncodedBlob {
     pub bytes: Bytes,
     pub sha256: String,
+    pub codec: Codec,
 }
 
 impl EncodedBlob {
@@ -99,7 +192,7 @@ impl EncodedBlob {
                 location: location.into(),
                 sha256: self.sha256.clone(),
                 size_bytes: self.bytes.len() as u64,
-                codec: Codec::SafetensorsF32 as i32,
+                codec: self.codec as i32,
                 url: url.into(),
             })),
         }
@@ -111,7 +204,7 @@ impl EncodedBlob {
             body: Some(Body::Inline(InlineBlob {
                 data: self.bytes.clone(),
                 sha256: self.sha256.clone(),
-                codec: Codec::SafetensorsF32 as i32,
+                codec: self.codec as i32,
             })),
         }
     }
@@ -172,6 +265,7 @@ impl Parameters {
         EncodedBlob {
             bytes: self.safetensors(),
             sha256: String::new(),
+            codec: Codec::SafetensorsF32,
         }
     }
 
@@ -179,10 +273,16 @@ impl Parameters {
     pub fn encode(&self) -> EncodedBlob {
         let bytes = self.safetensors();
         let sha256 = sha256_hex(&bytes);
-        EncodedBlob { bytes, sha256 }
+        EncodedBlob {
+            bytes,
+            sha256,
+            codec: Codec::SafetensorsF32,
+        }
     }
 
-    fn safetensors(&self) -> Bytes {
+    /// The f32 safetensors file. Every tensor's data must fill its shape ([`Parameters::new`]
+    /// checks it; [`crate::codec::encode`] checks it again, since the fields are public).
+    pub(crate) fn safetensors(&self) -> Bytes {
         let raw: Vec<Cow<'_, [u8]>> = self.tensors.iter().map(|t| le_bytes(&t.data)).collect();
         let views = self.tensors.iter().zip(&raw).map(|(t, bytes)| {
             let view = TensorView::new(Dtype::F32, t.shape.clone(), bytes)
@@ -194,12 +294,15 @@ impl Parameters {
         Bytes::from(bytes)
     }
 
-    /// Decodes a safetensors blob of f32 tensors. `expected`, when given, must match the blob's
-    /// names and shapes exactly. Rejects NaN and infinities.
+    /// Decodes a safetensors blob of f32 tensors (`CODEC_SAFETENSORS_F32`). `expected`, when
+    /// given, must match the blob's names and shapes exactly. Rejects NaN and infinities, and a
+    /// blob whose metadata names another codec. [`crate::codec::decode`] reads every codec.
     pub fn decode(bytes: &[u8], expected: Option<&[TensorSpec]>) -> Result<Self, BlobError> {
-        let st =
-            SafeTensors::deserialize(bytes).map_err(|e| BlobError::Malformed(e.to_string()))?;
-        let mut by_name: HashMap<String, TensorView<'_>> = st.tensors().into_iter().collect();
+        let Container {
+            metadata,
+            tensors: mut by_name,
+        } = Container::parse(bytes)?;
+        crate::codec::check_f32_metadata(&metadata)?;
         let mut tensors = Vec::with_capacity(by_name.len());
         let mut take =
             |name: &str, view: TensorView<'_>, want: Option<&[usize]>| -> Result<(), BlobError> {
@@ -207,6 +310,7 @@ impl Parameters {
                     return Err(BlobError::Dtype {
                         tensor: name.to_string(),
                         dtype: format!("{:?}", view.dtype()),
+                        expected: "F32",
                     });
                 }
                 if let Some(want) = want
@@ -250,11 +354,24 @@ impl Parameters {
         Parameters::new(tensors)
     }
 
-    /// Verifies wire weights (digest, codec) and decodes them. Only inline weights can be
-    /// resolved here; references need the blob store of whoever holds them.
+    /// Verifies wire weights (digest, codec) and decodes them: models in any codec, but not
+    /// deltas (they need the base they were computed against, see
+    /// [`Parameters::from_wire_with_base`]). Only inline weights can be resolved here;
+    /// references need the blob store of whoever holds them.
     pub fn from_wire(
         weights: &Weights,
         expected: Option<&[TensorSpec]>,
+    ) -> Result<Self, BlobError> {
+        Self::from_wire_with_base(weights, expected, None)
+    }
+
+    /// [`Parameters::from_wire`] for updates that may be deltas: `base` is the model the
+    /// update's sender was given and the SHA-256 of the blob it was given it as (see
+    /// [`crate::codec::decode`]). Absolute codecs ignore it.
+    pub fn from_wire_with_base(
+        weights: &Weights,
+        expected: Option<&[TensorSpec]>,
+        base: Option<(&Parameters, &str)>,
     ) -> Result<Self, BlobError> {
         match weights.body.as_ref() {
             None => Err(BlobError::Empty),
@@ -263,9 +380,52 @@ impl Parameters {
             }),
             Some(Body::Inline(blob)) => {
                 verify_inline(&blob.data, &blob.sha256, blob.codec)?;
-                Self::decode(&blob.data, expected)
+                crate::codec::decode(&blob.data, known_codec(blob.codec)?, expected, base)
             }
         }
+    }
+}
+
+/// A parsed safetensors container: its `__metadata__` and views of its tensors by name.
+pub(crate) struct Container<'a> {
+    pub(crate) metadata: HashMap<String, String>,
+    pub(crate) tensors: HashMap<String, TensorView<'a>>,
+}
+
+impl<'a> Container<'a> {
+    /// Parses the header once (safetensors checks that the offsets tile the data and that each
+    /// tensor's bytes fill its dtype and shape) and views the tensors without copying.
+    pub(crate) fn parse(bytes: &'a [u8]) -> Result<Self, BlobError> {
+        let malformed = |e: safetensors::SafeTensorError| BlobError::Malformed(e.to_string());
+        let (header_len, header) = SafeTensors::read_metadata(bytes).map_err(malformed)?;
+        let data = bytes
+            .get(8 + header_len..)
+            .ok_or_else(|| BlobError::Malformed("header runs past the end".into()))?;
+        let tensors = header
+            .tensors()
+            .into_iter()
+            .map(|(name, info)| {
+                let (start, end) = info.data_offsets;
+                let bytes = data.get(start..end).ok_or_else(|| {
+                    BlobError::Malformed(format!("tensor {name:?} runs past the end"))
+                })?;
+                let view =
+                    TensorView::new(info.dtype, info.shape.clone(), bytes).map_err(malformed)?;
+                Ok((name, view))
+            })
+            .collect::<Result<_, BlobError>>()?;
+        Ok(Self {
+            metadata: header.metadata().clone().unwrap_or_default(),
+            tensors,
+        })
+    }
+}
+
+/// The codec a wire number names, if this build reads it (`CODEC_UNSPECIFIED` it does not).
+pub fn known_codec(codec: i32) -> Result<Codec, BlobError> {
+    match Codec::try_from(codec) {
+        Ok(Codec::Unspecified) | Err(_) => Err(BlobError::UnsupportedCodec(codec)),
+        Ok(known) => Ok(known),
     }
 }
 
@@ -275,19 +435,15 @@ impl Parameters {
 /// every update; blobs by reference always carry one ([`verify`]).
 pub fn verify_inline(bytes: &[u8], sha256: &str, codec: i32) -> Result<(), BlobError> {
     if sha256.is_empty() {
-        if codec != Codec::SafetensorsF32 as i32 {
-            return Err(BlobError::UnsupportedCodec(codec));
-        }
+        known_codec(codec)?;
         return Ok(());
     }
     verify(bytes, sha256, codec)
 }
 
-/// Checks a blob's codec and digest.
+/// Checks a blob's codec (any this build reads, see [`known_codec`]) and digest.
 pub fn verify(bytes: &[u8], sha256: &str, codec: i32) -> Result<(), BlobError> {
-    if codec != Codec::SafetensorsF32 as i32 {
-        return Err(BlobError::UnsupportedCodec(codec));
-    }
+    known_codec(codec)?;
     check_digest(bytes, sha256)
 }
 
@@ -306,7 +462,7 @@ pub fn check_digest(bytes: &[u8], sha256: &str) -> Result<(), BlobError> {
 
 /// The little-endian bytes of `data`: a view of the floats themselves on little-endian
 /// machines (no copy), a converted copy elsewhere.
-fn le_bytes(data: &[f32]) -> Cow<'_, [u8]> {
+pub(crate) fn le_bytes(data: &[f32]) -> Cow<'_, [u8]> {
     if cfg!(target_endian = "little") {
         Cow::Borrowed(bytemuck::cast_slice(data))
     } else {
@@ -315,7 +471,7 @@ fn le_bytes(data: &[f32]) -> Cow<'_, [u8]> {
 }
 
 /// Little-endian bytes to f32s, refusing non-finite values. The source may be unaligned.
-fn f32s_checked(name: &str, bytes: &[u8]) -> Result<Vec<f32>, BlobError> {
+pub(crate) fn f32s_checked(name: &str, bytes: &[u8]) -> Result<Vec<f32>, BlobError> {
     // One bulk copy, then a branch-free scan the compiler vectorises; the slow search for
     // the offending index only runs on a bad blob.
     let out: Vec<f32> = if cfg!(target_endian = "little") {

@@ -8,6 +8,9 @@
 //! - [`topics`]: the MQTT topic scheme.
 //! - [`blob`]: the weight-blob format (safetensors of named f32 tensors + SHA-256) and
 //!   [`blob::Parameters`], the model-agnostic weights every component exchanges.
+//! - [`codec`]: compressed weight codecs: models in f16 or int8 (per-channel scales), and
+//!   updates as deltas against the model their sender was given (f16, int8, top-k with error
+//!   feedback); [`codec::decode`] reads every codec.
 //! - [`part`]: [`Part`], one of `count` parts written `INDEX/COUNT` (data shares, proxy
 //!   shards).
 //! - [`scalar`]: conversions between wire [`fleet::Scalar`] maps and Rust values.
@@ -20,6 +23,7 @@
 //! - [`limits`]: message-size limits chosen deliberately (tonic defaults to 4 MiB).
 
 pub mod blob;
+pub mod codec;
 #[cfg(feature = "mqtt")]
 pub mod mqtt;
 pub mod part;
@@ -67,6 +71,7 @@ pub mod limits {
 }
 
 pub use blob::{BlobError, NamedTensor, Parameters, TensorSpec};
+pub use codec::UpdateCodec;
 pub use part::Part;
 
 /// `at` in Unix milliseconds (0 before 1970). Deadlines and timestamps on the wire are

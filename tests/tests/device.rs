@@ -93,6 +93,7 @@ async fn a_device_killed_mid_fit_is_cut_off_and_a_restarted_one_rejoins() {
             wait_for_clients: Duration::from_secs(30),
             primary_metric: None,
             seed: 7,
+            ..Default::default()
         },
     )
     .with_store(store);

@@ -42,8 +42,13 @@ enum Behaviour {
 struct Scripted(Behaviour);
 
 impl Client for Scripted {
+    /// What it announces when it joins: as many examples as it will claim (more would be
+    /// refused).
     fn num_examples(&self) -> u64 {
-        10
+        match &self.0 {
+            Behaviour::Answer(_, n) => *n,
+            _ => 10,
+        }
     }
     fn get_parameters(&mut self, _: &Work<'_>) -> Result<Parameters, ClientError> {
         Ok(model(0.0, [0.0; 3]))
@@ -158,6 +163,7 @@ impl Harness {
                 wait_for_clients: Duration::from_secs(20),
                 primary_metric: None,
                 seed: 1,
+                ..Default::default()
             },
         )
         .with_run(run)

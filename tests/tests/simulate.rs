@@ -5,7 +5,6 @@ use pollen_proto::mqtt::BrokerConfig;
 use pollen_train::ModelSpec;
 use pollen_workflows::RunSpec;
 use pollen_workflows::simulate::{SimulateOptions, Transport, simulate};
-use pollen_workflows::spec::StrategySpec;
 use tokio_util::sync::CancellationToken;
 
 async fn run_with(
@@ -32,7 +31,7 @@ fn small_2nn() -> RunSpec {
     let mut spec = RunSpec::default_spec();
     spec.rounds = 3;
     spec.data.clients = Some(6);
-    let StrategySpec::Fedavg(f) = &mut spec.strategy;
+    let f = &mut spec.strategy;
     f.fraction_fit = 0.5;
     f.min_available_clients = 6;
     spec.round_timeout = std::time::Duration::from_secs(600);
@@ -86,7 +85,7 @@ async fn a_short_2nn_simulation_over_grpc_improves_test_accuracy() {
     let mut spec = RunSpec::default_spec();
     spec.rounds = 3;
     spec.data.clients = Some(20);
-    let StrategySpec::Fedavg(f) = &mut spec.strategy;
+    let f = &mut spec.strategy;
     f.fraction_fit = 0.2; // 4 of 20 clients, 3,000 examples each
     spec.evaluate.test_examples = Some(2000);
     let (sim, _dir) = run(spec).await;
@@ -154,7 +153,7 @@ async fn the_cnn_learns_in_a_two_round_federated_run() {
 async fn unreliable_simulated_devices_fail_with_client_errors_and_rounds_go_on() {
     let mut spec = small_2nn();
     spec.simulation.failure_rate = 0.4;
-    let StrategySpec::Fedavg(f) = &mut spec.strategy;
+    let f = &mut spec.strategy;
     f.fraction_fit = 1.0;
     f.min_fit_clients = 2;
     let (sim, _dir) = run(spec).await;

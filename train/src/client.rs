@@ -175,8 +175,9 @@ fn read_usize(config: &ScalarMap, key: &str, default: usize) -> Result<usize, Cl
     }
 }
 
-/// The task's local-training settings, with a fit instruction's `local_epochs`, `batch_size`
-/// and `learning_rate` taking precedence (Flower's per-round config).
+/// The task's local-training settings, with a fit instruction's `local_epochs`, `batch_size`,
+/// `learning_rate`, `proximal_mu` (FedProx) and `time_budget_ms` taking precedence (Flower's
+/// per-round config).
 pub fn train_config(base: &TrainSpec, config: &ScalarMap) -> Result<TrainSpec, ClientError> {
     let learning_rate = match config.get("learning_rate") {
         None => base.learning_rate,
@@ -188,10 +189,35 @@ pub fn train_config(base: &TrainSpec, config: &ScalarMap) -> Result<TrainSpec, C
                 ))
             })?,
     };
+    let proximal_mu = match config.get("proximal_mu") {
+        None => base.proximal_mu,
+        Some(v) => scalar::as_f64(v)
+            .filter(|x| x.is_finite() && *x >= 0.0)
+            .ok_or_else(|| {
+                ClientError::bad_instruction(format!(
+                    "config proximal_mu = {v:?} must be 0 or a positive number"
+                ))
+            })?,
+    };
+    let time_budget = match config.get("time_budget_ms") {
+        None => base.time_budget,
+        Some(v) => Some(
+            scalar::as_f64(v)
+                .filter(|ms| ms.is_finite() && *ms > 0.0)
+                .map(|ms| std::time::Duration::from_secs_f64(ms / 1000.0))
+                .ok_or_else(|| {
+                    ClientError::bad_instruction(format!(
+                        "config time_budget_ms = {v:?} must be a positive number"
+                    ))
+                })?,
+        ),
+    };
     Ok(TrainSpec {
         local_epochs: read_usize(config, "local_epochs", base.local_epochs)?,
         batch_size: read_usize(config, "batch_size", base.batch_size)?,
         learning_rate,
+        proximal_mu,
+        time_budget,
         ..base.clone()
     })
 }
@@ -217,6 +243,7 @@ impl Client for TaskClient {
         let mut metrics = ScalarMap::new();
         metrics.insert("loss".into(), scalar::f64(out.loss));
         metrics.insert("steps".into(), scalar::int(out.steps as i64));
+        metrics.insert("epochs".into(), scalar::f64(out.epochs));
         metrics.insert(
             "train_seconds".into(),
             scalar::f64(started.elapsed().as_secs_f64()),

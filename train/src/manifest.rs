@@ -353,6 +353,24 @@ pub struct TrainSpec {
     /// Clips each parameter's gradient to this L2 norm.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clip_grad_norm: Option<f64>,
+    /// FedProx's mu: local training minimises `loss + mu / 2 * |w - w_global|^2`, which keeps
+    /// a device's model near the global one on non-IID data (0: plain local training). The
+    /// `fedprox` strategy sends it in the fit config.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub proximal_mu: f64,
+    /// Stop local training once this much time is spent (at a minibatch boundary, after one
+    /// minibatch at least) and send what was learned: FedProx's "variable amount of work", so
+    /// that a slow device contributes before the round's deadline instead of missing it.
+    #[serde(
+        default,
+        with = "humantime_serde::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub time_budget: Option<std::time::Duration>,
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
 
 impl TrainSpec {
@@ -386,6 +404,15 @@ impl TrainSpec {
         {
             return Err(format!(
                 "train.clip_grad_norm = {clip} must be a positive number"
+            ));
+        }
+        if self.time_budget.is_some_and(|b| b.is_zero()) {
+            return Err("train.time_budget must be longer than 0s (or left out)".into());
+        }
+        if !(self.proximal_mu.is_finite() && self.proximal_mu >= 0.0) {
+            return Err(format!(
+                "train.proximal_mu = {} must be 0 or a positive number",
+                self.proximal_mu
             ));
         }
         Ok(())

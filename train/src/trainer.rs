@@ -1,7 +1,10 @@
-//! Local training and evaluation with burn: minibatches in a seeded order, the task's loss,
-//! the configured optimizer (SGD with momentum and weight decay, Adam, AdamW) and optional
-//! gradient-norm clipping.
+//! Local training and evaluation with burn: minibatches in a seeded order, the task's loss (plus
+//! FedProx's proximal term when `proximal_mu` > 0), the configured optimizer (SGD with momentum
+//! and weight decay, Adam, AdamW) and optional gradient-norm clipping.
 
+use std::collections::HashMap;
+
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::decay::WeightDecayConfig;
 use burn::optim::momentum::MomentumConfig;
@@ -40,6 +43,45 @@ pub struct FitOutput {
     /// Mean training loss over the last local epoch.
     pub loss: f64,
     pub steps: usize,
+    /// Local epochs done, fractional when the time budget stopped training mid-epoch.
+    pub epochs: f64,
+}
+
+/// The global model's parameters as training started, detached and flattened, by parameter id:
+/// FedProx's anchor. (Parameter ids survive optimizer steps, so the anchor finds each one.)
+#[derive(Default)]
+struct Anchor(HashMap<ParamId, Tensor<1>>);
+
+impl ModuleVisitor for Anchor {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let value = param.val();
+        let (n, device) = (value.shape().num_elements(), value.device());
+        // Rebuilt from its values: a fresh leaf outside every tape, which `detach` alone is not
+        // (the next backward pass would find the initial parameter's spent node).
+        let data = value.reshape([n]).into_data();
+        self.0.insert(param.id, Tensor::from_data(data, &device));
+    }
+}
+
+/// `sum |w - anchor|^2` over every parameter, kept in the autodiff graph.
+struct Proximal<'a> {
+    anchor: &'a Anchor,
+    sum: Option<Tensor<1>>,
+}
+
+impl ModuleVisitor for Proximal<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let Some(anchor) = self.anchor.0.get(&param.id) else {
+            return;
+        };
+        let value = param.val();
+        let n = value.shape().num_elements();
+        let term = (value.reshape([n]) - anchor.clone()).powi_scalar(2).sum();
+        self.sum = Some(match self.sum.take() {
+            Some(sum) => sum + term,
+            None => term,
+        });
+    }
 }
 
 /// What the trainer needs to know about the task.
@@ -173,17 +215,36 @@ impl Learner<'_> {
             .init(self.io, &device)
             .map_err(|e| TrainError::Config(e.to_string()))?;
         import(&mut model, global)?;
+        let anchor = (cfg.proximal_mu > 0.0).then(|| {
+            let mut anchor = Anchor::default();
+            model.visit(&mut anchor);
+            anchor
+        });
         let mut optim = optimizer(cfg);
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut noise = Noise::training(seed ^ 0x5eed_d20f);
         let (mut loss_sum, mut seen, mut steps) = (0.0f64, 0usize, 0usize);
-        for epoch in 1..=cfg.local_epochs {
+        let fit_started = std::time::Instant::now();
+        let mut epochs = 0.0f64;
+        'epochs: for epoch in 1..=cfg.local_epochs {
             let started = std::time::Instant::now();
             order.shuffle(&mut rng);
             (loss_sum, seen) = (0.0, 0);
             for batch in order.chunks(cfg.batch_size) {
                 let loss = self.loss(&model, data, batch, &mut noise, &device);
+                // The reported loss is the task's; the proximal term only steers the gradient.
                 let value = loss.clone().into_scalar::<f32>();
+                let loss = match &anchor {
+                    Some(anchor) => {
+                        let mut prox = Proximal { anchor, sum: None };
+                        model.visit(&mut prox);
+                        match prox.sum {
+                            Some(sum) => loss + sum.mul_scalar(cfg.proximal_mu / 2.0),
+                            None => loss,
+                        }
+                    }
+                    None => loss,
+                };
                 if !value.is_finite() {
                     return Err(TrainError::Diverged(value));
                 }
@@ -192,7 +253,17 @@ impl Learner<'_> {
                 let grads = GradientsParams::from_grads(loss.backward(), &model);
                 model = optim.step(cfg.learning_rate, model, grads);
                 steps += 1;
+                if cfg.time_budget.is_some_and(|b| fit_started.elapsed() >= b) {
+                    epochs += seen as f64 / order.len() as f64;
+                    tracing::info!(
+                        epoch,
+                        examples = seen,
+                        "time budget spent; sending the partial work"
+                    );
+                    break 'epochs;
+                }
             }
+            epochs += 1.0;
             tracing::info!(
                 epoch,
                 epochs = cfg.local_epochs,
@@ -207,6 +278,7 @@ impl Learner<'_> {
             num_examples: order.len() as u64,
             loss: loss_sum / seen.max(1) as f64,
             steps,
+            epochs,
         })
     }
 
@@ -344,6 +416,8 @@ mod tests {
                 momentum,
                 weight_decay: decay,
                 clip_grad_norm: clip,
+                proximal_mu: 0.0,
+                time_budget: None,
             };
             let out = learner.fit(&start, &data, &cfg, 3).expect("fits");
             let (after, _) = learner
@@ -360,6 +434,98 @@ mod tests {
             );
             assert_eq!(out.steps, 20 * 8);
         }
+    }
+
+    fn distance(a: &Parameters, b: &Parameters) -> f64 {
+        a.tensors
+            .iter()
+            .zip(&b.tensors)
+            .flat_map(|(x, y)| x.data.iter().zip(&y.data))
+            .map(|(x, y)| f64::from(x - y).powi(2))
+            .sum::<f64>()
+            .sqrt()
+    }
+
+    #[test]
+    fn the_proximal_term_keeps_local_training_near_the_global_model() {
+        let model = ModelSpec::Mlp(MlpConfig::new().with_hidden(vec![8]));
+        let io = ModelIo {
+            kind: TaskKind::Regression,
+            input: vec![2],
+            outputs: 1,
+        };
+        let learner = Learner {
+            model: &model,
+            io: &io,
+            targets: None,
+        };
+        let data = line();
+        let start = initial_parameters(&model, &io, 1).expect("init");
+        let drift = |mu: f64| {
+            let cfg = TrainSpec {
+                local_epochs: 10,
+                batch_size: 8,
+                learning_rate: 0.05,
+                optimizer: OptimizerKind::Sgd,
+                momentum: 0.0,
+                weight_decay: 0.0,
+                clip_grad_norm: None,
+                proximal_mu: mu,
+                time_budget: None,
+            };
+            let out = learner.fit(&start, &data, &cfg, 3).expect("fits");
+            distance(&out.parameters, &start)
+        };
+        let (free, held) = (drift(0.0), drift(5.0));
+        assert!(free > 0.0);
+        assert!(
+            held < 0.7 * free,
+            "mu = 5 moved the model {held}, mu = 0 moved it {free}"
+        );
+    }
+
+    #[test]
+    fn a_spent_time_budget_sends_the_partial_work() {
+        let model = ModelSpec::Mlp(MlpConfig::new().with_hidden(vec![8]));
+        let io = ModelIo {
+            kind: TaskKind::Regression,
+            input: vec![2],
+            outputs: 1,
+        };
+        let learner = Learner {
+            model: &model,
+            io: &io,
+            targets: None,
+        };
+        let start = initial_parameters(&model, &io, 1).expect("init");
+        let cfg = TrainSpec {
+            local_epochs: 5,
+            batch_size: 8,
+            learning_rate: 0.05,
+            optimizer: OptimizerKind::Sgd,
+            momentum: 0.0,
+            weight_decay: 0.0,
+            clip_grad_norm: None,
+            proximal_mu: 0.0,
+            time_budget: Some(std::time::Duration::from_nanos(1)),
+        };
+        let out = learner.fit(&start, &line(), &cfg, 3).expect("fits");
+        // One minibatch of 8 out of 64 examples, then the budget is gone.
+        assert_eq!(out.steps, 1);
+        assert!((out.epochs - 0.125).abs() < 1e-12, "{}", out.epochs);
+        assert_ne!(out.parameters, start, "the partial work is sent");
+        let full = learner
+            .fit(
+                &start,
+                &line(),
+                &TrainSpec {
+                    time_budget: None,
+                    ..cfg
+                },
+                3,
+            )
+            .expect("fits");
+        assert_eq!((full.steps, full.epochs), (40, 5.0));
     }
 
     #[test]
@@ -383,6 +549,8 @@ mod tests {
             momentum: 0.0,
             weight_decay: 0.0,
             clip_grad_norm: None,
+            proximal_mu: 0.0,
+            time_budget: None,
         };
         let start = initial_parameters(&model, &io, 1).expect("init");
         let e = learner.fit(&start, &line(), &cfg, 1).expect_err("diverges");

@@ -140,9 +140,8 @@ pub fn run(spec: &RunSpec, epochs: Option<usize>) -> anyhow::Result<CentralRepor
         "nothing to evaluate on: no server holdout and no device holdout"
     );
     let epochs = epochs.unwrap_or_else(|| {
-        let passes = spec.rounds as f64
-            * spec.train.local_epochs as f64
-            * spec.strategy.fedavg().fraction_fit;
+        let passes =
+            spec.rounds as f64 * spec.train.local_epochs as f64 * spec.strategy.fraction_fit;
         (passes.ceil() as usize).max(1)
     });
     let cfg = TrainSpec {

@@ -8,6 +8,7 @@
 //! - [`central`]: the centralized baseline (`pollen central`): the same model trained on the
 //!   union of the devices' training data.
 //! - [`data`]: `pollen data inspect` and `pollen data split`, for getting a CSV file ready.
+//! - [`device`]: simulated devices that fail, answer late, sleep, straggle or attack.
 //! - [`simulate`]: coordinator + simulated clients in one process, over the device path
 //!   (proxy, MQTT, S3) or direct gRPC.
 //! - [`run`]: storage, strategy and driver wiring shared by every command; `pollen run` on a
@@ -21,6 +22,7 @@ pub mod broker;
 pub mod central;
 pub mod cli;
 pub mod data;
+pub mod device;
 pub mod run;
 pub mod shares;
 pub mod simulate;

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use pollen_coordinator::privacy::{CentralDp, LocalDp, Mechanism};
 use pollen_coordinator::records::RunHandle;
 use pollen_coordinator::registry::Registry;
 use pollen_coordinator::server::FleetServer;
@@ -21,6 +22,7 @@ use pollen_coordinator::{
     S3Store, StoreConfig,
 };
 use pollen_dashboard::{HttpServer, HttpSources, serve_http};
+use pollen_proto::codec::UpdateCodec;
 use pollen_proto::mqtt::BrokerConfig;
 use pollen_proxy::{DeviceRecord, Proxy, ProxyConfig, Selection};
 use pollen_train::TaskManifest;
@@ -91,18 +93,35 @@ pub async fn open_storage(
     }
 }
 
-/// The spec's strategy with its fit and evaluate configs, the task's exact aggregation of
-/// federated metrics and, when the server has a holdout, centralized evaluation on it.
+/// The spec's strategy (its aggregation rule, server optimizer, norm bound and differential
+/// privacy) with its fit and evaluate configs, the task's exact aggregation of federated
+/// metrics and, when the server has a holdout, centralized evaluation on it.
 pub fn build_strategy(
     spec: &RunSpec,
     manifest: &TaskManifest,
     server: Option<Raw>,
     done: &FinalTask,
-) -> FedAvg {
-    let mut strategy = FedAvg::new(spec.strategy.fedavg().clone())
+) -> anyhow::Result<FedAvg> {
+    let c = &spec.strategy;
+    let mut strategy = FedAvg::new(c.sampling())
+        .named(c.name.as_str())
+        .with_rule(c.rule())
         .with_fit_config(spec.fit_config())
         .with_evaluate_config(spec.evaluate_config())
         .with_evaluate_metrics_aggregation(task::metrics_aggregation(manifest));
+    if let Some(optimizer) = c.server_optimizer().map_err(anyhow::Error::msg)? {
+        strategy = strategy.with_server_optimizer(optimizer);
+    }
+    if let Some(bound) = c.norm_bound {
+        strategy = strategy.with_norm_bound(bound);
+    }
+    match &spec.privacy {
+        Some(p) if p.mechanism == Mechanism::Central => {
+            strategy = strategy.with_central_dp(CentralDp::new(p.clone()));
+        }
+        Some(p) => strategy = strategy.with_local_dp(LocalDp::new(p.clone())),
+        None => {}
+    }
     if let Some(raw) = server {
         strategy = strategy.with_evaluate_fn(task::server_evaluator(
             raw,
@@ -111,7 +130,7 @@ pub fn build_strategy(
             done.clone(),
         ));
     }
-    strategy
+    Ok(strategy)
 }
 
 /// Opens the run database and creates this run's records.
@@ -183,7 +202,7 @@ pub async fn drive(
         metrics,
     } = options;
     let done = FinalTask::default();
-    let mut strategy = build_strategy(spec, &manifest, server, &done);
+    let mut strategy = build_strategy(spec, &manifest, server, &done)?;
     let primary = manifest.task.kind.primary_metric().to_string();
     let setup = task::setup(manifest, done.clone())?;
     if setup.statistics.is_none()
@@ -200,6 +219,15 @@ pub async fn drive(
             wait_for_clients,
             seed: spec.seed,
             primary_metric: Some(primary),
+            close_after: spec.strategy.close_after,
+            fedbuff: spec.fedbuff.clone(),
+            model_codec: spec
+                .compression
+                .as_ref()
+                .map(|c| c.model_codec())
+                .transpose()
+                .map_err(anyhow::Error::msg)?
+                .unwrap_or(UpdateCodec::F32),
         },
     )
     .with_task(setup)
@@ -347,7 +375,7 @@ pub async fn run_on_fleet(
         }
     }
     let selected = selection.pick(found.iter().cloned());
-    let fedavg = spec.strategy.fedavg();
+    let fedavg = &spec.strategy;
     anyhow::ensure!(
         selected.len() >= fedavg.min_available_clients,
         "fleet {fleet:?}: {} devices online with at least {} examples and data that fits the task ({} known), but the strategy needs min_available_clients = {}; start more agents or lower the minimum",

@@ -14,19 +14,16 @@ use std::time::Duration;
 
 use anyhow::Context;
 use pollen_client::agent::{Agent, AgentOptions};
-use pollen_client::{Client, ClientError, ClientEvaluate, ClientFit, ClientOptions, Work};
+use pollen_client::{Client, ClientOptions};
 use pollen_coordinator::{RoundRecord, RunSummary, StoreConfig};
-use pollen_proto::Parameters;
-use pollen_proto::fleet::{DataSchema, Statistics};
 use pollen_proto::mqtt::BrokerConfig;
 use pollen_proxy::{Proxy, ProxyConfig, ProxyHandle, Selection};
 use pollen_train::TaskClient;
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::start_embedded_broker;
+use crate::device::{AttackKind, SimulatedDevice, flip_labels};
 use crate::run::{DriveOptions, LocalCoordinator, Storage};
 use crate::shares::SimulationData;
 use crate::spec::RunSpec;
@@ -92,51 +89,6 @@ pub struct Simulation {
     pub summary: RunSummary,
 }
 
-/// A simulated device that fails a fraction of its fit commands (the spec's
-/// `simulation.failure_rate`), as devices of a real fleet do: the coordinator sees a
-/// `client_error` failure with the device's message, and the round goes on without it.
-struct Unreliable {
-    inner: TaskClient,
-    failure_rate: f64,
-    rng: ChaCha8Rng,
-}
-
-impl Client for Unreliable {
-    fn num_examples(&self) -> u64 {
-        self.inner.num_examples()
-    }
-
-    fn data_schema(&self) -> Option<DataSchema> {
-        self.inner.data_schema()
-    }
-
-    fn get_parameters(&mut self, work: &Work<'_>) -> Result<Parameters, ClientError> {
-        self.inner.get_parameters(work)
-    }
-
-    fn fit(&mut self, work: &Work<'_>, parameters: Parameters) -> Result<ClientFit, ClientError> {
-        if self.failure_rate > 0.0 && self.rng.random::<f64>() < self.failure_rate {
-            return Err(ClientError::training(format!(
-                "simulated device failure in round {} (simulation.failure_rate = {})",
-                work.round, self.failure_rate
-            )));
-        }
-        self.inner.fit(work, parameters)
-    }
-
-    fn evaluate(
-        &mut self,
-        work: &Work<'_>,
-        parameters: Parameters,
-    ) -> Result<ClientEvaluate, ClientError> {
-        self.inner.evaluate(work, parameters)
-    }
-
-    fn statistics(&mut self, work: &Work<'_>) -> Result<Statistics, ClientError> {
-        self.inner.statistics(work)
-    }
-}
-
 /// Runs `spec` with simulated clients; `on_round` sees each round's record as it is recorded.
 pub async fn simulate(
     spec: &RunSpec,
@@ -176,7 +128,6 @@ pub async fn simulate(
 
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let slots = Arc::new(Semaphore::new(options.parallelism.unwrap_or(cores).max(1)));
-    let failure_rate = spec.simulation.failure_rate;
     let SimulationData {
         manifest,
         shares,
@@ -184,18 +135,7 @@ pub async fn simulate(
         server,
         ..
     } = data;
-    let clients: Vec<Unreliable> = shares
-        .into_iter()
-        .enumerate()
-        .map(|(i, raw)| {
-            let seed = spec.seed.wrapping_add(i as u64 + 1);
-            Unreliable {
-                inner: TaskClient::in_memory(raw, format, seed),
-                failure_rate,
-                rng: ChaCha8Rng::seed_from_u64(seed ^ 0x0fa1_1ed0),
-            }
-        })
-        .collect();
+    let clients = simulated_devices(spec, &manifest, shares, format)?;
     let fleet = SimulatedFleet::start(
         &coordinator,
         clients,
@@ -227,6 +167,42 @@ pub async fn simulate(
         run_dir,
         summary: summary?,
     })
+}
+
+/// The simulated fleet of `spec`: one device per data share, each behaving as
+/// `spec.simulation` says (label-flipping attackers get their labels flipped here).
+fn simulated_devices(
+    spec: &RunSpec,
+    manifest: &pollen_train::TaskManifest,
+    shares: Vec<pollen_train::data::Raw>,
+    format: pollen_train::Format,
+) -> anyhow::Result<Vec<SimulatedDevice>> {
+    let attackers = spec.simulation.attackers(shares.len(), spec.seed);
+    let started = std::time::Instant::now();
+    let flip = spec
+        .simulation
+        .attack
+        .as_ref()
+        .is_some_and(|a| a.kind == AttackKind::LabelFlip);
+    shares
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut raw)| {
+            if flip && attackers[i] {
+                let classes = manifest.task.classes.as_deref().unwrap_or_default();
+                flip_labels(&mut raw, classes).map_err(anyhow::Error::msg)?;
+            }
+            let seed = spec.seed.wrapping_add(i as u64 + 1);
+            Ok(SimulatedDevice::new(
+                TaskClient::in_memory(raw, format, seed),
+                &spec.simulation,
+                spec.seed,
+                i,
+                attackers[i],
+                started,
+            ))
+        })
+        .collect()
 }
 
 /// How [`SimulatedFleet::start`] connects its clients.

@@ -8,7 +8,11 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use pollen_coordinator::FedAvgConfig;
+use pollen_coordinator::StrategyConfig;
+use pollen_coordinator::fedbuff::FedBuffConfig;
+use pollen_coordinator::privacy::{Mechanism, PrivacyConfig};
+use pollen_coordinator::strategy::config::StrategyName;
+use pollen_proto::codec::UpdateCodec;
 use pollen_proto::scalar::{self, ScalarMap};
 use pollen_train::data::partition::Partition;
 use pollen_train::manifest::{MANIFEST_VERSION, Normalize, TaskKind, TaskManifest, TaskSpec};
@@ -32,25 +36,123 @@ pub struct RunSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task: Option<TaskSpec>,
     pub data: DataSpec,
-    pub strategy: StrategySpec,
+    pub strategy: StrategyConfig,
     pub train: TrainSpec,
     pub evaluate: EvaluateSpec,
     /// Which devices a run on a real fleet (`pollen run`) selects from the device registry.
     #[serde(default)]
     pub devices: DevicesSpec,
-    /// How simulated devices misbehave (`pollen simulate` only).
+    /// Differential privacy: central (noise at aggregation) or local (noise on the devices).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<PrivacyConfig>,
+    /// How weights travel: the update codec devices send, the codec of the global model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<CompressionSpec>,
+    /// Run asynchronously (FedBuff) instead of in synchronous rounds; `rounds` then counts
+    /// model versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fedbuff: Option<FedBuffConfig>,
+    /// How simulated devices behave (`pollen simulate` only).
     #[serde(default)]
     pub simulation: SimulationSpec,
 }
 
-/// Unreliable devices, for rehearsing what a real fleet does to a run.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+/// The `[compression]` table: codecs beside f32 safetensors.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompressionSpec {
+    /// What devices send back: `f32` (weights), or their change to the global model as `f16`,
+    /// `int8` (per-channel scales) or `topk` (the `topk_fraction` largest changes per tensor,
+    /// the rest kept on the device and sent later: error feedback).
+    #[serde(default = "default_codec")]
+    pub update: String,
+    /// The global model sent to devices: `f32`, `f16` or `int8`. Compressed global models need
+    /// an update codec that sends changes, which the coordinator adds to its own f32 model.
+    #[serde(default = "default_codec")]
+    pub model: String,
+    /// `topk`: the fraction of each tensor's values sent per update.
+    #[serde(default = "default_topk")]
+    pub topk_fraction: f64,
+}
+
+fn default_codec() -> String {
+    "f32".into()
+}
+
+fn default_topk() -> f64 {
+    0.01
+}
+
+impl CompressionSpec {
+    /// The codec of updates, as devices are told.
+    pub fn update_codec(&self) -> Result<UpdateCodec, String> {
+        match self.update.as_str() {
+            "f32" => Ok(UpdateCodec::F32),
+            "f16" => Ok(UpdateCodec::DeltaF16),
+            "int8" => Ok(UpdateCodec::DeltaInt8),
+            "topk" => {
+                if !(self.topk_fraction > 0.0 && self.topk_fraction <= 1.0) {
+                    return Err(format!(
+                        "compression.topk_fraction = {} must be in (0, 1]",
+                        self.topk_fraction
+                    ));
+                }
+                Ok(UpdateCodec::DeltaTopK {
+                    fraction: self.topk_fraction,
+                })
+            }
+            other => Err(format!(
+                "compression.update = {other:?}: use f32, f16, int8 or topk"
+            )),
+        }
+    }
+
+    /// The codec of the global model.
+    pub fn model_codec(&self) -> Result<UpdateCodec, String> {
+        match self.model.as_str() {
+            "f32" => Ok(UpdateCodec::F32),
+            "f16" => Ok(UpdateCodec::F16),
+            "int8" => Ok(UpdateCodec::Int8),
+            other => Err(format!(
+                "compression.model = {other:?}: use f32, f16 or int8"
+            )),
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        let update = self.update_codec()?;
+        let model = self.model_codec()?;
+        if model != UpdateCodec::F32 && !update.is_delta() {
+            return Err(format!(
+                "compression.model = {} needs compression.update = f16, int8 or topk: devices then send changes, which the coordinator adds to its f32 model (f32 weights trained from a compressed model would carry its rounding into the next one)",
+                self.model
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// How simulated devices behave, for rehearsing what a real fleet does to a run. Every draw
+/// comes from the run's seed.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SimulationSpec {
     /// Fraction of fit commands a simulated device fails (it reports a training error instead
-    /// of an update), drawn from the run's seed. 0 by default.
+    /// of an update). 0 by default.
     #[serde(default)]
     pub failure_rate: f64,
+    /// Extra time a device takes to answer each fit (slow hardware, a slow link).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency: Option<crate::device::LatencySpec>,
+    /// Devices that go away and come back (asleep, out of coverage).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub availability: Option<crate::device::AvailabilitySpec>,
+    /// Devices that train only part of what they are asked (FedProx's stragglers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stragglers: Option<crate::device::StragglerSpec>,
+    /// Malicious devices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attack: Option<crate::device::AttackSpec>,
 }
 
 /// Device selection for runs on a fleet: the most recently seen online devices of `fleet` with
@@ -99,24 +201,6 @@ pub struct DataSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clients: Option<usize>,
     pub partition: Partition,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "name", rename_all = "lowercase")]
-pub enum StrategySpec {
-    Fedavg(FedAvgConfig),
-}
-
-impl StrategySpec {
-    pub fn fedavg(&self) -> &FedAvgConfig {
-        let StrategySpec::Fedavg(f) = self;
-        f
-    }
-
-    pub fn fedavg_mut(&mut self) -> &mut FedAvgConfig {
-        let StrategySpec::Fedavg(f) = self;
-        f
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -215,7 +299,7 @@ impl RunSpec {
 
     /// Whether devices evaluate the global model each round.
     pub fn federated_evaluation(&self) -> bool {
-        self.strategy.fedavg().fraction_evaluate > 0.0
+        self.strategy.fraction_evaluate > 0.0
     }
 
     /// Checks values that TOML types alone cannot; the message names the field.
@@ -241,7 +325,7 @@ impl RunSpec {
         if self.round_timeout.is_zero() {
             return Err("round_timeout must be longer than 0s".into());
         }
-        let f = self.strategy.fedavg();
+        let f = &self.strategy;
         f.validate()?;
         if let Some(clients) = self.data.clients
             && f.min_available_clients > clients
@@ -251,15 +335,10 @@ impl RunSpec {
                 f.min_available_clients
             ));
         }
+        self.validate_learning()?;
         self.train.validate()?;
         if self.evaluate.batch_size == 0 {
             return Err("evaluate.batch_size must be at least 1".into());
-        }
-        let rate = self.simulation.failure_rate;
-        if !(0.0..1.0).contains(&rate) {
-            return Err(format!(
-                "simulation.failure_rate = {rate} must be at least 0 and below 1"
-            ));
         }
         let task = self.task();
         task.validate()?;
@@ -306,6 +385,53 @@ impl RunSpec {
             self.model.check(&io).map_err(|e| e.to_string())?;
         }
         Ok(())
+    }
+
+    /// Checks what privacy, compression, FedBuff and the simulated fleet ask for, alone and
+    /// together with the strategy.
+    fn validate_learning(&self) -> Result<(), String> {
+        let name = self.strategy.name;
+        if let Some(p) = &self.privacy {
+            p.validate()?;
+            if p.mechanism == Mechanism::Central
+                && !matches!(
+                    name,
+                    StrategyName::Fedavg
+                        | StrategyName::Fedavgm
+                        | StrategyName::Fedprox
+                        | StrategyName::Fedadam
+                        | StrategyName::Fedyogi
+                        | StrategyName::Fedadagrad
+                )
+            {
+                return Err(format!(
+                    "central DP calibrates its noise to a mean of clipped updates; strategy {} combines updates another way (use fedavg, fedavgm, fedprox or the fedopt family)",
+                    name.as_str()
+                ));
+            }
+            if self.fedbuff.is_some() {
+                return Err(
+                    "[privacy] with [fedbuff]: the accountant composes sampled rounds, which FedBuff does not have"
+                        .into(),
+                );
+            }
+        }
+        if let Some(c) = &self.compression {
+            c.validate()?;
+        }
+        if let Some(b) = &self.fedbuff {
+            b.validate()?;
+            if !matches!(name, StrategyName::Fedavg | StrategyName::Fedprox) {
+                return Err(format!(
+                    "[fedbuff] buffers staleness-weighted changes itself; strategy {} cannot be combined with it (use fedavg, or fedprox for its proximal term)",
+                    name.as_str()
+                ));
+            }
+            if self.strategy.close_after.is_some() {
+                return Err("strategy.close_after is for synchronous rounds, not [fedbuff]".into());
+            }
+        }
+        self.simulation.validate()
     }
 
     /// The data format of `[data]`, given or guessed.
@@ -382,7 +508,9 @@ impl RunSpec {
         toml::to_string_pretty(self).expect("a RunSpec always serializes")
     }
 
-    /// The fit config every sampled client receives.
+    /// The fit config every sampled client receives: local training's settings (`eta_l`, the
+    /// FedOpt family's client learning rate, overriding `train.learning_rate`), FedProx's
+    /// `proximal_mu`, and the update codec.
     pub fn fit_config(&self) -> ScalarMap {
         let mut m = ScalarMap::new();
         m.insert(
@@ -395,8 +523,25 @@ impl RunSpec {
         );
         m.insert(
             "learning_rate".into(),
-            scalar::f64(self.train.learning_rate),
+            scalar::f64(self.strategy.eta_l.unwrap_or(self.train.learning_rate)),
         );
+        if let Some(mu) = self.strategy.proximal_mu {
+            m.insert("proximal_mu".into(), scalar::f64(mu));
+        }
+        if let Some(budget) = self.train.time_budget {
+            m.insert(
+                "time_budget_ms".into(),
+                scalar::f64(budget.as_secs_f64() * 1000.0),
+            );
+        }
+        if let Some(codec) = self
+            .compression
+            .as_ref()
+            .and_then(|c| c.update_codec().ok())
+            .filter(|c| *c != UpdateCodec::F32)
+        {
+            m.insert("update_codec".into(), scalar::string(codec.to_string()));
+        }
         m
     }
 
@@ -421,7 +566,7 @@ mod tests {
         assert_eq!(s.model, ModelSpec::preset("mnist-2nn").expect("preset"));
         assert_eq!(s.data.clients, Some(100));
         assert_eq!(s.data.partition, Partition::Iid);
-        let f = s.strategy.fedavg();
+        let f = &s.strategy;
         assert_eq!(f.fraction_fit, 0.1);
         assert_eq!(
             (

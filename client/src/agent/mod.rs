@@ -466,6 +466,7 @@ impl Agent {
                 compute_slots: options.compute_slots.clone(),
                 num_examples,
                 progress: progress_tx,
+                updates: Default::default(),
             }),
             workers: JoinSet::new(),
             running: None,

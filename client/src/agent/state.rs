@@ -68,9 +68,14 @@ pub fn validate(command: &Command) -> Result<CommandKind, ClientError> {
                 kind.as_str_name()
             )));
         };
-        if get.codec != Codec::SafetensorsF32 as i32 {
+        // A global model is weights (f32, f16 or int8), never a change of something the
+        // device does not have.
+        if !matches!(
+            Codec::try_from(get.codec),
+            Ok(Codec::SafetensorsF32 | Codec::SafetensorsF16 | Codec::SafetensorsInt8)
+        ) {
             return Err(ClientError::bad_instruction(format!(
-                "global_weights.codec {} is not CODEC_SAFETENSORS_F32, the only codec this agent reads",
+                "global_weights.codec {} is not one of the model codecs this agent reads (safetensors f32, f16, int8)",
                 get.codec
             )));
         }

@@ -12,7 +12,7 @@ use std::time::Instant;
 use pollen_proto::device::{
     BlobGet, Command, CommandKind, EvaluateReply, FitReply, Reply, reply::Body,
 };
-use pollen_proto::fleet::{Codec, Failure, FailureCode, Progress};
+use pollen_proto::fleet::{Failure, FailureCode, Progress};
 use pollen_proto::scalar::{self, ScalarMap};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -21,6 +21,7 @@ use super::state;
 use crate::client::{Client, ClientError, TaskBlob, Work};
 use crate::task::TaskCache;
 use crate::transfer::{self, TransferError};
+use crate::update::UpdateEncoder;
 
 /// How a command ended.
 #[derive(Debug)]
@@ -60,6 +61,8 @@ pub struct Worker {
     pub num_examples: u64,
     /// Progress replies, published best effort by the runtime.
     pub progress: mpsc::Sender<Reply>,
+    /// Encodes updates as instructions ask (codec, local DP), keeping top-k's residuals.
+    pub updates: Arc<UpdateEncoder>,
 }
 
 /// `future`, unless `cancel` fires first.
@@ -181,6 +184,7 @@ impl Worker {
         command: &Command,
         cancel: &CancellationToken,
     ) -> Result<pollen_proto::Parameters, Halt> {
+        // (The digest a delta update names as its base is the command's `sha256`.)
         let default = BlobGet::default();
         let get = command.global_weights.as_ref().unwrap_or(&default);
         let started = Instant::now();
@@ -202,7 +206,8 @@ impl Worker {
 
     /// Runs `f` on the client on a blocking thread with the command's [`Work`], holding a
     /// compute slot if slots are limited. The slot and the client stay taken until `f`
-    /// returns, even if the command is cancelled.
+    /// returns, even if the command is cancelled. Then waits out the client's answer delay (a
+    /// simulated slow device's) without the slot, unless the command is cancelled.
     async fn compute<T: Send + 'static>(
         &self,
         command: &Command,
@@ -233,10 +238,16 @@ impl Worker {
                 task: task.as_deref(),
                 config: &config,
             };
-            f(client.as_mut(), &work)
+            let out = f(client.as_mut(), &work);
+            (out, client.answer_delay())
         });
         let joined = unless(cancel, job).await?;
-        Ok(joined.map_err(|e| ClientError::training(format!("the client panicked: {e}")))??)
+        let (out, delay) =
+            joined.map_err(|e| ClientError::training(format!("the client panicked: {e}")))?;
+        if !delay.is_zero() {
+            unless(cancel, tokio::time::sleep(delay)).await?;
+        }
+        Ok(out?)
     }
 
     async fn upload(
@@ -259,16 +270,29 @@ impl Worker {
     async fn fit(&self, command: &Command, cancel: &CancellationToken) -> Result<Body, Halt> {
         let task = self.task(command, cancel).await?;
         let parameters = self.fetch(command, cancel).await?;
+        let base_sha256 = command
+            .global_weights
+            .as_ref()
+            .map(|g| g.sha256.clone())
+            .unwrap_or_default();
         self.progress(command, 0.1, "training");
-        let (fit, blob) = self
+        let updates = self.updates.clone();
+        let (num_examples, metrics, blob) = self
             .compute(command, task, cancel, move |client, work| {
-                let fit = client.fit(work, parameters)?;
-                let blob = fit.parameters.encode();
-                Ok((fit, blob))
+                let fit = client.fit(work, parameters.clone())?;
+                let blob = updates.encode(
+                    work.run_id,
+                    work.config,
+                    fit.parameters,
+                    &parameters,
+                    &base_sha256,
+                    true,
+                )?;
+                Ok((fit.num_examples, fit.metrics, blob))
             })
             .await?;
         self.upload(command, cancel, &blob).await?;
-        Ok(uploaded(blob, fit.num_examples, fit.metrics))
+        Ok(uploaded(blob, num_examples, metrics))
     }
 
     async fn evaluate(&self, command: &Command, cancel: &CancellationToken) -> Result<Body, Halt> {
@@ -335,7 +359,7 @@ fn uploaded(blob: pollen_proto::blob::EncodedBlob, num_examples: u64, metrics: S
     Body::Fit(FitReply {
         size_bytes: blob.bytes.len() as u64,
         sha256: blob.sha256,
-        codec: Codec::SafetensorsF32 as i32,
+        codec: blob.codec as i32,
         num_examples,
         metrics,
     })

@@ -8,7 +8,8 @@ use pollen_proto::fleet::{
 };
 use tokio::task::JoinSet;
 
-use super::{DriverError, RoundDriver, await_reply, failure, unexpected};
+use super::fanout::{await_reply, unexpected};
+use super::{DriverError, RoundDriver};
 use crate::registry::Reply;
 use crate::statistics::{Combiner, FederatedStatistics};
 use crate::strategy::{ClientFailure, FailureReason};
@@ -78,7 +79,7 @@ impl RoundDriver {
                         (client_id, reply)
                     });
                 }
-                Err(e) => failures.push(failure(
+                Err(e) => failures.push(ClientFailure::new(
                     &client.id,
                     FailureReason::Disconnected,
                     e.to_string(),
@@ -97,11 +98,17 @@ impl RoundDriver {
                     if let Err(message) = added {
                         self.registry.counters().updates_rejected.inc();
                         tracing::warn!(client = %client_id, "statistics rejected: {message}");
-                        failures.push(failure(&client_id, FailureReason::Rejected, message));
+                        failures.push(ClientFailure::rejected(
+                            &client_id,
+                            crate::strategy::Rejection::Malformed,
+                            message,
+                        ));
                     }
                 }
                 Ok(other) => failures.push(unexpected(&client_id, other)),
-                Err((reason, message)) => failures.push(failure(&client_id, reason, message)),
+                Err((reason, message)) => {
+                    failures.push(ClientFailure::new(&client_id, reason, message))
+                }
             }
         }
         for f in &failures {

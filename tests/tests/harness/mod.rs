@@ -238,6 +238,7 @@ impl Harness {
                 wait_for_clients: Duration::from_secs(30),
                 primary_metric: None,
                 seed: 7,
+                ..Default::default()
             },
         )
         .with_store(self.store.clone())

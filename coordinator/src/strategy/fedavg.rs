@@ -1,15 +1,19 @@
 //! FedAvg (McMahan et al., 2017): the new global model is the average of the clients' models,
-//! weighted by their number of training examples.
+//! weighted by their number of training examples; and the base the other built-in strategies
+//! are assembled from (see [`super::config`]).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
-use pollen_proto::{NamedTensor, Parameters, scalar, scalar::ScalarMap};
+use pollen_proto::{Parameters, scalar, scalar::ScalarMap};
 use rand::{RngCore, seq::index::sample};
-use rayon::prelude::*;
 
+use super::aggregate::{Folding, Rule, RuleAggregator, flatten, unflatten};
+use super::server_opt::ServerOptimizer;
+use crate::privacy::{CentralDp, LocalDp};
 use crate::strategy::{
     ClientFailure, ClientInfo, EvaluateSummary, Evaluation, FitAggregator, FitSummary, Instruction,
-    Strategy, StrategyError,
+    PrivacySpent, Strategy, StrategyError,
 };
 
 /// Server-side evaluation of a global model (Flower's `evaluate_fn`).
@@ -111,26 +115,91 @@ fn sample_size(available: usize, fraction: f64, min: usize, min_available: usize
     n.max(min).min(available)
 }
 
-/// Federated averaging weighted by `num_examples`.
+/// FedAvg, and the base of every built-in strategy: Flower's sampling and failure rules, an
+/// aggregation [`Rule`] (the example-weighted mean by default), and optionally norm bounding of
+/// updates, central differential privacy and a server optimizer (FedAvgM, FedAdam, ...), in
+/// that order: updates are clipped as they are folded, noise goes on the aggregate, and the
+/// optimizer takes the noised aggregate (so its state never sees anything un-noised).
 pub struct FedAvg {
     config: FedAvgConfig,
+    name: &'static str,
+    rule: Rule,
+    norm_bound: Option<f64>,
+    server: Option<Box<dyn ServerOptimizer>>,
+    central_dp: Option<CentralDp>,
+    local_dp: Option<LocalDp>,
     initial: Option<Parameters>,
     fit_config: ScalarMap,
     evaluate_config: ScalarMap,
     evaluate_fn: Option<EvaluateFn>,
     evaluate_metrics: Option<MetricsAggregationFn>,
+    /// Clients available when the last fit round was sampled (DP's sampling rate).
+    last_available: usize,
 }
 
 impl FedAvg {
     pub fn new(config: FedAvgConfig) -> Self {
         Self {
             config,
+            name: "fedavg",
+            rule: Rule::WeightedMean,
+            norm_bound: None,
+            server: None,
+            central_dp: None,
+            local_dp: None,
             initial: None,
             fit_config: ScalarMap::new(),
             evaluate_config: ScalarMap::new(),
             evaluate_fn: None,
             evaluate_metrics: None,
+            last_available: 0,
         }
+    }
+
+    /// The strategy's name in logs and records (Flower's class name, lower-case).
+    pub fn named(mut self, name: &'static str) -> Self {
+        self.name = name;
+        self
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// How updates combine (FedMedian, FedTrimmedAvg, Krum, Bulyan).
+    pub fn with_rule(mut self, rule: Rule) -> Self {
+        self.rule = rule;
+        self
+    }
+
+    /// Scales every update's change to the global model down to this L2 norm before it is
+    /// folded (norm bounding, Sun et al. 2019).
+    pub fn with_norm_bound(mut self, bound: f64) -> Self {
+        self.norm_bound = Some(bound);
+        self
+    }
+
+    /// Applies a server optimizer to each round's aggregate (FedAvgM, FedAdam, ...).
+    pub fn with_server_optimizer(mut self, optimizer: Box<dyn ServerOptimizer>) -> Self {
+        self.server = Some(optimizer);
+        self
+    }
+
+    /// Central differential privacy: updates clipped, folded with equal weights, Gaussian noise
+    /// on their sum, privacy accounted after every round.
+    pub fn with_central_dp(mut self, dp: CentralDp) -> Self {
+        self.central_dp = Some(dp);
+        self
+    }
+
+    /// Local differential privacy: devices clip and noise their own update (the fit config
+    /// says how); the strategy only accounts for it.
+    pub fn with_local_dp(mut self, dp: LocalDp) -> Self {
+        for (k, v) in dp.fit_config() {
+            self.fit_config.insert(k, v);
+        }
+        self.local_dp = Some(dp);
+        self
     }
 
     /// How federated evaluation metrics combine (a task's exact aggregation of sums, say).
@@ -145,9 +214,12 @@ impl FedAvg {
         self
     }
 
-    /// Config sent with every fit instruction (the driver adds `round`).
+    /// Config sent with every fit instruction (the driver adds `round`); entries already set
+    /// (FedProx's `proximal_mu`, local DP's settings) are kept unless `config` names them too.
     pub fn with_fit_config(mut self, config: ScalarMap) -> Self {
-        self.fit_config = config;
+        for (k, v) in config {
+            self.fit_config.insert(k, v);
+        }
         self
     }
 
@@ -188,6 +260,19 @@ impl FedAvg {
             })
             .collect()
     }
+
+    /// What clipping and weighting the round's aggregator applies.
+    fn folding(&self) -> Folding {
+        let dp_clip = self.central_dp.as_ref().map(CentralDp::clipping_norm);
+        let clip = match (self.norm_bound, dp_clip) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        Folding {
+            clip,
+            unit_weights: self.central_dp.is_some(),
+        }
+    }
 }
 
 impl Strategy for FedAvg {
@@ -202,20 +287,41 @@ impl Strategy for FedAvg {
     fn configure_fit(
         &mut self,
         round: u64,
+        _global: &Parameters,
         available: &[ClientInfo],
         rng: &mut dyn RngCore,
     ) -> Vec<Instruction> {
         let n = self.config.num_fit_clients(available.len());
-        Self::instructions(n, round, available, &self.fit_config, rng)
+        self.last_available = available.len();
+        let picked = Self::instructions(n, round, available, &self.fit_config, rng);
+        if let Some(local) = self.local_dp.as_mut() {
+            // A device spends privacy whenever it trains and releases a noised update, whether
+            // or not the update arrives in time: count every instruction.
+            for i in &picked {
+                local.participated(&i.client_id);
+            }
+        }
+        picked
     }
 
-    fn fit_aggregator(&mut self, _round: u64, global: &Parameters) -> Box<dyn FitAggregator> {
-        Box::new(WeightedSum::shaped_like(global))
+    fn fit_config(&mut self, round: u64) -> ScalarMap {
+        let mut config = self.fit_config.clone();
+        config.insert("round".into(), scalar::int(round as i64));
+        config
+    }
+
+    fn fit_aggregator(&mut self, _round: u64, global: &Arc<Parameters>) -> Box<dyn FitAggregator> {
+        Box::new(RuleAggregator::new(
+            self.rule.clone(),
+            global.clone(),
+            self.folding(),
+        ))
     }
 
     fn aggregate_fit(
         &mut self,
         round: u64,
+        global: &Parameters,
         aggregator: Box<dyn FitAggregator>,
         results: &[FitSummary],
         failures: &[ClientFailure],
@@ -233,13 +339,50 @@ impl Strategy for FedAvg {
                 min: self.config.min_fit_clients,
             });
         }
-        let metrics = weighted_metrics(results.iter().map(|r| (r.num_examples, &r.metrics)));
-        Ok((aggregator.finish(), metrics))
+        let mut metrics = weighted_metrics(results.iter().map(|r| (r.num_examples, &r.metrics)));
+        let folded = aggregator
+            .finish()
+            .map_err(|message| StrategyError::Aggregation { round, message })?;
+        if self.folding().clip.is_some() {
+            metrics.insert("clipped".into(), folded.clipped as f64);
+        }
+        let Some(aggregate) = folded.parameters else {
+            return Ok((None, metrics));
+        };
+        if self.central_dp.is_none() && self.server.is_none() {
+            return Ok((Some(aggregate), metrics));
+        }
+        let current = flatten(global);
+        let mut next = flatten(&aggregate);
+        if let Some(dp) = self.central_dp.as_mut() {
+            let sampled = results.len() + failures.len();
+            let rate = sampled as f64 / self.last_available.max(sampled).max(1) as f64;
+            next = dp
+                .privatize(&current, &next, folded.count, folded.clipped, sampled, rate)
+                .map_err(|message| StrategyError::Aggregation { round, message })?;
+        }
+        if let Some(opt) = self.server.as_mut() {
+            next = opt
+                .step(round, &current, &next)
+                .map_err(|message| StrategyError::Aggregation { round, message })?;
+        }
+        let next = unflatten(global, &next);
+        if let Some((tensor, value)) = first_non_finite(&next) {
+            return Err(StrategyError::Aggregation {
+                round,
+                message: format!(
+                    "{} produced a non-finite value ({value}) in {tensor:?}; the model is kept",
+                    self.name
+                ),
+            });
+        }
+        Ok((Some(next), metrics))
     }
 
     fn configure_evaluate(
         &mut self,
         round: u64,
+        _global: &Parameters,
         available: &[ClientInfo],
         rng: &mut dyn RngCore,
     ) -> Vec<Instruction> {
@@ -281,6 +424,24 @@ impl Strategy for FedAvg {
     fn evaluate(&mut self, round: u64, parameters: &Parameters) -> Option<Evaluation> {
         self.evaluate_fn.as_mut().and_then(|f| f(round, parameters))
     }
+
+    fn privacy(&self) -> Option<PrivacySpent> {
+        match (&self.central_dp, &self.local_dp) {
+            (Some(dp), _) => dp.spent(),
+            (None, Some(dp)) => dp.spent(),
+            (None, None) => None,
+        }
+    }
+}
+
+/// The first NaN or infinity in `p`, if any.
+fn first_non_finite(p: &Parameters) -> Option<(String, f32)> {
+    p.tensors.iter().find_map(|t| {
+        t.data
+            .iter()
+            .find(|v| !v.is_finite())
+            .map(|v| (t.name.clone(), *v))
+    })
 }
 
 /// Example-weighted mean of every metric key (a key missing at a client is left out for it).
@@ -301,109 +462,10 @@ pub fn weighted_metrics<'a>(
         .collect()
 }
 
-/// Below this many values a tensor is folded on the calling thread: splitting small tensors
-/// across rayon's workers costs more than it saves.
-const PARALLEL_MIN_LEN: usize = 1 << 16;
-const CHUNK: usize = 1 << 14;
-
-/// A running sum of `num_examples`-weighted updates: O(model) memory.
-pub struct WeightedSum {
-    names: Vec<String>,
-    shapes: Vec<Vec<usize>>,
-    sums: Vec<Vec<f32>>,
-    total_weight: f64,
-    count: usize,
-}
-
-impl WeightedSum {
-    pub fn shaped_like(template: &Parameters) -> Self {
-        Self {
-            names: template.tensors.iter().map(|t| t.name.clone()).collect(),
-            shapes: template.tensors.iter().map(|t| t.shape.clone()).collect(),
-            sums: template
-                .tensors
-                .iter()
-                .map(|t| vec![0.0; t.data.len()])
-                .collect(),
-            total_weight: 0.0,
-            count: 0,
-        }
-    }
-}
-
-impl FitAggregator for WeightedSum {
-    fn fold(&mut self, update: &Parameters, num_examples: u64) -> Result<(), String> {
-        // Check everything before touching the sum, so a bad update leaves it as it was.
-        if update.tensors.len() != self.names.len() {
-            return Err(format!(
-                "update has {} tensors, the model has {}",
-                update.tensors.len(),
-                self.names.len()
-            ));
-        }
-        for ((t, name), shape) in update.tensors.iter().zip(&self.names).zip(&self.shapes) {
-            if &t.name != name || &t.shape != shape {
-                return Err(format!(
-                    "update tensor {:?} {:?} does not match model tensor {:?} {:?}",
-                    t.name, t.shape, name, shape
-                ));
-            }
-        }
-        let w = num_examples as f32;
-        for (sum, t) in self.sums.iter_mut().zip(&update.tensors) {
-            axpy(sum, w, &t.data);
-        }
-        self.total_weight += num_examples as f64;
-        self.count += 1;
-        Ok(())
-    }
-
-    fn count(&self) -> usize {
-        self.count
-    }
-
-    fn finish(self: Box<Self>) -> Option<Parameters> {
-        if self.count == 0 || self.total_weight <= 0.0 {
-            return None;
-        }
-        let inv = (1.0 / self.total_weight) as f32;
-        let tensors = self
-            .names
-            .into_iter()
-            .zip(self.shapes)
-            .zip(self.sums)
-            .map(|((name, shape), mut data)| {
-                scale(&mut data, inv);
-                NamedTensor { name, shape, data }
-            })
-            .collect();
-        Some(Parameters { tensors })
-    }
-}
-
-/// `y += a * x`, in parallel for large tensors.
-fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-    if y.len() >= PARALLEL_MIN_LEN {
-        y.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK))
-            .for_each(|(y, x)| y.iter_mut().zip(x).for_each(|(y, x)| *y += a * x));
-    } else {
-        y.iter_mut().zip(x).for_each(|(y, x)| *y += a * x);
-    }
-}
-
-fn scale(y: &mut [f32], a: f32) {
-    if y.len() >= PARALLEL_MIN_LEN {
-        y.par_chunks_mut(CHUNK)
-            .for_each(|y| y.iter_mut().for_each(|v| *v *= a));
-    } else {
-        y.iter_mut().for_each(|v| *v *= a);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pollen_proto::NamedTensor;
     use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;
 
@@ -427,6 +489,14 @@ mod tests {
             .collect()
     }
 
+    fn update(id: &str, p: Parameters, n: u64) -> crate::strategy::ClientUpdate {
+        crate::strategy::ClientUpdate {
+            client_id: id.into(),
+            num_examples: n,
+            parameters: p,
+        }
+    }
+
     fn summary(id: &str, n: u64, loss: f64) -> FitSummary {
         FitSummary {
             client_id: id.into(),
@@ -438,16 +508,22 @@ mod tests {
     #[test]
     fn fedavg_equals_a_hand_computed_weighted_average() {
         let mut s = FedAvg::new(FedAvgConfig::default());
-        let mut agg = s.fit_aggregator(1, &params(0.0, [0.0, 0.0]));
-        agg.fold(&params(1.0, [2.0, -4.0]), 10).expect("fold");
-        agg.fold(&params(4.0, [8.0, 2.0]), 30).expect("fold");
-        agg.fold(&params(-2.0, [0.0, 1.0]), 60).expect("fold");
+        let global = Arc::new(params(0.0, [0.0, 0.0]));
+        let mut agg = s.fit_aggregator(1, &global);
+        agg.fold(&update("x", params(1.0, [2.0, -4.0]), 10))
+            .expect("fold");
+        agg.fold(&update("y", params(4.0, [8.0, 2.0]), 30))
+            .expect("fold");
+        agg.fold(&update("z", params(-2.0, [0.0, 1.0]), 60))
+            .expect("fold");
         let results = [
             summary("x", 10, 1.0),
             summary("y", 30, 2.0),
             summary("z", 60, 0.5),
         ];
-        let (p, metrics) = s.aggregate_fit(1, agg, &results, &[]).expect("aggregates");
+        let (p, metrics) = s
+            .aggregate_fit(1, &global, agg, &results, &[])
+            .expect("aggregates");
         let p = p.expect("parameters");
         // a: (10*1 + 30*4 + 60*-2) / 100 = 0.1
         // b0: (10*2 + 30*8 + 0) / 100 = 2.6 ; b1: (10*-4 + 30*2 + 60*1) / 100 = 0.8
@@ -456,34 +532,6 @@ mod tests {
         assert!((p.tensors[1].data[1] - 0.8).abs() < 1e-6);
         // loss: (10*1 + 30*2 + 60*0.5) / 100 = 1.0
         assert!((metrics["loss"] - 1.0).abs() < 1e-12);
-    }
-
-    #[test]
-    fn parallel_fold_matches_the_serial_sum_for_large_tensors() {
-        let n = PARALLEL_MIN_LEN * 3 + 17;
-        let t = |v: f32| {
-            Parameters::new(vec![NamedTensor::new("w", vec![n], vec![v; n])]).expect("valid")
-        };
-        let mut agg = WeightedSum::shaped_like(&t(0.0));
-        agg.fold(&t(1.0), 1).expect("fold");
-        agg.fold(&t(3.0), 3).expect("fold");
-        let out = Box::new(agg).finish().expect("parameters");
-        assert!(out.tensors[0].data.iter().all(|v| (v - 2.5).abs() < 1e-6));
-    }
-
-    #[test]
-    fn a_mismatched_update_leaves_the_sum_untouched() {
-        let mut agg = WeightedSum::shaped_like(&params(0.0, [0.0, 0.0]));
-        agg.fold(&params(2.0, [2.0, 2.0]), 1).expect("fold");
-        let wrong = Parameters::new(vec![
-            NamedTensor::new("a", vec![1], vec![100.0]),
-            NamedTensor::new("b", vec![1, 2], vec![100.0, 100.0]),
-        ])
-        .expect("valid");
-        assert!(agg.fold(&wrong, 1).is_err());
-        assert_eq!(agg.count(), 1);
-        let out = Box::new(agg).finish().expect("parameters");
-        assert_eq!(out, params(2.0, [2.0, 2.0]));
     }
 
     #[test]
@@ -511,7 +559,7 @@ mod tests {
         let fleet = clients(19);
         let pick = |s: &mut FedAvg| {
             let mut rng = ChaCha8Rng::seed_from_u64(7);
-            s.configure_fit(3, &fleet, &mut rng)
+            s.configure_fit(3, &params(0.0, [0.0, 0.0]), &fleet, &mut rng)
         };
         let a = pick(&mut s);
         let b = pick(&mut s);
@@ -524,15 +572,13 @@ mod tests {
 
     #[test]
     fn quorum_and_accept_failures_decide_whether_a_round_succeeds() {
-        let failure = ClientFailure {
-            client_id: "c9".into(),
-            reason: crate::strategy::FailureReason::Timeout,
-            message: "no answer".into(),
-        };
+        let failure =
+            ClientFailure::new("c9", crate::strategy::FailureReason::Timeout, "no answer");
+        let global = Arc::new(params(0.0, [0.0, 0.0]));
         let mut s = FedAvg::new(FedAvgConfig::default());
-        let agg = s.fit_aggregator(1, &params(0.0, [0.0, 0.0]));
+        let agg = s.fit_aggregator(1, &global);
         let err = s
-            .aggregate_fit(1, agg, &[summary("x", 1, 0.0)], &[])
+            .aggregate_fit(1, &global, agg, &[summary("x", 1, 0.0)], &[])
             .expect_err("below quorum");
         assert_eq!(
             err,
@@ -547,10 +593,10 @@ mod tests {
             accept_failures: false,
             ..Default::default()
         });
-        let agg = strict.fit_aggregator(1, &params(0.0, [0.0, 0.0]));
+        let agg = strict.fit_aggregator(1, &global);
         let results = [summary("x", 1, 0.0), summary("y", 1, 0.0)];
         let err = strict
-            .aggregate_fit(1, agg, &results, std::slice::from_ref(&failure))
+            .aggregate_fit(1, &global, agg, &results, std::slice::from_ref(&failure))
             .expect_err("failures not accepted");
         assert!(matches!(err, StrategyError::FailuresNotAccepted { .. }));
     }
