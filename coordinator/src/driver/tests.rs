@@ -2,10 +2,12 @@
 //! does with weights that travel through object storage, without a broker or an S3 server.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 use pollen_proto::blob::{check_digest, sha256_hex};
+use pollen_proto::codec::UpdateCodec;
 use pollen_proto::fleet::{
     BlobRef, ClientMessage, Codec, Failure, FailureCode, FitIns, FitRes, GetParametersIns,
     ParametersRes, ServerMessage, Weights, client_message::Msg as ClientMsg,
@@ -44,11 +46,28 @@ enum Answer {
     Oversize,
     /// Uploads `global + 1` to its own key, but names `dev-honest`'s key in its answer.
     OtherKey,
+    /// Never answers a fit (counts the cancels it gets).
+    Hang,
+    /// Answers `Shift(1.0)` this long after the instruction.
+    Late(Duration),
+    /// Uploads `global + 1` truthfully but claims this many examples (it announced 10).
+    Claim(u64),
+    /// Sends `delta` as an int8 change of the global model it decoded, naming that model's
+    /// digest; with `false`, names another digest.
+    Int8Delta(f32, bool),
 }
 
 /// Registers `id` with the coordinator and answers its instructions until told to stop. A
-/// transfer the store refuses becomes a `BLOB_TRANSFER` failure naming why.
-fn device(registry: &Arc<Registry>, store: &Arc<MemoryStore>, id: &str, answer: Answer) {
+/// transfer the store refuses becomes a `BLOB_TRANSFER` failure naming why. Returns how many
+/// cancels it received.
+fn device(
+    registry: &Arc<Registry>,
+    store: &Arc<MemoryStore>,
+    id: &str,
+    answer: Answer,
+) -> Arc<AtomicUsize> {
+    let cancels = Arc::new(AtomicUsize::new(0));
+    let counted = cancels.clone();
     let (tx, mut rx) = mpsc::channel(16);
     let info = ClientInfo {
         id: id.to_string(),
@@ -62,8 +81,18 @@ fn device(registry: &Arc<Registry>, store: &Arc<MemoryStore>, id: &str, answer: 
     tokio::spawn(async move {
         while let Some(Ok(ServerMessage { msg: Some(msg) })) = rx.recv().await {
             let (request_id, round, answered) = match msg {
-                ServerMsg::Fit(ins) => (ins.request_id, ins.round, fit(&store, ins, answer)),
+                ServerMsg::Fit(_) if matches!(answer, Answer::Hang) => continue,
+                ServerMsg::Fit(ins) => {
+                    if let Answer::Late(after) = answer {
+                        tokio::time::sleep(after).await;
+                    }
+                    (ins.request_id, ins.round, fit(&store, ins, answer))
+                }
                 ServerMsg::GetParameters(ins) => (ins.request_id, 0, offer(&store, ins)),
+                ServerMsg::Cancel(_) => {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    continue;
+                }
                 ServerMsg::Stop(_) => break,
                 _ => continue,
             };
@@ -78,15 +107,16 @@ fn device(registry: &Arc<Registry>, store: &Arc<MemoryStore>, id: &str, answer: 
             registry.route(&id, ClientMessage { msg: Some(msg) });
         }
     });
+    cancels
 }
 
-fn reference(location: String, bytes: &Bytes, sha256: String) -> Weights {
+fn reference(location: String, bytes: &Bytes, sha256: String, codec: Codec) -> Weights {
     Weights {
         body: Some(Body::Reference(BlobRef {
             location,
             sha256,
             size_bytes: bytes.len() as u64,
-            codec: Codec::SafetensorsF32 as i32,
+            codec: codec as i32,
             url: String::new(),
         })),
     }
@@ -98,18 +128,42 @@ fn fit(store: &MemoryStore, ins: FitIns, answer: Answer) -> Result<ClientMsg, St
     };
     let global_bytes = store.download(&global.url).map_err(|e| e.to_string())?;
     check_digest(&global_bytes, &global.sha256).map_err(|e| e.to_string())?;
-    let mut params = Parameters::decode(&global_bytes, None).map_err(|e| e.to_string())?;
+    let codec = Codec::try_from(global.codec).map_err(|e| e.to_string())?;
+    let base =
+        pollen_proto::codec::decode(&global_bytes, codec, None, None).map_err(|e| e.to_string())?;
+    let mut params = base.clone();
     let upload = ins.upload.ok_or("no upload URL")?;
     let delta = match answer {
-        Answer::Shift(delta) => delta,
+        Answer::Shift(delta) | Answer::Int8Delta(delta, _) => delta,
         _ => 1.0,
     };
     for t in &mut params.tensors {
         t.data.iter_mut().for_each(|x| *x += delta);
     }
-    let blob = params.encode();
+    let mut num_examples = 10;
+    let mut blob = params.encode();
+    if let Answer::Int8Delta(_, honest) = answer {
+        let named = if honest {
+            global.sha256.clone()
+        } else {
+            "0".repeat(64)
+        };
+        blob = pollen_proto::codec::encode(
+            &params,
+            UpdateCodec::DeltaInt8,
+            Some((&base, &named)),
+            None,
+        )
+        .map_err(|e| e.to_string())?;
+    }
     let (bytes, sha256, location) = match answer {
-        Answer::Shift(_) => (blob.bytes, blob.sha256, upload.location),
+        Answer::Shift(_) | Answer::Late(_) | Answer::Int8Delta(..) | Answer::Hang => {
+            (blob.bytes, blob.sha256, upload.location)
+        }
+        Answer::Claim(n) => {
+            num_examples = n;
+            (blob.bytes, blob.sha256, upload.location)
+        }
         Answer::WrongDigest => (blob.bytes, "0".repeat(64), upload.location),
         Answer::Oversize => {
             let bytes = Bytes::from(vec![0u8; 2 * global_bytes.len() + 64 * 1024 + 1]);
@@ -127,8 +181,8 @@ fn fit(store: &MemoryStore, ins: FitIns, answer: Answer) -> Result<ClientMsg, St
     Ok(ClientMsg::Fit(FitRes {
         request_id: ins.request_id,
         round: ins.round,
-        weights: Some(reference(location, &bytes, sha256)),
-        num_examples: 10,
+        weights: Some(reference(location, &bytes, sha256, blob.codec)),
+        num_examples,
         metrics: Default::default(),
     }))
 }
@@ -142,7 +196,12 @@ fn offer(store: &MemoryStore, ins: GetParametersIns) -> Result<ClientMsg, String
         .map_err(|e| e.to_string())?;
     Ok(ClientMsg::Parameters(ParametersRes {
         request_id: ins.request_id,
-        weights: Some(reference(upload.location, &blob.bytes, blob.sha256)),
+        weights: Some(reference(
+            upload.location,
+            &blob.bytes,
+            blob.sha256,
+            Codec::SafetensorsF32,
+        )),
     }))
 }
 
@@ -151,6 +210,17 @@ async fn one_round(
     registry: &Arc<Registry>,
     store: &Arc<MemoryStore>,
     initial: Option<Parameters>,
+) -> RunSummary {
+    run_with(registry, store, initial, DriverConfig::default()).await
+}
+
+/// `config.num_rounds` rounds (1 when left at the default) of FedAvg over every registered
+/// client, each round's deadline 10 s unless `config` says otherwise.
+async fn run_with(
+    registry: &Arc<Registry>,
+    store: &Arc<MemoryStore>,
+    initial: Option<Parameters>,
+    config: DriverConfig,
 ) -> RunSummary {
     let clients = registry.len();
     let mut strategy = FedAvg::new(FedAvgConfig {
@@ -162,11 +232,20 @@ async fn one_round(
     if let Some(p) = initial {
         strategy = strategy.with_initial_parameters(p);
     }
+    let defaults = DriverConfig::default();
     let config = DriverConfig {
-        num_rounds: 1,
-        round_timeout: Duration::from_secs(10),
+        num_rounds: if config.num_rounds == defaults.num_rounds {
+            1
+        } else {
+            config.num_rounds
+        },
+        round_timeout: if config.round_timeout == defaults.round_timeout {
+            Duration::from_secs(10)
+        } else {
+            config.round_timeout
+        },
         wait_for_clients: Duration::from_secs(1),
-        ..Default::default()
+        ..config
     };
     RoundDriver::new(registry.clone(), Box::new(strategy), config)
         .with_store(store.clone())
@@ -238,5 +317,181 @@ async fn without_initial_parameters_a_client_uploads_them_to_its_initial_key() {
             store.keys().initial(RUN, "dev-a"),
             store.keys().global(RUN, 0)
         ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_round_that_meets_its_target_cancels_the_stragglers() {
+    let registry = Arc::new(Registry::new(Arc::default()));
+    let store = Arc::new(MemoryStore::new(""));
+    device(&registry, &store, "dev-a", Answer::Shift(1.0));
+    device(&registry, &store, "dev-b", Answer::Shift(3.0));
+    let hang = device(&registry, &store, "dev-slow", Answer::Hang);
+    let config = DriverConfig {
+        close_after: Some(2),
+        round_timeout: Duration::from_secs(600),
+        ..Default::default()
+    };
+    let summary = run_with(&registry, &store, Some(model(0.0)), config).await;
+    let r = &summary.rounds[0];
+    assert_eq!(r.closure.as_deref(), Some("target"));
+    assert_eq!(r.stragglers, vec!["dev-slow"]);
+    assert_eq!(
+        (r.sampled, r.succeeded, r.failed),
+        (3, 2, 0),
+        "{:?}",
+        r.failures
+    );
+    assert_eq!(values(&summary.parameters), vec![2.0; 4]);
+    assert_eq!(registry.counters().snapshot().stragglers_dropped, 1);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(
+        hang.load(Ordering::SeqCst),
+        1,
+        "the straggler was told to cancel"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_answer_after_the_deadline_times_out_and_is_counted_late_when_it_comes() {
+    let registry = Arc::new(Registry::new(Arc::default()));
+    let store = Arc::new(MemoryStore::new(""));
+    device(&registry, &store, "dev-a", Answer::Shift(1.0));
+    let late = device(
+        &registry,
+        &store,
+        "dev-late",
+        Answer::Late(Duration::from_secs(30)),
+    );
+    let config = DriverConfig {
+        round_timeout: Duration::from_secs(10),
+        ..Default::default()
+    };
+    let summary = run_with(&registry, &store, Some(model(0.0)), config).await;
+    let r = &summary.rounds[0];
+    assert_eq!(r.closure.as_deref(), Some("deadline"));
+    assert_eq!(r.failures_by_reason.get("timeout"), Some(&1));
+    assert_eq!(
+        values(&summary.parameters),
+        vec![1.0; 4],
+        "only the timely update"
+    );
+    // The clock moves to the late answer, which is dropped and counted; the device reads the
+    // cancel it was sent at the deadline once it is done.
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(registry.counters().snapshot().replies_late, 1);
+    assert_eq!(
+        late.load(Ordering::SeqCst),
+        1,
+        "told to cancel at the deadline"
+    );
+}
+
+#[tokio::test]
+async fn more_examples_than_announced_is_refused_and_does_not_weigh_in() {
+    let registry = Arc::new(Registry::new(Arc::default()));
+    let store = Arc::new(MemoryStore::new(""));
+    device(&registry, &store, "dev-honest", Answer::Shift(2.0));
+    device(&registry, &store, "dev-boaster", Answer::Claim(10_000_000));
+    let summary = one_round(&registry, &store, Some(model(0.0))).await;
+    let r = &summary.rounds[0];
+    assert_eq!(r.participants, vec!["dev-honest"]);
+    assert_eq!(r.rejections.get("too_many_examples"), Some(&1), "{r:?}");
+    assert_eq!(values(&summary.parameters), vec![2.0; 4]);
+}
+
+#[tokio::test]
+async fn int8_changes_are_added_to_the_coordinators_own_model_and_a_foreign_base_is_refused() {
+    let registry = Arc::new(Registry::new(Arc::default()));
+    let store = Arc::new(MemoryStore::new(""));
+    device(&registry, &store, "dev-a", Answer::Int8Delta(0.5, true));
+    device(&registry, &store, "dev-b", Answer::Int8Delta(1.5, true));
+    device(
+        &registry,
+        &store,
+        "dev-forger",
+        Answer::Int8Delta(9.0, false),
+    );
+    let config = DriverConfig {
+        model_codec: UpdateCodec::Int8,
+        ..Default::default()
+    };
+    let summary = run_with(&registry, &store, Some(model(0.25)), config).await;
+    let r = &summary.rounds[0];
+    assert_eq!(r.rejections.get("base"), Some(&1), "{:?}", r.failures);
+    // 0.25 + mean(0.5, 1.5), within int8's rounding of each change (scale 1.5 / 127).
+    for v in values(&summary.parameters) {
+        assert!((v - 1.25).abs() < 0.01, "{v}");
+    }
+    // The global model went out as int8 (a four-value model is too small to show the saving:
+    // the scales and the metadata outweigh it).
+    let sent = store
+        .get(&store.keys().global(RUN, 0), 1 << 20)
+        .await
+        .expect("the global model is stored");
+    assert!(Parameters::decode(&sent, None).is_err(), "not f32");
+    let decoded = pollen_proto::codec::decode(&sent, Codec::SafetensorsInt8, None, None)
+        .expect("int8 weights");
+    assert!((values(&decoded)[0] - 0.25).abs() < 1e-6);
+}
+
+#[tokio::test(start_paused = true)]
+async fn fedbuff_publishes_a_version_every_k_updates_and_drops_stale_ones() {
+    let registry = Arc::new(Registry::new(Arc::default()));
+    let store = Arc::new(MemoryStore::new(""));
+    // The fast devices answer in a second, and a version is published about every second;
+    // the slow one, five versions behind when it answers, is staler than the limit of 1.
+    device(
+        &registry,
+        &store,
+        "dev-a",
+        Answer::Late(Duration::from_secs(1)),
+    );
+    device(
+        &registry,
+        &store,
+        "dev-b",
+        Answer::Late(Duration::from_secs(1)),
+    );
+    device(
+        &registry,
+        &store,
+        "dev-slow",
+        Answer::Late(Duration::from_secs(5)),
+    );
+    let config = DriverConfig {
+        num_rounds: 7,
+        fedbuff: Some(crate::fedbuff::FedBuffConfig {
+            buffer_size: 2,
+            concurrency: 3,
+            max_staleness: 1,
+            staleness_exponent: 0.5,
+            server_learning_rate: 1.0,
+        }),
+        ..Default::default()
+    };
+    let summary = run_with(&registry, &store, Some(model(0.0)), config).await;
+    let versions: Vec<u64> = summary.rounds.iter().map(|r| r.round).collect();
+    assert_eq!(versions, (1..=7).collect::<Vec<u64>>());
+    for r in &summary.rounds {
+        let a = r.asynchronous.as_ref().expect("fedbuff records");
+        assert_eq!(r.succeeded, 2, "{r:?}");
+        assert!(a.max_staleness <= 1, "{a:?}");
+    }
+    // Each version moves the model by the mean of two weighted +1 changes: 1 when both were
+    // fresh, 1/sqrt(2) when both were one version old.
+    let w = values(&summary.parameters)[0];
+    assert!(w > 7.0 / 2f32.sqrt() - 1e-4 && w <= 7.0 + 1e-4, "{w}");
+    let stale = registry.counters().snapshot().updates_stale;
+    assert!(stale >= 1, "the slow device's update was dropped as stale");
+    let dropped: usize = summary
+        .rounds
+        .iter()
+        .filter_map(|r| r.asynchronous.as_ref())
+        .map(|a| a.dropped_stale)
+        .sum();
+    assert_eq!(
+        dropped as u64, stale,
+        "the records count what the counter counts"
     );
 }

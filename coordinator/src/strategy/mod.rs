@@ -23,6 +23,8 @@ pub mod config;
 pub mod fedavg;
 pub mod robust;
 pub mod server_opt;
+#[cfg(test)]
+mod tests;
 
 /// A connected client, as the strategy sees it when sampling.
 #[derive(Debug, Clone, PartialEq)]
