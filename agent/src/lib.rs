@@ -98,11 +98,13 @@ pub async fn run_mqtt(
     Ok(())
 }
 
-/// Direct mode: joins `coordinator` as `client_id` and serves it until it stops the client.
+/// Direct mode: joins `coordinator` as `client_id` and serves it until it stops the client;
+/// `compress`: zstd on the stream both ways.
 pub async fn run_direct(
     coordinator: &str,
     client_id: &str,
     data: DataSource,
+    compress: bool,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Exit> {
     let client = open_data(data, client_id).await?;
@@ -114,7 +116,10 @@ pub async fn run_direct(
         coordinator,
         client_id,
         client,
-        ClientOptions::default(),
+        ClientOptions {
+            grpc_compression: compress,
+            ..Default::default()
+        },
         shutdown,
     )
     .await?)

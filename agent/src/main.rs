@@ -50,6 +50,10 @@ struct Args {
     /// Direct mode: this client's id (letters, digits, '_', '.', '-').
     #[arg(long, env = "POLLEN_CLIENT_ID")]
     client_id: Option<String>,
+    /// Direct mode: compress the gRPC stream with zstd both ways (inline weights on a metered
+    /// link).
+    #[arg(long)]
+    grpc_compression: bool,
     /// The device's data: a CSV file, a .npy features file or an MNIST folder [default:
     /// data/mnist, or the config's data.path].
     #[arg(long, alias = "data-dir")]
@@ -141,7 +145,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .unwrap_or_else(|| DEFAULT_COORDINATOR.to_string());
             let mut data = AgentConfig::default().data;
             data_flags(&args, &mut data)?;
-            match pollen_agent::run_direct(&coordinator, id, data, ctrl_c()).await? {
+            match pollen_agent::run_direct(&coordinator, id, data, args.grpc_compression, ctrl_c())
+                .await?
+            {
                 Exit::Stopped { reason } => eprintln!("stopped by the coordinator: {reason}"),
                 Exit::Closed => eprintln!("the coordinator closed the stream"),
                 Exit::Shutdown => eprintln!("interrupted"),

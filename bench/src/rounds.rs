@@ -169,6 +169,7 @@ pub async fn run(options: &RoundsOptions) -> anyhow::Result<RoundsReport> {
                     args: vec!["agent".into()],
                 }),
             },
+            grpc_compression: false,
         },
     )
     .await?;

@@ -33,11 +33,15 @@ impl FleetService {
         Self { registry }
     }
 
-    /// The tonic server for this service, with Pollen's message-size limits.
+    /// The tonic server for this service, with Pollen's message-size limits. It reads zstd
+    /// and answers in zstd only the clients that ask for it (`grpc-accept-encoding`), so a
+    /// client chooses compression for both directions of its stream.
     pub fn into_server(self) -> fleet_server::FleetServer<Self> {
         fleet_server::FleetServer::new(self)
             .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES)
+            .accept_compressed(tonic::codec::CompressionEncoding::Zstd)
+            .send_compressed(tonic::codec::CompressionEncoding::Zstd)
     }
 }
 

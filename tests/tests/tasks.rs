@@ -362,6 +362,7 @@ async fn fleet_of(dir: &Path, files: &[&Path]) -> Fleet {
             model: String::new(),
             compute_slots: std::sync::Arc::new(tokio::sync::Semaphore::new(2)),
             agent_process: None,
+            grpc_compression: false,
         },
     )
     .await

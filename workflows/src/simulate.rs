@@ -67,6 +67,8 @@ pub struct SimulateOptions {
     /// Serve the live dashboard and `/metrics` on this address while the run goes (port 0:
     /// any free port; the URL is printed).
     pub dashboard: Option<SocketAddr>,
+    /// `Transport::Grpc`: compress the clients' streams with zstd.
+    pub grpc_compression: bool,
 }
 
 impl SimulateOptions {
@@ -78,6 +80,7 @@ impl SimulateOptions {
             broker: None,
             s3: None,
             dashboard: None,
+            grpc_compression: false,
         }
     }
 }
@@ -146,6 +149,7 @@ pub async fn simulate(
             model: manifest.model.family().to_string(),
             compute_slots: slots,
             agent_process: None,
+            grpc_compression: options.grpc_compression,
         },
     )
     .await?;
@@ -220,6 +224,8 @@ pub struct FleetOptions {
     /// Device path: run each device's agent as a process of its own, as on a real fleet (the
     /// clients given are then only counted: the process brings its own).
     pub agent_process: Option<AgentProcess>,
+    /// Direct gRPC clients: zstd on their streams.
+    pub grpc_compression: bool,
 }
 
 /// A command that runs one device's edge agent: `program args.. --broker URL --fleet F
@@ -289,6 +295,7 @@ impl SimulatedFleet {
                         // A thousand clients connecting at once can overflow the listener's
                         // accept queue; a reset there is not the end of a client.
                         connect_attempts: 10,
+                        grpc_compression: options.grpc_compression,
                         ..Default::default()
                     };
                     let id = format!("sim-{i:04}");

@@ -45,8 +45,11 @@ pub fn reporter(
                 .metrics
                 .get(name)
                 .map_or("-".to_string(), |v| show_metric(name, *v));
+            let privacy = r.privacy.as_ref().map_or(String::new(), |p| {
+                format!("  ε {:.2} (δ {:e})", p.epsilon, p.delta)
+            });
             b.set_message(format!(
-                "{name} {value}  ok {}/{}  {:.2}s/round",
+                "{name} {value}  ok {}/{}  {:.2}s/round{privacy}",
                 r.succeeded, r.sampled, r.seconds
             ));
             b.inc(1);
@@ -85,9 +88,22 @@ pub fn print_summary(run_id: &str, run_dir: &std::path::Path, rounds: &[RoundRec
         String::new()
     };
     let failed: usize = rounds.iter().map(|r| r.failed).sum();
+    // What a run with differential privacy spent, as its accountant reports it.
+    let privacy = rounds
+        .iter()
+        .rev()
+        .find_map(|r| r.privacy.as_ref())
+        .map_or(String::new(), |p| {
+            format!(
+                ", {} DP ε = {:.2} at δ = {:e} (noise multiplier {}, {} steps)",
+                p.mechanism, p.epsilon, p.delta, p.noise_multiplier, p.steps
+            )
+        });
+    let moved: u64 = rounds.iter().map(|r| r.bytes_sent + r.bytes_received).sum();
     eprintln!(
-        "run {run_id}: {} rounds, final {metric} {last} ({evaluation} evaluation){first97}, median {median:.3} s/round, {failed} client failures\nrecords: {}",
+        "run {run_id}: {} rounds, final {metric} {last} ({evaluation} evaluation){first97}, median {median:.3} s/round, {failed} client failures, {:.1} MB of weights moved{privacy}\nrecords: {}",
         rounds.len(),
+        moved as f64 / 1e6,
         run_dir.display()
     );
 }

@@ -131,6 +131,9 @@ pub struct SimulateArgs {
     pub failure_rate: Option<f64>,
     #[arg(long, value_enum, default_value_t = Transport::Device)]
     pub transport: Transport,
+    /// With --transport grpc: compress the clients' streams with zstd (inline weights).
+    #[arg(long)]
+    pub grpc_compression: bool,
     /// MQTT broker for the device path (e.g. mqtt://127.0.0.1:1883); embedded when absent.
     #[arg(long)]
     pub broker: Option<String>,
@@ -158,6 +161,11 @@ pub async fn simulate(a: SimulateArgs) -> anyhow::Result<()> {
     let (bar, report) = reporter(&spec, a.json);
     let mut options = SimulateOptions::new(a.runs_dir);
     options.transport = a.transport;
+    anyhow::ensure!(
+        !a.grpc_compression || a.transport == Transport::Grpc,
+        "--grpc-compression is for --transport grpc (the device path moves weights through object storage)"
+    );
+    options.grpc_compression = a.grpc_compression;
     options.broker = a.broker.map(BrokerConfig::new);
     options.s3 = a.storage.external();
     options.dashboard = a.dashboard.addr();
