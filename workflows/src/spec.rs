@@ -91,9 +91,11 @@ impl CompressionSpec {
             "f16" => Ok(UpdateCodec::DeltaF16),
             "int8" => Ok(UpdateCodec::DeltaInt8),
             "topk" => {
-                if !(self.topk_fraction > 0.0 && self.topk_fraction <= 1.0) {
+                // Each kept value costs its index too: above half the values, top-k is larger
+                // than f32, and beyond what the coordinator reads as an update.
+                if !(self.topk_fraction > 0.0 && self.topk_fraction <= 0.5) {
                     return Err(format!(
-                        "compression.topk_fraction = {} must be in (0, 1]",
+                        "compression.topk_fraction = {} must be in (0, 0.5]",
                         self.topk_fraction
                     ));
                 }
@@ -587,22 +589,67 @@ mod tests {
     fn shipped_specs_parse_and_round_trip() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
         let mut found = 0;
-        for entry in std::fs::read_dir(dir).expect("workflows/") {
-            let path = entry.expect("entry").path();
-            if path.extension().is_some_and(|e| e == "toml")
-                && path.file_name() != Some("Cargo.toml".as_ref())
-            {
-                let (spec, _) = RunSpec::load(&path).unwrap_or_else(|e| panic!("{e}"));
-                assert_eq!(
-                    RunSpec::parse(&spec.to_toml(), "saved").unwrap_or_else(|e| panic!("{e}")),
-                    spec,
-                    "{}",
-                    path.display()
-                );
-                found += 1;
+        for folder in [dir.to_path_buf(), dir.join("experiments")] {
+            for entry in std::fs::read_dir(&folder).expect("a spec folder") {
+                let path = entry.expect("entry").path();
+                if path.extension().is_some_and(|e| e == "toml")
+                    && path.file_name() != Some("Cargo.toml".as_ref())
+                {
+                    let (spec, _) = RunSpec::load(&path).unwrap_or_else(|e| panic!("{e}"));
+                    assert_eq!(
+                        RunSpec::parse(&spec.to_toml(), "saved").unwrap_or_else(|e| panic!("{e}")),
+                        spec,
+                        "{}",
+                        path.display()
+                    );
+                    // An experiment's run is named after its file, so that its records
+                    // find their spec.
+                    if folder.ends_with("experiments") {
+                        let stem = path.file_stem().and_then(|s| s.to_str());
+                        assert_eq!(Some(spec.name.as_str()), stem, "{}", path.display());
+                    }
+                    found += 1;
+                }
             }
         }
-        assert!(found >= 4, "{found} specs");
+        assert!(found >= 30, "{found} specs");
+    }
+
+    #[test]
+    fn learning_settings_are_checked_together() {
+        let with = |extra: &str| RunSpec::parse(&format!("{DEFAULT_SPEC}\n{extra}"), "x.toml");
+        let e = with(
+            "[privacy]\nmechanism = \"central\"\nnoise_multiplier = 1.0\nclipping_norm = 1.0\n",
+        )
+        .map(drop);
+        assert!(e.is_ok(), "{e:?}");
+        let e = with("[compression]\nupdate = \"f32\"\nmodel = \"int8\"\n")
+            .expect_err("an int8 model needs delta updates")
+            .to_string();
+        assert!(e.contains("compression.model"), "{e}");
+        let e = with("[fedbuff]\nbuffer_size = 0\n")
+            .expect_err("K = 0")
+            .to_string();
+        assert!(e.contains("fedbuff.buffer_size"), "{e}");
+        let robust = DEFAULT_SPEC.replace("name = \"fedavg\"", "name = \"fedmedian\"");
+        let e = RunSpec::parse(
+            &format!("{robust}\n[privacy]\nmechanism = \"central\"\nnoise_multiplier = 1.0\nclipping_norm = 1.0\n"),
+            "x.toml",
+        )
+        .expect_err("DP calibrated for a mean")
+        .to_string();
+        assert!(e.contains("fedmedian"), "{e}");
+        let e = with("[simulation]\nattack = { kind = \"sign_flip\", fraction = 1.5 }\n")
+            .expect_err("fraction")
+            .to_string();
+        assert!(e.contains("simulation.attack.fraction"), "{e}");
+        let fit = with("[compression]\nupdate = \"topk\"\ntopk_fraction = 0.05\n")
+            .expect("valid")
+            .fit_config();
+        assert_eq!(
+            fit.get("update_codec").and_then(scalar::as_str),
+            Some("delta-topk:0.05")
+        );
     }
 
     #[test]
