@@ -384,14 +384,35 @@ mod tests {
         }
     }
 
-    #[test]
-    fn every_optimizer_fits_a_line_and_the_same_seed_trains_the_same_model() {
+    /// An MLP with one hidden layer of 8 that regresses one value on two.
+    fn small_mlp() -> (ModelSpec, ModelIo) {
         let model = ModelSpec::Mlp(MlpConfig::new().with_hidden(vec![8]));
         let io = ModelIo {
             kind: TaskKind::Regression,
             input: vec![2],
             outputs: 1,
         };
+        (model, io)
+    }
+
+    /// Plain SGD for `local_epochs` epochs of minibatches of 8.
+    fn sgd(local_epochs: usize, learning_rate: f64) -> TrainSpec {
+        TrainSpec {
+            local_epochs,
+            batch_size: 8,
+            learning_rate,
+            optimizer: OptimizerKind::Sgd,
+            momentum: 0.0,
+            weight_decay: 0.0,
+            clip_grad_norm: None,
+            proximal_mu: 0.0,
+            time_budget: None,
+        }
+    }
+
+    #[test]
+    fn every_optimizer_fits_a_line_and_the_same_seed_trains_the_same_model() {
+        let (model, io) = small_mlp();
         let learner = Learner {
             model: &model,
             io: &io,
@@ -448,12 +469,7 @@ mod tests {
 
     #[test]
     fn the_proximal_term_keeps_local_training_near_the_global_model() {
-        let model = ModelSpec::Mlp(MlpConfig::new().with_hidden(vec![8]));
-        let io = ModelIo {
-            kind: TaskKind::Regression,
-            input: vec![2],
-            outputs: 1,
-        };
+        let (model, io) = small_mlp();
         let learner = Learner {
             model: &model,
             io: &io,
@@ -463,15 +479,8 @@ mod tests {
         let start = initial_parameters(&model, &io, 1).expect("init");
         let drift = |mu: f64| {
             let cfg = TrainSpec {
-                local_epochs: 10,
-                batch_size: 8,
-                learning_rate: 0.05,
-                optimizer: OptimizerKind::Sgd,
-                momentum: 0.0,
-                weight_decay: 0.0,
-                clip_grad_norm: None,
                 proximal_mu: mu,
-                time_budget: None,
+                ..sgd(10, 0.05)
             };
             let out = learner.fit(&start, &data, &cfg, 3).expect("fits");
             distance(&out.parameters, &start)
@@ -486,12 +495,7 @@ mod tests {
 
     #[test]
     fn a_spent_time_budget_sends_the_partial_work() {
-        let model = ModelSpec::Mlp(MlpConfig::new().with_hidden(vec![8]));
-        let io = ModelIo {
-            kind: TaskKind::Regression,
-            input: vec![2],
-            outputs: 1,
-        };
+        let (model, io) = small_mlp();
         let learner = Learner {
             model: &model,
             io: &io,
@@ -499,15 +503,8 @@ mod tests {
         };
         let start = initial_parameters(&model, &io, 1).expect("init");
         let cfg = TrainSpec {
-            local_epochs: 5,
-            batch_size: 8,
-            learning_rate: 0.05,
-            optimizer: OptimizerKind::Sgd,
-            momentum: 0.0,
-            weight_decay: 0.0,
-            clip_grad_norm: None,
-            proximal_mu: 0.0,
             time_budget: Some(std::time::Duration::from_nanos(1)),
+            ..sgd(5, 0.05)
         };
         let out = learner.fit(&start, &line(), &cfg, 3).expect("fits");
         // One minibatch of 8 out of 64 examples, then the budget is gone.
@@ -530,12 +527,7 @@ mod tests {
 
     #[test]
     fn a_diverging_learning_rate_is_reported_not_returned() {
-        let model = ModelSpec::Mlp(MlpConfig::new().with_hidden(vec![8]));
-        let io = ModelIo {
-            kind: TaskKind::Regression,
-            input: vec![2],
-            outputs: 1,
-        };
+        let (model, io) = small_mlp();
         let learner = Learner {
             model: &model,
             io: &io,

@@ -100,6 +100,34 @@ impl FanOut {
         Ok(out)
     }
 
+    /// Sends the instruction `build(request_id, deadline_unix_ms)` carrying `global` to
+    /// `client_id`, counting the model's bytes. Returns the request id, the receiver of its
+    /// answer and its deadline; a client that cannot be reached is a `disconnected` failure.
+    async fn request(
+        &self,
+        round: u64,
+        client_id: &str,
+        global: &Global,
+        build: impl FnOnce(u64, u64) -> ServerMsg,
+    ) -> Result<(u64, oneshot::Receiver<Reply>, Instant), ClientFailure> {
+        let deadline = Instant::now() + self.timeout;
+        let deadline_unix_ms = pollen_proto::unix_ms(SystemTime::now() + self.timeout);
+        let (request_id, rx) = self
+            .registry
+            .request(client_id, round, |request_id| ServerMessage {
+                msg: Some(build(request_id, deadline_unix_ms)),
+            })
+            .await
+            .map_err(|e| {
+                ClientFailure::new(client_id, FailureReason::Disconnected, e.to_string())
+            })?;
+        self.registry
+            .counters()
+            .bytes_sent
+            .inc_by(global.blob.bytes.len() as u64);
+        Ok((request_id, rx, deadline))
+    }
+
     /// Sends a fit instruction and starts the task awaiting its answer in `tasks`. A client
     /// that cannot be reached is a `disconnected` failure, returned at once.
     pub async fn send_fit(
@@ -116,12 +144,10 @@ impl FanOut {
             announced_examples,
             upload,
         } = request;
-        let deadline = Instant::now() + self.timeout;
-        let deadline_unix_ms = pollen_proto::unix_ms(SystemTime::now() + self.timeout);
         let location = upload.as_ref().map(|u| u.location.clone());
         let (weights, run_id) = (Some(global.weights.clone()), self.run_id.clone());
-        let build = move |request_id| ServerMessage {
-            msg: Some(ServerMsg::Fit(FitIns {
+        let build = move |request_id, deadline_unix_ms| {
+            ServerMsg::Fit(FitIns {
                 request_id,
                 round,
                 weights,
@@ -130,19 +156,9 @@ impl FanOut {
                 upload,
                 run_id,
                 task,
-            })),
+            })
         };
-        let (request_id, rx) = self
-            .registry
-            .request(&client_id, round, build)
-            .await
-            .map_err(|e| {
-                ClientFailure::new(&client_id, FailureReason::Disconnected, e.to_string())
-            })?;
-        self.registry
-            .counters()
-            .bytes_sent
-            .inc_by(global.blob.bytes.len() as u64);
+        let (request_id, rx, deadline) = self.request(round, &client_id, global, build).await?;
         // An update is the global model's shapes again; anything much larger is not one.
         let limit = 2 * global.blob.bytes.len() as u64 + 64 * 1024;
         let check = Check {
@@ -179,11 +195,9 @@ impl FanOut {
         task: Option<TaskRef>,
         tasks: &mut JoinSet<Result<crate::strategy::EvaluateSummary, ClientFailure>>,
     ) -> Result<(), ClientFailure> {
-        let deadline = Instant::now() + self.timeout;
-        let deadline_unix_ms = pollen_proto::unix_ms(SystemTime::now() + self.timeout);
         let (weights, run_id) = (Some(global.weights.clone()), self.run_id.clone());
-        let build = move |request_id| ServerMessage {
-            msg: Some(ServerMsg::Evaluate(EvaluateIns {
+        let build = move |request_id, deadline_unix_ms| {
+            ServerMsg::Evaluate(EvaluateIns {
                 request_id,
                 round,
                 weights,
@@ -191,19 +205,9 @@ impl FanOut {
                 deadline_unix_ms,
                 run_id,
                 task,
-            })),
+            })
         };
-        let (request_id, rx) = self
-            .registry
-            .request(&client_id, round, build)
-            .await
-            .map_err(|e| {
-                ClientFailure::new(&client_id, FailureReason::Disconnected, e.to_string())
-            })?;
-        self.registry
-            .counters()
-            .bytes_sent
-            .inc_by(global.blob.bytes.len() as u64);
+        let (request_id, rx, deadline) = self.request(round, &client_id, global, build).await?;
         let registry = self.registry.clone();
         tasks.spawn(async move {
             match await_reply(&registry, request_id, rx, deadline).await {

@@ -14,10 +14,10 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::fanout::{Answer, FitRequest, Outcome, Received};
-use super::synchronous::{by_reason, by_rejection};
+use super::record::Closing;
 use super::{DriverError, RoundDriver, lock};
 use crate::fedbuff::{Buffer, FedBuffConfig, Take};
-use crate::records::{AsyncRecord, FailureRecord, RoundRecord, RoundStatus};
+use crate::records::{AsyncRecord, RoundRecord, RoundStatus};
 use crate::strategy::{ClientFailure, FitSummary, Rejection};
 
 /// How often the fleet is looked at again for idle devices when nothing else happens (a device
@@ -239,74 +239,25 @@ impl RoundDriver {
         aggregate_seconds: f64,
         before: crate::counters::CountersSnapshot,
     ) -> Result<RoundRecord, DriverError> {
-        let fit_seconds = started.elapsed().as_secs_f64() - aggregate_seconds;
-        let eval_started = Instant::now();
-        let central = self.evaluate_centralized(version, global).await?;
-        let federated = match self.federated_evaluate(version, global).await {
-            Err(DriverError::Store(e)) => {
-                tracing::warn!("version {version}: federated evaluation skipped: {e}");
-                None
-            }
-            other => other?,
-        };
-        let evaluate_seconds = eval_started.elapsed().as_secs_f64();
-        let evaluation = match (&central, &federated) {
-            (Some(_), _) => Some("centralized".to_string()),
-            (None, Some(_)) => Some("federated".to_string()),
-            (None, None) => None,
-        };
-        let shown = central.as_ref().or(federated.as_ref());
         let train_metrics = crate::strategy::fedavg::weighted_metrics(
             since.results.iter().map(|r| (r.num_examples, &r.metrics)),
         );
-        let delta = self.registry.counters().snapshot().since(&before);
-        let mut record = RoundRecord {
-            run_id: self.run_id.clone(),
+        let closing = Closing {
             round: version,
             status: RoundStatus::Ok,
             error: None,
-            accuracy: shown.and_then(|e| e.metrics.get("accuracy").copied()),
-            loss: shown.map(|e| e.loss),
-            metrics: shown.map(|e| e.metrics.clone()).unwrap_or_default(),
-            primary_metric: self.config.primary_metric.clone(),
-            evaluation,
             sampled: since.dispatched,
-            succeeded: since.results.len(),
-            failed: since.failures.len(),
-            failures_by_reason: by_reason(&since.failures),
-            rejections: by_rejection(&since.failures),
+            results: since.results,
+            failures: since.failures,
             stragglers: Vec::new(),
             closure: None,
-            train_loss: train_metrics.get("loss").copied(),
             train_metrics,
-            federated_loss: federated.as_ref().map(|e| e.loss),
-            federated_metrics: federated.map(|e| e.metrics).unwrap_or_default(),
-            seconds: 0.0,
-            fit_seconds: fit_seconds.max(0.0),
+            fit_seconds: (started.elapsed().as_secs_f64() - aggregate_seconds).max(0.0),
             aggregate_seconds,
-            evaluate_seconds,
-            bytes_sent: 0,
-            bytes_received: 0,
-            late_replies: 0,
-            rejected_updates: 0,
-            participants: since.results.iter().map(|r| r.client_id.clone()).collect(),
-            failures: since
-                .failures
-                .iter()
-                .map(|f| FailureRecord {
-                    client: f.client_id.clone(),
-                    reason: f.reason.as_str().into(),
-                    rejection: f.rejection.map(|r| r.as_str().to_string()),
-                    message: f.message.clone(),
-                })
-                .collect(),
-            privacy: None,
             asynchronous: Some(asynchronous),
-            finished_at: chrono::Utc::now().to_rfc3339(),
-        }
-        .with_counters(&delta);
-        record.seconds = started.elapsed().as_secs_f64();
-        self.record(&record, global).await?;
-        Ok(record)
+            counters_before: before,
+            started,
+        };
+        self.close_round(closing, global).await
     }
 }

@@ -11,6 +11,7 @@
 //! - this file: the driver, its configuration and the run loop.
 //! - `synchronous`: one synchronous round (fit, aggregate, evaluate, record).
 //! - `fedbuff`: the asynchronous discipline (devices kept training, a version every K updates).
+//! - `record`: the end of a round or version (evaluation, record, checkpoint), shared by both.
 //! - `fanout`: instructions out, answers awaited, read and checked (shared by both
 //!   disciplines).
 //! - `task`: the task manifest and the statistics phase before round 1.
@@ -36,6 +37,7 @@ use crate::task::{FitManifest, Fitted, Published, TaskSetup};
 
 pub(crate) mod fanout;
 mod fedbuff;
+mod record;
 mod synchronous;
 mod task;
 #[cfg(test)]

@@ -9,8 +9,9 @@ use pollen_proto::Parameters;
 use tokio::task::JoinSet;
 
 use super::fanout::{Answer, FitRequest, Outcome, Received};
+use super::record::Closing;
 use super::{DriverError, RoundDriver, lock};
-use crate::records::{FailureRecord, RoundRecord, RoundStatus};
+use crate::records::{RoundRecord, RoundStatus};
 use crate::round::{Admission, FitRound, RoundOutcome};
 use crate::strategy::{ClientFailure, FitAggregator, FitSummary, Rejection};
 
@@ -101,25 +102,7 @@ impl RoundDriver {
         if let Some(e) = &error {
             tracing::warn!("{e}; the global model stays as it was");
         }
-
-        let eval_started = Instant::now();
-        let central = self.evaluate_centralized(round, global).await?;
-        let federated = match self.federated_evaluate(round, global).await {
-            Err(DriverError::Store(e)) => {
-                tracing::warn!("round {round}: federated evaluation skipped: {e}");
-                None
-            }
-            other => other?,
-        };
-        let evaluate_seconds = eval_started.elapsed().as_secs_f64();
-        let evaluation = match (&central, &federated) {
-            (Some(_), _) => Some("centralized".to_string()),
-            (None, Some(_)) => Some("federated".to_string()),
-            (None, None) => None,
-        };
-        let shown = central.as_ref().or(federated.as_ref());
-
-        let empty = RoundOutcome {
+        let fit = outcome.unwrap_or(RoundOutcome {
             round,
             sampled: 0,
             results: Vec::new(),
@@ -127,83 +110,24 @@ impl RoundDriver {
             stragglers: Vec::new(),
             dropped: Vec::new(),
             closure: crate::round::Closure::AllAnswered,
-        };
-        let fit = outcome.unwrap_or(empty);
-        let delta = self.registry.counters().snapshot().since(&before);
-        let privacy = lock(&self.strategy).privacy();
-        let mut record = RoundRecord {
-            run_id: self.run_id.clone(),
+        });
+        let closing = Closing {
             round,
             status,
             error,
-            accuracy: shown.and_then(|e| e.metrics.get("accuracy").copied()),
-            loss: shown.map(|e| e.loss),
-            metrics: shown.map(|e| e.metrics.clone()).unwrap_or_default(),
-            primary_metric: self.config.primary_metric.clone(),
-            evaluation,
             sampled: fit.sampled,
-            succeeded: fit.results.len(),
-            failed: fit.failures.len(),
-            failures_by_reason: by_reason(&fit.failures),
-            rejections: by_rejection(&fit.failures),
-            stragglers: fit.stragglers.clone(),
             closure: (fit.sampled > 0).then(|| fit.closure.as_str().to_string()),
-            train_loss: train_metrics.get("loss").copied(),
+            results: fit.results,
+            failures: fit.failures,
+            stragglers: fit.stragglers,
             train_metrics,
-            federated_loss: federated.as_ref().map(|e| e.loss),
-            federated_metrics: federated.map(|e| e.metrics).unwrap_or_default(),
-            seconds: 0.0,
             fit_seconds,
             aggregate_seconds,
-            evaluate_seconds,
-            bytes_sent: 0,
-            bytes_received: 0,
-            late_replies: 0,
-            rejected_updates: 0,
-            participants: fit.results.iter().map(|r| r.client_id.clone()).collect(),
-            failures: fit
-                .failures
-                .iter()
-                .map(|f| FailureRecord {
-                    client: f.client_id.clone(),
-                    reason: f.reason.as_str().into(),
-                    rejection: f.rejection.map(|r| r.as_str().to_string()),
-                    message: f.message.clone(),
-                })
-                .collect(),
-            privacy,
             asynchronous: None,
-            finished_at: chrono::Utc::now().to_rfc3339(),
-        }
-        .with_counters(&delta);
-        // Measured before writing, so that the records carry it too (the checkpoint write
-        // itself is not part of the round's time).
-        record.seconds = started.elapsed().as_secs_f64();
-        self.record(&record, global).await?;
-        Ok(record)
-    }
-
-    /// Writes the record (and, after a successful round, the checkpoint) and reports it.
-    pub(super) async fn record(
-        &mut self,
-        record: &RoundRecord,
-        global: &Arc<Parameters>,
-    ) -> Result<(), DriverError> {
-        let round = record.round;
-        if let Some(run) = self.run.clone() {
-            let model = match record.status {
-                RoundStatus::Ok => Some(self.encode(global).await?),
-                RoundStatus::Failed => None,
-            };
-            let rec = record.clone();
-            tokio::task::spawn_blocking(move || run.record_round(&rec, model.as_ref()))
-                .await?
-                .map_err(|source| DriverError::Record { round, source })?;
-        }
-        if let Some(m) = &self.metrics {
-            m.observe_round(record);
-        }
-        Ok(())
+            counters_before: before,
+            started,
+        };
+        self.close_round(closing, global).await
     }
 
     /// The fit phase: fan out, fold answers as they arrive while the round takes them, close
@@ -374,22 +298,4 @@ impl RoundDriver {
         }
         Ok(lock(&self.strategy).aggregate_evaluate(round, &results, &failures))
     }
-}
-
-/// Failures counted by reason, as the records spell them.
-pub(super) fn by_reason(failures: &[ClientFailure]) -> BTreeMap<String, usize> {
-    let mut out = BTreeMap::new();
-    for f in failures {
-        *out.entry(f.reason.as_str().to_string()).or_insert(0) += 1;
-    }
-    out
-}
-
-/// Rejected answers counted by why.
-pub(super) fn by_rejection(failures: &[ClientFailure]) -> BTreeMap<String, usize> {
-    let mut out = BTreeMap::new();
-    for r in failures.iter().filter_map(|f| f.rejection) {
-        *out.entry(r.as_str().to_string()).or_insert(0) += 1;
-    }
-    out
 }
