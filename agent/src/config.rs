@@ -11,7 +11,7 @@ use pollen_client::AgentOptions;
 use pollen_client::agent::{DEFAULT_HEARTBEAT, DEFAULT_KEEP_ALIVE, MAX_ID_CHARS};
 use pollen_proto::mqtt::{BrokerConfig, mqtt_options};
 use pollen_proto::topics;
-use pollen_train::{DataSource, Shard};
+use pollen_train::{Backend, DataSource, Shard};
 use serde::{Deserialize, Deserializer, Serialize};
 
 pub const DEFAULT_BROKER_URL: &str = "mqtt://127.0.0.1:1883";
@@ -36,6 +36,9 @@ pub struct AgentConfig {
     /// run's task.
     #[serde(deserialize_with = "data_with_defaults")]
     pub data: DataSource,
+    /// Which library trains: `auto`, `burn` or `libtorch` (agents built with `--features
+    /// torch`).
+    pub backend: Backend,
 }
 
 impl Default for AgentConfig {
@@ -48,6 +51,7 @@ impl Default for AgentConfig {
             keep_alive: DEFAULT_KEEP_ALIVE,
             work_dir: "pollen-agent".into(),
             data: DataSource::new("data/mnist"),
+            backend: Backend::Auto,
         }
     }
 }
@@ -150,7 +154,7 @@ pub enum ConfigError {
 const DEFAULT_TOML: &str = r#"# pollen-agent configuration (MQTT mode). Every field is optional; the values shown are the
 # defaults. Environment variables override the file: POLLEN_DEVICE_ID, POLLEN_FLEET,
 # POLLEN_BROKER (the broker url), POLLEN_WORK_DIR, POLLEN_DATA (the data path; POLLEN_DATA_DIR
-# is the same), POLLEN_SHARD. Relative paths are relative to the directory the agent is started
+# is the same), POLLEN_SHARD, POLLEN_BACKEND. Relative paths are relative to the directory the agent is started
 # in.
 
 # This device's id: letters, digits, '_', '.' and '-'. Required: set it here, in
@@ -167,6 +171,11 @@ keep_alive = "30s"
 # Finished replies waiting for delivery, the ids of handled commands and the task manifests
 # received, kept across restarts.
 work_dir = "pollen-agent"
+# Which library trains: "burn" (pure Rust, in every build), "libtorch" (LibTorch through tch,
+# in agents built with --features torch), or "auto": LibTorch for TorchScript models and, when
+# it is compiled in, for the convolutional families, where its kernels are faster; burn
+# otherwise. A TorchScript model needs LibTorch.
+backend = "auto"
 
 [broker]
 # mqtt://host:port or mqtts://host:port; user:password@ may be given in the URL.
@@ -238,6 +247,13 @@ impl AgentConfig {
         if let Some(v) = get("POLLEN_DATA").or_else(|| get("POLLEN_DATA_DIR")) {
             self.data.path = v.into();
         }
+        if let Some(v) = get("POLLEN_BACKEND") {
+            self.backend = Backend::parse(&v).map_err(|reason| ConfigError::Env {
+                var: "POLLEN_BACKEND",
+                value: v.clone(),
+                reason,
+            })?;
+        }
         if let Some(v) = get("POLLEN_SHARD") {
             self.data.shard = Some(v.parse::<Shard>().map_err(|reason| ConfigError::Env {
                 var: "POLLEN_SHARD",
@@ -292,6 +308,7 @@ impl AgentConfig {
         if self.data.path.as_os_str().is_empty() {
             return Err(invalid("data.path", "is empty".into()));
         }
+        Backend::parse(self.backend.as_str()).map_err(|e| invalid("backend", e))?;
         Ok(())
     }
 

@@ -16,7 +16,7 @@ use anyhow::Context;
 use pollen_client::agent::Agent;
 use pollen_client::transfer::redact;
 use pollen_client::{ClientOptions, Exit, run_client};
-use pollen_train::{DataSource, TaskClient};
+use pollen_train::{Backend, DataSource, TaskClient};
 use tokio_util::sync::CancellationToken;
 
 pub use config::{AgentConfig, ConfigError};
@@ -31,12 +31,18 @@ pub fn device_seed(device_id: &str) -> u64 {
 }
 
 /// Reads the device's data (off the async threads) into its trainer.
-pub async fn open_data(source: DataSource, device_id: &str) -> anyhow::Result<TaskClient> {
+pub async fn open_data(
+    source: DataSource,
+    device_id: &str,
+    backend: Backend,
+) -> anyhow::Result<TaskClient> {
     let seed = device_seed(device_id);
     let path = source.path.clone();
-    tokio::task::spawn_blocking(move || TaskClient::open(source, seed))
-        .await?
-        .with_context(|| format!("reading the device's data at {}", path.display()))
+    tokio::task::spawn_blocking(move || {
+        TaskClient::open(source, seed).map(|c| c.with_backend(backend))
+    })
+    .await?
+    .with_context(|| format!("reading the device's data at {}", path.display()))
 }
 
 /// `pollen-agent --check`: what the agent would run with, or what is wrong with it, without
@@ -45,7 +51,7 @@ pub async fn open_data(source: DataSource, device_id: &str) -> anyhow::Result<Ta
 pub async fn check(config: &AgentConfig) -> anyhow::Result<String> {
     pollen_proto::mqtt::mqtt_options(&config.broker, &config.device_id)
         .with_context(|| format!("broker {}", redact(&config.broker.url)))?;
-    let client = open_data(config.data.clone(), &config.device_id).await?;
+    let client = open_data(config.data.clone(), &config.device_id, config.backend).await?;
     let data = match pollen_client::Client::data_schema(&client) {
         Some(s) if s.example_shape.is_empty() => {
             format!("{} {} rows x {} columns", s.format, s.rows, s.columns.len())
@@ -73,7 +79,7 @@ pub async fn run_mqtt(
     metrics: Option<SocketAddr>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let client = open_data(config.data.clone(), &config.device_id).await?;
+    let client = open_data(config.data.clone(), &config.device_id, config.backend).await?;
     let schema = pollen_client::Client::data_schema(&client);
     let agent = Agent::new(config.agent_options(), client)?;
     tracing::info!(
@@ -104,10 +110,11 @@ pub async fn run_direct(
     coordinator: &str,
     client_id: &str,
     data: DataSource,
+    backend: Backend,
     compress: bool,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Exit> {
-    let client = open_data(data, client_id).await?;
+    let client = open_data(data, client_id, backend).await?;
     eprintln!(
         "{client_id}: {} local rows, joining {coordinator}",
         client.raw().rows()

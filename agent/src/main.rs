@@ -11,7 +11,7 @@ use std::time::Duration;
 use clap::Parser;
 use pollen_agent::AgentConfig;
 use pollen_client::Exit;
-use pollen_train::{DataSource, Shard};
+use pollen_train::{Backend, DataSource, Shard};
 use tokio_util::sync::CancellationToken;
 
 const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:50051";
@@ -69,6 +69,10 @@ struct Args {
     /// 42, or the config's data.seed].
     #[arg(long)]
     seed: Option<u64>,
+    /// Which library trains: auto, burn or libtorch (builds with --features torch) [default:
+    /// auto, or the config's backend].
+    #[arg(long, value_parser = Backend::parse)]
+    backend: Option<Backend>,
     /// MQTT mode: serve the agent's Prometheus metrics (commands by outcome, reconnects) at
     /// http://ADDR/metrics; off by default.
     #[arg(long, value_name = "ADDR")]
@@ -126,6 +130,9 @@ fn mqtt_config(args: &Args) -> anyhow::Result<AgentConfig> {
         config.fleet = fleet.clone();
     }
     data_flags(args, &mut config.data)?;
+    if let Some(backend) = args.backend {
+        config.backend = backend;
+    }
     config.validate(&origin)?;
     Ok(config)
 }
@@ -145,8 +152,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .unwrap_or_else(|| DEFAULT_COORDINATOR.to_string());
             let mut data = AgentConfig::default().data;
             data_flags(&args, &mut data)?;
-            match pollen_agent::run_direct(&coordinator, id, data, args.grpc_compression, ctrl_c())
-                .await?
+            let backend = args.backend.unwrap_or_default();
+            match pollen_agent::run_direct(
+                &coordinator,
+                id,
+                data,
+                backend,
+                args.grpc_compression,
+                ctrl_c(),
+            )
+            .await?
             {
                 Exit::Stopped { reason } => eprintln!("stopped by the coordinator: {reason}"),
                 Exit::Closed => eprintln!("the coordinator closed the stream"),

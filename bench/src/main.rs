@@ -7,6 +7,7 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use pollen_proto::mqtt::BrokerConfig;
+use pollen_train::Backend;
 use pollen_workflows::simulate::Transport;
 use pollen_workflows::spec::RunSpec;
 
@@ -92,6 +93,16 @@ enum Command {
         examples: usize,
         #[arg(long, default_value_t = 3)]
         runs: usize,
+        /// Training libraries: burn, and libtorch in builds with --features torch [default:
+        /// every one compiled in].
+        #[arg(long, value_delimiter = ',', value_parser = Backend::parse)]
+        backends: Vec<Backend>,
+        /// Intra-op threads of LibTorch and PyTorch [default: the machine's cores].
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Also measure PyTorch itself with this Python (it needs torch), in the same run.
+        #[arg(long, value_name = "PYTHON")]
+        pytorch: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -204,14 +215,30 @@ async fn run(which: Command) -> anyhow::Result<()> {
             batch_sizes,
             examples,
             runs,
+            backends,
+            threads,
+            pytorch,
             json,
         } => {
+            let backends = if backends.is_empty() {
+                let mut all = vec![Backend::Burn];
+                if pollen_train::backend::LIBTORCH {
+                    all.push(Backend::Libtorch);
+                }
+                all
+            } else {
+                backends
+            };
             let options = pollen_bench::train::TrainOptions {
                 models,
                 batch_sizes,
                 examples,
                 runs,
                 data_dir: RunSpec::default_spec().data_source().path,
+                backends,
+                threads: threads
+                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+                pytorch,
             };
             let report =
                 tokio::task::spawn_blocking(move || pollen_bench::train::run(&options)).await??;

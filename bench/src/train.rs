@@ -1,13 +1,15 @@
-//! `pollen-bench train`: local training throughput (samples/s) of one client, for each model
-//! and batch size asked for: one local epoch over `examples` MNIST images, as a device does
-//! for a fit command (weights imported, trained, exported).
+//! `pollen-bench train`: local training throughput (samples/s) of one client, for each model,
+//! batch size and training library asked for: one local epoch over `examples` MNIST images, as
+//! a device does for a fit command (weights imported, trained, exported). `--pytorch PYTHON`
+//! measures the same epochs in PyTorch itself (`bench/python/train_speed.py`, the modules of
+//! `python/pollen_models.py`) in the same run, for the three-way table of docs/BENCHMARKS.md.
 
 use std::time::Instant;
 
 use anyhow::Context;
 use pollen_train::data::Raw;
 use pollen_train::data::arrays::{MnistSplit, read_mnist};
-use pollen_train::{ModelSpec, Task, TrainSpec};
+use pollen_train::{Backend, ModelSpec, Task, TrainSpec};
 use serde::Serialize;
 
 use crate::{Machine, Stats, header};
@@ -22,11 +24,19 @@ pub struct TrainOptions {
     pub examples: usize,
     pub runs: usize,
     pub data_dir: std::path::PathBuf,
+    /// Libraries that train: burn, and LibTorch in builds with the `torch` feature.
+    pub backends: Vec<Backend>,
+    /// Intra-op threads of LibTorch and PyTorch (burn's rayon pool: `RAYON_NUM_THREADS`).
+    pub threads: usize,
+    /// A Python with torch: also measure PyTorch itself.
+    pub pytorch: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
 pub struct TrainResult {
     pub model: String,
+    /// `burn`, `libtorch` or `pytorch`.
+    pub library: String,
     pub batch_size: usize,
     pub samples_per_second: Stats,
     pub seconds_per_epoch: Stats,
@@ -57,12 +67,45 @@ pub fn run(options: &TrainOptions) -> anyhow::Result<TrainReport> {
         )
         .with_context(|| format!("loading MNIST from {}", options.data_dir.display()))?,
     );
+    anyhow::ensure!(options.threads >= 1, "--threads must be at least 1");
+    #[cfg(feature = "torch")]
+    pollen_train::torch::set_threads(options.threads);
     let mut results = Vec::new();
     for name in &options.models {
+        for &backend in &options.backends {
+            results.extend(measure(options, &raw, name, backend)?);
+        }
+        if let Some(python) = &options.pytorch {
+            results.extend(pytorch(options, python, name)?);
+        }
+    }
+    Ok(TrainReport {
+        bench: "train",
+        workload: format!(
+            "one local epoch over {} MNIST images (E=1, SGD lr 0.05), weights in and out; LibTorch and PyTorch on {} threads",
+            options.examples, options.threads
+        ),
+        examples: options.examples,
+        results,
+        machine: Machine::detect(),
+    })
+}
+
+/// Epochs of `name` trained by `backend`, for each batch size.
+fn measure(
+    options: &TrainOptions,
+    raw: &Raw,
+    name: &str,
+    backend: Backend,
+) -> anyhow::Result<Vec<TrainResult>> {
+    let mut results = Vec::new();
+    {
         let mut spec = RunSpec::default_spec();
         spec.model = ModelSpec::preset(name).with_context(|| format!("unknown model {name:?}"))?;
-        let task = Task::new(pollen_workflows::task::resolve_with_data(&spec, &raw)?)?;
-        let data = task.prepare(&raw)?;
+        let task = Task::new(pollen_workflows::task::resolve_with_data(&spec, raw)?)?
+            .with_backend(backend);
+        task.engine()?;
+        let data = task.prepare(raw)?;
         let global = task.initial_parameters()?;
         for &batch_size in &options.batch_sizes {
             anyhow::ensure!(batch_size >= 1, "batch sizes must be at least 1");
@@ -87,7 +130,8 @@ pub fn run(options: &TrainOptions) -> anyhow::Result<TrainReport> {
                 );
             }
             results.push(TrainResult {
-                model: name.clone(),
+                model: name.to_string(),
+                library: backend.as_str().to_string(),
                 batch_size,
                 samples_per_second: Stats::of_rates(options.examples as f64, &seconds)
                     .context("no runs")?,
@@ -95,16 +139,52 @@ pub fn run(options: &TrainOptions) -> anyhow::Result<TrainReport> {
             });
         }
     }
-    Ok(TrainReport {
-        bench: "train",
-        workload: format!(
-            "one local epoch over {} MNIST images (E=1, SGD lr 0.05), weights in and out",
-            options.examples
-        ),
-        examples: options.examples,
-        results,
-        machine: Machine::detect(),
-    })
+    Ok(results)
+}
+
+/// The same epochs in PyTorch: `bench/python/train_speed.py` prints the seconds of each.
+fn pytorch(options: &TrainOptions, python: &str, name: &str) -> anyhow::Result<Vec<TrainResult>> {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/train_speed.py");
+    let batch_sizes: Vec<String> = options.batch_sizes.iter().map(|b| b.to_string()).collect();
+    let out = std::process::Command::new(python)
+        .arg(&script)
+        .args([
+            "--model",
+            name,
+            "--data",
+            &options.data_dir.display().to_string(),
+        ])
+        .args(["--examples", &options.examples.to_string()])
+        .args(["--runs", &options.runs.to_string()])
+        .args(["--threads", &options.threads.to_string()])
+        .args(["--batch-sizes", &batch_sizes.join(",")])
+        .output()
+        .with_context(|| format!("running {python} {}", script.display()))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{python} {} failed: {}",
+        script.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    #[derive(serde::Deserialize)]
+    struct Row {
+        batch_size: usize,
+        seconds: Vec<f64>,
+    }
+    let rows: Vec<Row> = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("{} printed no rows", script.display()))?;
+    rows.into_iter()
+        .map(|r| {
+            Ok(TrainResult {
+                model: name.to_string(),
+                library: "pytorch".into(),
+                batch_size: r.batch_size,
+                samples_per_second: Stats::of_rates(options.examples as f64, &r.seconds)
+                    .context("no runs")?,
+                seconds_per_epoch: Stats::of(&r.seconds).context("no runs")?,
+            })
+        })
+        .collect()
 }
 
 impl TrainReport {
@@ -112,9 +192,10 @@ impl TrainReport {
         let mut lines = header("train", &self.workload, &self.machine);
         for r in &self.results {
             lines.push(format!(
-                "{} B={}: samples/s {}",
+                "{} B={} {}: samples/s {}",
                 r.model,
                 r.batch_size,
+                r.library,
                 r.samples_per_second.describe(0, "")
             ));
         }

@@ -8,11 +8,31 @@ use pollen_proto::{BlobError, Parameters};
 
 /// A task manifest as it arrived, its digest verified. The framework never looks inside: the
 /// client that trains decides what the document means (see `pollen-train`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct TaskBlob {
     /// Lower-case hex SHA-256 of `bytes`.
     pub sha256: String,
     pub bytes: Bytes,
+    /// The files the manifest names by digest (a TorchScript model), verified too.
+    pub files: Vec<std::sync::Arc<TaskFileBlob>>,
+}
+
+/// A file a task needs besides its manifest, its digest verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskFileBlob {
+    /// Lower-case hex SHA-256 of `bytes`.
+    pub sha256: String,
+    pub bytes: Bytes,
+}
+
+impl TaskBlob {
+    /// The file named by `sha256` (either case), if the instruction brought it.
+    pub fn file(&self, sha256: &str) -> Option<&TaskFileBlob> {
+        self.files
+            .iter()
+            .map(|f| f.as_ref())
+            .find(|f| f.sha256.eq_ignore_ascii_case(sha256))
+    }
 }
 
 /// What an instruction is about, besides the weights.

@@ -60,9 +60,7 @@ pub enum TransferError {
     },
     #[error("GET {url}: {source}")]
     Blob { url: String, source: BlobError },
-    #[error(
-        "GET {url}: the task manifest is announced as {size} bytes; at most {max} are accepted"
-    )]
+    #[error("GET {url}: the task file is announced as {size} bytes; at most {max} are accepted")]
     TaskTooLarge { url: String, size: u64, max: u64 },
 }
 
@@ -204,6 +202,35 @@ pub async fn download(http: &reqwest::Client, get: &BlobGet) -> Result<Parameter
     decoded.map_err(|source| TransferError::Blob { url: shown, source })
 }
 
+/// Largest file a task may name (a TorchScript model): the CNN of the MNIST benchmarks is 7 MB.
+pub const MAX_TASK_FILE_BYTES: u64 = 256 * 1024 * 1024;
+
+/// Downloads a task's file (a TorchScript model) from its presigned `url` and checks its size
+/// and digest.
+pub async fn download_task_file(
+    http: &reqwest::Client,
+    url: &str,
+    sha256: &str,
+    size_bytes: u64,
+) -> Result<crate::client::TaskFileBlob, TransferError> {
+    if size_bytes > MAX_TASK_FILE_BYTES {
+        return Err(TransferError::TaskTooLarge {
+            url: redact(url),
+            size: size_bytes,
+            max: MAX_TASK_FILE_BYTES,
+        });
+    }
+    let bytes = fetch(http, url, size_bytes).await?;
+    blob::check_digest(&bytes, sha256).map_err(|source| TransferError::Blob {
+        url: redact(url),
+        source,
+    })?;
+    Ok(crate::client::TaskFileBlob {
+        sha256: sha256.to_ascii_lowercase(),
+        bytes,
+    })
+}
+
 /// Downloads a task manifest from its presigned `url` and checks its size and digest.
 pub async fn download_task(
     http: &reqwest::Client,
@@ -226,6 +253,7 @@ pub async fn download_task(
     Ok(TaskBlob {
         sha256: sha256.to_ascii_lowercase(),
         bytes,
+        files: Vec::new(),
     })
 }
 

@@ -15,7 +15,6 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use pollen_proto::blob::EncodedBlob;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
@@ -449,13 +448,13 @@ impl RunHandle {
     pub fn record_round(
         &self,
         record: &RoundRecord,
-        model: Option<&EncodedBlob>,
+        checkpoint: Option<&[u8]>,
     ) -> Result<(), RecordError> {
-        let checkpoint = match model {
-            Some(blob) => {
+        let checkpoint = match checkpoint {
+            Some(bytes) => {
                 let path = self.checkpoint_path(record.round);
                 let tmp = path.with_extension("safetensors.tmp");
-                fs::write(&tmp, &blob.bytes).map_err(io(&tmp))?;
+                fs::write(&tmp, bytes).map_err(io(&tmp))?;
                 fs::rename(&tmp, &path).map_err(io(&path))?;
                 Some(path.display().to_string())
             }

@@ -126,6 +126,12 @@ impl Keys {
         format!("{}runs/{run_id}/task-{short}.json", self.prefix)
     }
 
+    /// Key of a file the task names by digest (a TorchScript model).
+    pub fn task_file(&self, run_id: &str, sha256: &str) -> String {
+        let short = &sha256[..sha256.len().min(16)];
+        format!("{}runs/{run_id}/file-{short}.bin", self.prefix)
+    }
+
     /// Key a client uploads its weights to when asked for initial parameters.
     pub fn initial(&self, run_id: &str, client_id: &str) -> String {
         format!(

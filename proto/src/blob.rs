@@ -280,16 +280,32 @@ impl Parameters {
         }
     }
 
+    /// The f32 safetensors file with `metadata` in its header (`__metadata__`), as checkpoints
+    /// are written: `safetensors.torch.load_file` reads the tensors, `safe_open(...).metadata()`
+    /// the rest. Metadata never names a codec here: the blob is plain f32.
+    pub fn encode_with_metadata(&self, mut metadata: HashMap<String, String>) -> Bytes {
+        metadata.remove(crate::codec::META_CODEC);
+        self.serialize(if metadata.is_empty() {
+            None
+        } else {
+            Some(metadata)
+        })
+    }
+
     /// The f32 safetensors file. Every tensor's data must fill its shape ([`Parameters::new`]
     /// checks it; [`crate::codec::encode`] checks it again, since the fields are public).
     pub(crate) fn safetensors(&self) -> Bytes {
+        self.serialize(None)
+    }
+
+    fn serialize(&self, metadata: Option<HashMap<String, String>>) -> Bytes {
         let raw: Vec<Cow<'_, [u8]>> = self.tensors.iter().map(|t| le_bytes(&t.data)).collect();
         let views = self.tensors.iter().zip(&raw).map(|(t, bytes)| {
             let view = TensorView::new(Dtype::F32, t.shape.clone(), bytes)
                 .expect("length was checked in Parameters::new");
             (t.name.clone(), view)
         });
-        let bytes = safetensors::serialize(views, None)
+        let bytes = safetensors::serialize(views, metadata)
             .expect("serializing in-memory f32 tensors cannot fail");
         Bytes::from(bytes)
     }

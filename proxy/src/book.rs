@@ -9,7 +9,7 @@ use std::collections::{HashMap, VecDeque};
 use pollen_proto::device::{BlobGet, Command, CommandKind, Reply, reply::Body as ReplyBody};
 use pollen_proto::fleet::{
     BlobRef, ClientMessage, EvaluateRes, Failure, FailureCode, FitRes, ParametersRes, Progress,
-    StatisticsRes, TaskRef, Upload, Weights, client_message::Msg as ClientMsg,
+    StatisticsRes, TaskFile, TaskRef, Upload, Weights, client_message::Msg as ClientMsg,
     server_message::Msg as ServerMsg, weights::Body as WeightsBody,
 };
 use pollen_proto::limits::MAX_MQTT_PAYLOAD_BYTES;
@@ -210,16 +210,30 @@ impl RequestBook {
         upload: Option<&Upload>,
         config: pollen_proto::scalar::ScalarMap,
     ) -> InstructionOutcome {
-        // A device reads the task manifest like the weights: by presigned URL, never inline.
+        // A device reads the task manifest and its files like the weights: by presigned URL,
+        // never inline.
         let task = match task {
             None => None,
-            Some(t) if !t.url.is_empty() => Some(TaskRef {
-                sha256: t.sha256.clone(),
-                size_bytes: t.size_bytes,
-                url: t.url.clone(),
-                location: String::new(),
-                inline: Default::default(),
-            }),
+            Some(t) if !t.url.is_empty() && t.files.iter().all(|f| !f.url.is_empty()) => {
+                Some(TaskRef {
+                    sha256: t.sha256.clone(),
+                    size_bytes: t.size_bytes,
+                    url: t.url.clone(),
+                    location: String::new(),
+                    inline: Default::default(),
+                    files: t
+                        .files
+                        .iter()
+                        .map(|f| TaskFile {
+                            sha256: f.sha256.clone(),
+                            size_bytes: f.size_bytes,
+                            url: f.url.clone(),
+                            location: String::new(),
+                            inline: Default::default(),
+                        })
+                        .collect(),
+                })
+            }
             Some(_) => return self.reject_by_value(&pending),
         };
         let global_weights = match (pending.kind, weights.and_then(|w| w.body.as_ref())) {
@@ -543,6 +557,7 @@ mod tests {
             location: "runs/r1/task-cccccccccccccccc.json".into(),
             url: "http://s3.test/bucket/runs/r1/task.json?X-Amz-Signature=get".into(),
             inline: Default::default(),
+            files: Vec::new(),
         }
     }
 

@@ -14,6 +14,7 @@ use pollen_proto::Parameters;
 use pollen_proto::fleet::{DataSchema, Statistics};
 use pollen_proto::scalar::{self, ScalarMap};
 
+use crate::backend::Backend;
 use crate::data::{DataError, DataSource, Format, LocalData, Raw};
 use crate::manifest::TrainSpec;
 use crate::task::{Task, TaskError};
@@ -45,6 +46,8 @@ pub struct TaskClient {
     /// Modification time and size of the file when it was read.
     stamp: Option<(SystemTime, u64)>,
     prepared: VecDeque<(String, Arc<Task>, Arc<LocalData>)>,
+    /// Which library trains here.
+    backend: Backend,
 }
 
 fn stamp_of(source: &DataSource) -> Option<(SystemTime, u64)> {
@@ -78,6 +81,7 @@ impl TaskClient {
             raw,
             stamp,
             prepared: VecDeque::new(),
+            backend: Backend::default(),
         })
     }
 
@@ -90,7 +94,14 @@ impl TaskClient {
             raw: Arc::new(raw),
             stamp: None,
             prepared: VecDeque::new(),
+            backend: Backend::default(),
         }
+    }
+
+    /// Trains with `backend` (`auto` by default: LibTorch where it is compiled in and faster).
+    pub fn with_backend(mut self, backend: Backend) -> Self {
+        self.backend = backend;
+        self
     }
 
     /// The device's data as read.
@@ -119,13 +130,19 @@ impl TaskClient {
         Ok(())
     }
 
-    fn task(work: &Work<'_>) -> Result<Task, ClientError> {
+    fn task(&self, work: &Work<'_>) -> Result<Task, ClientError> {
         let blob = work.task.ok_or_else(|| {
             ClientError::bad_instruction(
                 "the instruction names no task; this client trains what a run's task manifest says",
             )
         })?;
-        Ok(Task::parse(&blob.bytes)?)
+        let files = blob
+            .files
+            .iter()
+            .map(|f| (f.sha256.as_str(), f.bytes.clone()));
+        Ok(Task::parse(&blob.bytes)?
+            .with_backend(self.backend)
+            .with_files(files)?)
     }
 
     /// The instruction's task and this device's data prepared for it (cached by digest).
@@ -135,7 +152,7 @@ impl TaskClient {
         if let Some((_, task, data)) = self.prepared.iter().find(|(s, _, _)| *s == sha) {
             return Ok((task.clone(), data.clone()));
         }
-        let task = Arc::new(Self::task(work)?);
+        let task = Arc::new(self.task(work)?);
         task.io().map_err(ClientError::from)?;
         let started = Instant::now();
         let data = Arc::new(task.prepare(&self.raw)?);
@@ -232,7 +249,7 @@ impl Client for TaskClient {
     }
 
     fn get_parameters(&mut self, work: &Work<'_>) -> Result<Parameters, ClientError> {
-        Ok(Self::task(work)?.initial_parameters()?)
+        Ok(self.task(work)?.initial_parameters()?)
     }
 
     fn fit(&mut self, work: &Work<'_>, parameters: Parameters) -> Result<ClientFit, ClientError> {
@@ -273,6 +290,6 @@ impl Client for TaskClient {
 
     fn statistics(&mut self, work: &Work<'_>) -> Result<Statistics, ClientError> {
         self.refresh()?;
-        Ok(Self::task(work)?.statistics(&self.raw)?)
+        Ok(self.task(work)?.statistics(&self.raw)?)
     }
 }

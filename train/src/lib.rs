@@ -18,14 +18,18 @@
 //! - [`task`]: a parsed manifest and the operations on it.
 //! - [`client`]: [`TaskClient`], the `pollen_client::Client` devices and simulations run.
 
+pub mod backend;
 pub mod client;
 pub mod data;
 pub mod manifest;
 pub mod metrics;
 pub mod model;
 pub mod task;
+#[cfg(feature = "torch")]
+pub mod torch;
 pub mod trainer;
 
+pub use backend::Backend;
 pub use client::TaskClient;
 pub use data::{DataSource, Format, Shard};
 pub use manifest::{TaskKind, TaskManifest, TaskSpec, TrainSpec};

@@ -3,15 +3,19 @@
 //! in simulation and for server-side evaluation.
 
 use std::collections::BTreeMap;
+#[cfg(feature = "torch")]
+use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use pollen_proto::Parameters;
 use pollen_proto::fleet::Statistics;
 use pollen_proto::scalar::ScalarMap;
 
+use crate::backend::{Backend, Engine};
 use crate::data::{self, DataError, LocalData, Raw};
 use crate::manifest::{ManifestError, TaskKind, TaskManifest, TrainSpec};
 use crate::metrics::{self, Tally};
-use crate::model::{self, ModelIo, WeightsError};
+use crate::model::{self, ModelIo, ModelSpec, WeightsError};
 use crate::trainer::{FitOutput, Learner, TrainError};
 
 /// A task ready to train: its manifest, input and output sizes, and label names.
@@ -21,6 +25,14 @@ pub struct Task {
     /// `None` while classes or the input shape are still to be resolved (a statistics query
     /// may come before them).
     io: Option<ModelIo>,
+    /// Which library trains it here.
+    backend: Backend,
+    /// The TorchScript file, for a `torchscript` model.
+    script: Option<Bytes>,
+    /// The LibTorch network, kept between rounds: a TorchScript module's buffers (batch-norm
+    /// statistics) are the device's own and stay.
+    #[cfg(feature = "torch")]
+    net: Arc<Mutex<Option<crate::torch::Net>>>,
 }
 
 /// Why a task cannot be carried out on this device.
@@ -36,6 +48,9 @@ pub enum TaskError {
     Weights(#[from] WeightsError),
     #[error("the task is not complete: {0}")]
     Unresolved(String),
+    /// This device cannot train the task's model (a TorchScript module without LibTorch).
+    #[error("{0}")]
+    Backend(String),
 }
 
 impl Task {
@@ -56,7 +71,68 @@ impl Task {
         } else {
             None
         };
-        Ok(Self { manifest, io })
+        Ok(Self {
+            manifest,
+            io,
+            backend: Backend::default(),
+            script: None,
+            #[cfg(feature = "torch")]
+            net: Arc::default(),
+        })
+    }
+
+    /// Trains with `backend` (`auto` by default).
+    pub fn with_backend(mut self, backend: Backend) -> Self {
+        self.backend = backend;
+        self
+    }
+
+    /// Takes the task's files (by SHA-256) the manifest names: a TorchScript model's.
+    pub fn with_files<'a>(
+        mut self,
+        files: impl IntoIterator<Item = (&'a str, Bytes)>,
+    ) -> Result<Self, TaskError> {
+        if let ModelSpec::TorchScript(c) = &self.manifest.model {
+            let found = files
+                .into_iter()
+                .find(|(sha, _)| sha.eq_ignore_ascii_case(&c.sha256));
+            let Some((_, bytes)) = found else {
+                return Err(TaskError::Unresolved(format!(
+                    "the TorchScript model (sha256 {}) did not come with the task",
+                    c.sha256
+                )));
+            };
+            self.script = Some(bytes);
+        }
+        Ok(self)
+    }
+
+    /// The library that trains this task here.
+    pub fn engine(&self) -> Result<Engine, TaskError> {
+        self.backend
+            .engine(&self.manifest.model)
+            .map_err(TaskError::Backend)
+    }
+
+    /// Runs `f` on the LibTorch network, built on first use.
+    #[cfg(feature = "torch")]
+    fn with_net<T>(
+        &self,
+        f: impl FnOnce(&mut crate::torch::Net, &ModelIo) -> Result<T, TrainError>,
+    ) -> Result<T, TaskError> {
+        let io = self.io()?;
+        let mut net = self.net.lock().unwrap_or_else(|e| e.into_inner());
+        if net.is_none() {
+            let built = crate::torch::Net::new(&self.manifest.model, io, self.script.as_deref())
+                .map_err(TaskError::Backend)?;
+            *net = Some(built);
+        }
+        let Some(net) = net.as_mut() else {
+            return Err(TaskError::Backend(
+                "the LibTorch network was not built".into(),
+            ));
+        };
+        Ok(f(net, io)?)
     }
 
     pub fn kind(&self) -> TaskKind {
@@ -80,13 +156,32 @@ impl Task {
         })
     }
 
-    /// Freshly initialised weights, from the manifest's seed.
+    /// Freshly initialised weights, from the manifest's seed; a TorchScript module's own
+    /// (LibTorch only).
     pub fn initial_parameters(&self) -> Result<Parameters, TaskError> {
+        if !self.manifest.model.is_builtin() {
+            return self.module_parameters();
+        }
         Ok(model::initial_parameters(
             &self.manifest.model,
             self.io()?,
             self.manifest.seed,
         )?)
+    }
+
+    #[cfg(feature = "torch")]
+    fn module_parameters(&self) -> Result<Parameters, TaskError> {
+        self.with_net(|net, _| crate::torch::initial_parameters(net))
+    }
+
+    #[cfg(not(feature = "torch"))]
+    fn module_parameters(&self) -> Result<Parameters, TaskError> {
+        Err(TaskError::Backend(
+            self.backend
+                .engine(&self.manifest.model)
+                .err()
+                .unwrap_or_else(|| "this build has no LibTorch".into()),
+        ))
     }
 
     /// A device's examples under this task: prepared, split into training data and the local
@@ -141,7 +236,35 @@ impl Task {
         train: &TrainSpec,
         seed: u64,
     ) -> Result<FitOutput, TaskError> {
-        Ok(self.learner()?.fit(global, data, train, seed)?)
+        match self.engine()? {
+            Engine::Burn => Ok(self.learner()?.fit(global, data, train, seed)?),
+            Engine::Libtorch => self.torch_fit(data, global, train, seed),
+        }
+    }
+
+    #[cfg(feature = "torch")]
+    fn torch_fit(
+        &self,
+        data: &LocalData,
+        global: &Parameters,
+        train: &TrainSpec,
+        seed: u64,
+    ) -> Result<FitOutput, TaskError> {
+        let targets = self.manifest.fitted.targets.as_ref();
+        self.with_net(|net, io| {
+            crate::torch::TorchLearner { io, targets }.fit(net, global, data, train, seed)
+        })
+    }
+
+    #[cfg(not(feature = "torch"))]
+    fn torch_fit(
+        &self,
+        _: &LocalData,
+        _: &Parameters,
+        _: &TrainSpec,
+        _: u64,
+    ) -> Result<FitOutput, TaskError> {
+        Err(TaskError::Backend("this build has no LibTorch".into()))
     }
 
     /// Evaluates `params` on the examples `idx`: loss, examples and the metrics (the task's
@@ -161,10 +284,37 @@ impl Task {
             ))
             .into());
         }
-        let (loss, tally): (f64, Tally) =
-            self.learner()?.evaluate(params, data, idx, batch_size)?;
+        let (loss, tally): (f64, Tally) = match self.engine()? {
+            Engine::Burn => self.learner()?.evaluate(params, data, idx, batch_size)?,
+            Engine::Libtorch => self.torch_evaluate(data, idx, params, batch_size)?,
+        };
         let metrics = metrics::report(self.kind(), self.manifest.task.threshold_quantile, &tally);
         Ok((loss, idx.len() as u64, metrics))
+    }
+
+    #[cfg(feature = "torch")]
+    fn torch_evaluate(
+        &self,
+        data: &LocalData,
+        idx: &[usize],
+        params: &Parameters,
+        batch_size: usize,
+    ) -> Result<(f64, Tally), TaskError> {
+        let targets = self.manifest.fitted.targets.as_ref();
+        self.with_net(|net, io| {
+            crate::torch::TorchLearner { io, targets }.evaluate(net, params, data, idx, batch_size)
+        })
+    }
+
+    #[cfg(not(feature = "torch"))]
+    fn torch_evaluate(
+        &self,
+        _: &LocalData,
+        _: &[usize],
+        _: &Parameters,
+        _: usize,
+    ) -> Result<(f64, Tally), TaskError> {
+        Err(TaskError::Backend("this build has no LibTorch".into()))
     }
 
     /// The federated metrics of many evaluations (Flower's `evaluate_metrics_aggregation_fn`).

@@ -17,10 +17,11 @@ pollen="${POLLEN:-target/debug/pollen}"
 mkdir -p "$out/runs"
 specs=("$@")
 if [ ${#specs[@]} -eq 0 ]; then
-  specs=(fedprox-stragglers fedprox-stragglers-mu0 fedprox-stragglers-mu1 fleet-sync fleet-fedbuff
+  specs=(fedprox-stragglers fedprox-stragglers-mu0 fedprox-stragglers-mu0.1 fedprox-stragglers-mu1
+    fleet-sync fleet-fedbuff
     robust-clean robust-sign_flip-fedavg robust-sign_flip-fedmedian robust-sign_flip-fedtrimmedavg
-    robust-sign_flip-krum robust-scale-fedavg robust-scale-fedmedian robust-scale-fedtrimmedavg
-    robust-scale-krum dp-none dp-z0.5 dp-z1.0 dp-z2.0 dp-adaptive compress-2nn-f32
+    robust-sign_flip-krum robust-sign_flip-multikrum robust-scale-fedavg robust-scale-fedmedian
+    robust-scale-fedtrimmedavg robust-scale-krum robust-scale-multikrum dp-none dp-z0.5 dp-z1.0 dp-z2.0 dp-adaptive compress-2nn-f32
     compress-2nn-f16 compress-2nn-int8 compress-2nn-topk compress-cnn-f32 compress-cnn-f16
     compress-cnn-int8)
 fi

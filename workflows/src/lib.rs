@@ -4,6 +4,7 @@
 //! - [`spec`]: run specs (TOML), validated, saved with every run.
 //! - [`task`]: a spec's task manifest, resolved against data or devices, fitted from federated
 //!   statistics; server-side evaluation.
+//! - [`torchscript`]: a TorchScript model's file and initial weights, on the coordinator's side.
 //! - [`shares`]: a simulation's data split into one share per simulated device.
 //! - [`central`]: the centralized baseline (`pollen central`): the same model trained on the
 //!   union of the devices' training data.
@@ -28,5 +29,6 @@ pub mod shares;
 pub mod simulate;
 pub mod spec;
 pub mod task;
+pub mod torchscript;
 
 pub use spec::RunSpec;

@@ -123,6 +123,10 @@ pub fn build_strategy(
         None => {}
     }
     if let Some(raw) = server {
+        anyhow::ensure!(
+            manifest.model.is_builtin() || pollen_train::backend::LIBTORCH,
+            "centralized evaluation of a TorchScript model runs it with LibTorch, which this build of pollen does not link (build with --features torch, or evaluate on the devices: evaluate.centralized = false and strategy.fraction_evaluate > 0)"
+        );
         strategy = strategy.with_evaluate_fn(task::server_evaluator(
             raw,
             spec.evaluate.batch_size,
@@ -207,8 +211,9 @@ pub async fn drive(
     let setup = task::setup(manifest, done.clone())?;
     if setup.statistics.is_none()
         && let Some(task) = done.get()
+        && let Some(initial) = crate::torchscript::initial_parameters(task)?
     {
-        strategy = strategy.with_initial_parameters(task.initial_parameters()?);
+        strategy = strategy.with_initial_parameters(initial);
     }
     let mut driver = RoundDriver::new(
         registry,

@@ -18,7 +18,7 @@ use pollen_client::{Client, ClientOptions};
 use pollen_coordinator::{RoundRecord, RunSummary, StoreConfig};
 use pollen_proto::mqtt::BrokerConfig;
 use pollen_proxy::{Proxy, ProxyConfig, ProxyHandle, Selection};
-use pollen_train::TaskClient;
+use pollen_train::{Backend, TaskClient};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
@@ -69,6 +69,8 @@ pub struct SimulateOptions {
     pub dashboard: Option<SocketAddr>,
     /// `Transport::Grpc`: compress the clients' streams with zstd.
     pub grpc_compression: bool,
+    /// Which library the simulated devices train with.
+    pub backend: Backend,
 }
 
 impl SimulateOptions {
@@ -81,6 +83,7 @@ impl SimulateOptions {
             s3: None,
             dashboard: None,
             grpc_compression: false,
+            backend: Backend::Auto,
         }
     }
 }
@@ -138,7 +141,7 @@ pub async fn simulate(
         server,
         ..
     } = data;
-    let clients = simulated_devices(spec, &manifest, shares, format)?;
+    let clients = simulated_devices(spec, &manifest, shares, format, options.backend)?;
     let fleet = SimulatedFleet::start(
         &coordinator,
         clients,
@@ -180,6 +183,7 @@ fn simulated_devices(
     manifest: &pollen_train::TaskManifest,
     shares: Vec<pollen_train::data::Raw>,
     format: pollen_train::Format,
+    backend: Backend,
 ) -> anyhow::Result<Vec<SimulatedDevice>> {
     let attackers = spec.simulation.attackers(shares.len(), spec.seed);
     let started = std::time::Instant::now();
@@ -198,7 +202,7 @@ fn simulated_devices(
             }
             let seed = spec.seed.wrapping_add(i as u64 + 1);
             Ok(SimulatedDevice::new(
-                TaskClient::in_memory(raw, format, seed),
+                TaskClient::in_memory(raw, format, seed).with_backend(backend),
                 &spec.simulation,
                 spec.seed,
                 i,

@@ -20,6 +20,7 @@ use pollen_train::manifest::{Normalize, Scaling, TaskKind, TaskManifest, TaskSpe
 use pollen_train::{Task, data};
 
 use crate::spec::RunSpec;
+use crate::torchscript;
 
 /// The task once the run has fitted it (set by the statistics phase, or at once without one).
 pub type FinalTask = Arc<OnceLock<Task>>;
@@ -100,7 +101,8 @@ pub fn resolve_blind(spec: &RunSpec) -> anyhow::Result<TaskManifest> {
 }
 
 fn finish(spec: &RunSpec, task: TaskSpec) -> anyhow::Result<TaskManifest> {
-    let manifest = spec.manifest_with(task).map_err(anyhow::Error::msg)?;
+    let mut manifest = spec.manifest_with(task).map_err(anyhow::Error::msg)?;
+    torchscript::pin(&mut manifest)?;
     anyhow::ensure!(
         manifest.task.shape.is_some(),
         "the input shape of the task cannot be told: give task.features (CSV) or task.shape (arrays)"
@@ -171,16 +173,19 @@ pub fn fit(m: &TaskManifest, stats: &FederatedStatistics) -> Result<TaskManifest
 /// The coordinator's task: the manifest, and the statistics phase when it needs one. The
 /// final task lands in `done`.
 pub fn setup(manifest: TaskManifest, done: FinalTask) -> anyhow::Result<TaskSetup> {
+    let files = torchscript::files(&manifest)?;
     if !needs_statistics(&manifest) {
-        let task = Task::new(manifest.clone()).context("the run's task")?;
+        let task = torchscript::task_with_files(manifest.clone(), &files)?;
         let _ = done.set(task);
-        return Ok(TaskSetup::fixed(manifest.to_bytes()));
+        return Ok(TaskSetup::fixed(manifest.to_bytes()).with_files(files));
     }
     let query = manifest.to_bytes();
+    let task_files = files.clone();
     let fit_manifest = move |stats: &FederatedStatistics| -> Result<Fitted, String> {
         let fitted = fit(&manifest, stats)?;
-        let task = Task::new(fitted.clone()).map_err(|e| e.to_string())?;
-        let initial = task.initial_parameters().map_err(|e| e.to_string())?;
+        let task = torchscript::task_with_files(fitted.clone(), &task_files)
+            .map_err(|e| format!("{e:#}"))?;
+        let initial = torchscript::initial_parameters(&task).map_err(|e| format!("{e:#}"))?;
         tracing::info!(
             classes = ?fitted.task.classes,
             scaling = ?fitted.fitted.features,
@@ -189,12 +194,13 @@ pub fn setup(manifest: TaskManifest, done: FinalTask) -> anyhow::Result<TaskSetu
         let _ = done.set(task);
         Ok(Fitted {
             manifest: fitted.to_bytes().into(),
-            initial: Some(initial),
+            initial,
         })
     };
     Ok(TaskSetup {
         manifest: query.into(),
         statistics: Some(Box::new(fit_manifest)),
+        files,
     })
 }
 

@@ -145,6 +145,8 @@ pub struct RoundDriver {
     metrics: Option<Arc<crate::metrics::Metrics>>,
     /// The run's task manifest, referenced by every instruction.
     task: Option<Published>,
+    /// The files the manifest names (a TorchScript model), kept for the fitted manifest.
+    task_files: Vec<bytes::Bytes>,
     /// Fits the manifest from federated statistics before round 1.
     fit_manifest: Option<FitManifest>,
     /// The initial model a statistics phase produced.
@@ -175,6 +177,7 @@ impl RoundDriver {
             global_round: 0,
             metrics: None,
             task: None,
+            task_files: Vec::new(),
             fit_manifest: None,
             fitted_initial: None,
         }
@@ -183,7 +186,8 @@ impl RoundDriver {
     /// Every instruction references this task; with a statistics phase, the manifest is fitted
     /// from the clients' federated statistics before round 1.
     pub fn with_task(mut self, setup: TaskSetup) -> Self {
-        self.task = Some(Published::new(setup.manifest));
+        self.task = Some(Published::new(setup.manifest, &setup.files));
+        self.task_files = setup.files;
         self.fit_manifest = setup.statistics;
         self
     }
@@ -259,7 +263,7 @@ impl RoundDriver {
                 }
             };
             let Fitted { manifest, initial } = fit(&stats).map_err(DriverError::Statistics)?;
-            self.task = Some(Published::new(manifest));
+            self.task = Some(Published::new(manifest, &self.task_files));
             self.fitted_initial = initial;
         }
         self.record_task()?;

@@ -2,7 +2,7 @@
 //! new model (centralized, then federated), build the record from what the fit phase left,
 //! write it with the checkpoint, and report it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -138,19 +138,47 @@ impl RoundDriver {
     ) -> Result<(), DriverError> {
         let round = record.round;
         if let Some(run) = self.run.clone() {
-            let model = match record.status {
-                RoundStatus::Ok => Some(self.encode(global).await?),
+            let checkpoint = match record.status {
+                RoundStatus::Ok => {
+                    // The next round sends this encoding; encoding it now keeps that off the
+                    // round's clock.
+                    self.encode(global).await?;
+                    Some((global.clone(), self.checkpoint_metadata(round)))
+                }
                 RoundStatus::Failed => None,
             };
             let rec = record.clone();
-            tokio::task::spawn_blocking(move || run.record_round(&rec, model.as_ref()))
-                .await?
-                .map_err(|source| DriverError::Record { round, source })?;
+            tokio::task::spawn_blocking(move || {
+                let bytes = checkpoint.map(|(model, meta)| model.encode_with_metadata(meta));
+                run.record_round(&rec, bytes.as_deref())
+            })
+            .await?
+            .map_err(|source| DriverError::Record { round, source })?;
         }
         if let Some(m) = &self.metrics {
             m.observe_round(record);
         }
         Ok(())
+    }
+}
+
+impl RoundDriver {
+    /// What a checkpoint's safetensors header says about it, for whoever loads it back (a
+    /// PyTorch user: `python/pollen_models.py` rebuilds the module from the manifest).
+    fn checkpoint_metadata(&self, round: u64) -> HashMap<String, String> {
+        let mut meta = HashMap::from([
+            ("format".to_string(), "pt".to_string()),
+            ("pollen.run_id".to_string(), self.run_id.clone()),
+            ("pollen.round".to_string(), round.to_string()),
+        ]);
+        if let Some(task) = &self.task {
+            meta.insert("pollen.task_sha256".into(), task.sha256.clone());
+            // Manifests are JSON; one that is not UTF-8 is left out rather than mangled.
+            if let Ok(text) = std::str::from_utf8(&task.manifest) {
+                meta.insert("pollen.manifest".into(), text.to_string());
+            }
+        }
+        meta
     }
 }
 

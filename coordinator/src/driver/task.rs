@@ -35,7 +35,21 @@ impl RoundDriver {
             }
         };
         let url = store.presign_get(&key, ttl).await?;
-        Ok(Some(task.by_reference(key, url)))
+        let mut files = Vec::with_capacity(task.files.len());
+        for file in &mut task.files {
+            let key = match &file.key {
+                Some(key) => key.clone(),
+                None => {
+                    let key = store.keys().task_file(&self.run_id, &file.sha256);
+                    store.put(&key, file.bytes.clone()).await?;
+                    file.key = Some(key.clone());
+                    key
+                }
+            };
+            let url = store.presign_get(&key, ttl).await?;
+            files.push((key, url));
+        }
+        Ok(Some(task.by_reference(key, url, files)))
     }
 
     /// Keeps the manifest the rounds use next to the run's records (`task.json`).

@@ -11,6 +11,7 @@ mod cnn1d;
 mod cnn2d;
 mod mlp;
 mod rnn;
+mod torchscript;
 
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
@@ -26,6 +27,7 @@ pub use cnn1d::{Cnn1d, Cnn1dConfig};
 pub use cnn2d::{Cnn2d, Cnn2dConfig};
 pub use mlp::{Mlp, MlpConfig};
 pub use rnn::{Cell, Rnn, RnnConfig};
+pub use torchscript::TorchScriptConfig;
 
 use crate::manifest::TaskKind;
 
@@ -204,11 +206,14 @@ fn dense_forward(
 macro_rules! families {
     ($( $variant:ident($config:ty, $module:ty) = $tag:literal, )*) => {
         /// A model family and its settings, as `[model]` of a run spec (or a preset name) and
-        /// `model` of a manifest.
+        /// `model` of a manifest. `TorchScript` is the user's own PyTorch module, which burn
+        /// does not build: LibTorch trains it (the `torch` feature).
         #[derive(Debug, Clone, PartialEq, Serialize)]
         #[serde(tag = "family")]
         pub enum ModelSpec {
             $( #[serde(rename = $tag)] $variant($config), )*
+            #[serde(rename = "torchscript")]
+            TorchScript(TorchScriptConfig),
         }
 
         #[derive(Deserialize)]
@@ -224,16 +229,25 @@ macro_rules! families {
         }
 
         /// Family names, as `family = "..."` takes them.
-        pub const FAMILIES: &[&str] = &[$($tag),*];
+        pub const FAMILIES: &[&str] = &[$($tag,)* "torchscript"];
 
         impl ModelSpec {
             pub fn family(&self) -> &'static str {
-                match self { $( ModelSpec::$variant(_) => $tag, )* }
+                match self {
+                    $( ModelSpec::$variant(_) => $tag, )*
+                    ModelSpec::TorchScript(_) => "torchscript",
+                }
             }
 
             /// Builds the model for `io` (weights initialised by burn; [`import`] replaces them).
             pub fn init(&self, io: &ModelIo, device: &Device) -> Result<Model, ModelError> {
-                match self { $( ModelSpec::$variant(c) => Ok(Model::$variant(c.init(io, device)?)), )* }
+                match self {
+                    $( ModelSpec::$variant(c) => Ok(Model::$variant(c.init(io, device)?)), )*
+                    ModelSpec::TorchScript(_) => Err(ModelError::new(
+                        "torchscript",
+                        "a TorchScript module is trained by LibTorch, not burn",
+                    )),
+                }
             }
 
             /// A family's settings with their defaults (burn's `Config` deserialization needs
@@ -311,6 +325,18 @@ impl ModelSpec {
                         ));
                     }
                 };
+                if family == "torchscript" {
+                    let mut map = map;
+                    map.remove("family");
+                    let config: TorchScriptConfig = serde_json::from_value(Value::Object(map))
+                        .map_err(|e| {
+                            format!(
+                                "model (torchscript): {e}; its settings are file, sha256, size_bytes, initial"
+                            )
+                        })?;
+                    config.validate()?;
+                    return Ok(ModelSpec::TorchScript(config));
+                }
                 let Some(mut settings) = Self::defaults(&family) else {
                     return Err(format!(
                         "unknown model family {family:?}; families are {}",
@@ -338,9 +364,18 @@ impl ModelSpec {
         }
     }
 
-    /// Checks the model fits the task and input without keeping the weights.
+    /// Checks the model fits the task and input without keeping the weights. A TorchScript
+    /// module is checked where LibTorch runs it: on the devices, when it arrives.
     pub fn check(&self, io: &ModelIo) -> Result<(), ModelError> {
+        if matches!(self, ModelSpec::TorchScript(_)) {
+            return Ok(());
+        }
         self.init(io, &Device::flex()).map(drop)
+    }
+
+    /// Whether burn builds this model (every family but a TorchScript module).
+    pub fn is_builtin(&self) -> bool {
+        !matches!(self, ModelSpec::TorchScript(_))
     }
 }
 

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 use pollen_coordinator::StoreConfig;
 use pollen_proto::mqtt::BrokerConfig;
+use pollen_train::Backend;
 
 use super::report::{print_devices, print_summary, reporter, show_metric};
 use super::{RUN_INTERRUPTED, shutdown_on_ctrl_c};
@@ -134,6 +135,10 @@ pub struct SimulateArgs {
     /// With --transport grpc: compress the clients' streams with zstd (inline weights).
     #[arg(long)]
     pub grpc_compression: bool,
+    /// Which library the simulated devices train with: auto, burn or libtorch (a pollen built
+    /// with --features torch). A TorchScript model needs LibTorch.
+    #[arg(long, default_value = "auto", value_parser = Backend::parse)]
+    pub backend: Backend,
     /// MQTT broker for the device path (e.g. mqtt://127.0.0.1:1883); embedded when absent.
     #[arg(long)]
     pub broker: Option<String>,
@@ -166,6 +171,7 @@ pub async fn simulate(a: SimulateArgs) -> anyhow::Result<()> {
         "--grpc-compression is for --transport grpc (the device path moves weights through object storage)"
     );
     options.grpc_compression = a.grpc_compression;
+    options.backend = a.backend;
     options.broker = a.broker.map(BrokerConfig::new);
     options.s3 = a.storage.external();
     options.dashboard = a.dashboard.addr();
