@@ -79,6 +79,12 @@ def _dense(widths):
     return [nn.Linear(a, b) for a, b in zip(widths, widths[1:])]
 
 
+def _convs(conv, c_in, channels, kernel_size):
+    """Convolutions with 'same' padding (odd kernels), as Pollen's."""
+    widths = [c_in, *channels]
+    return [conv(a, b, kernel_size, padding=kernel_size // 2) for a, b in zip(widths, widths[1:])]
+
+
 class Mlp(_Layers):
     def __init__(self, inputs, outputs, hidden=(64, 64), activation="relu", dropout=0.0):
         super().__init__()
@@ -94,12 +100,8 @@ class Cnn1d(_Layers):
                  activation="relu", dropout=0.0):
         super().__init__()
         self.shape = tuple(input_shape)
-        c_in = self.shape[0]
-        convs = []
-        for c_out in channels:
-            convs.append(nn.Conv1d(c_in, c_out, kernel_size, padding=kernel_size // 2))
-            c_in = c_out
-        self.convs = self._add("conv", convs)
+        self.convs = self._add("conv", _convs(nn.Conv1d, self.shape[0], channels, kernel_size))
+        c_in = channels[-1]
         self.fcs = self._add("fc", _dense([c_in, *hidden, outputs]))
         self.pool = pool
         self.activation, self.dropout = _activation(activation), dropout
@@ -120,13 +122,10 @@ class Cnn2d(_Layers):
         super().__init__()
         self.shape = tuple(input_shape)
         c_in, h, w = self.shape
-        convs = []
-        for c_out in channels:
-            convs.append(nn.Conv2d(c_in, c_out, kernel_size, padding=kernel_size // 2))
-            c_in = c_out
+        self.convs = self._add("conv", _convs(nn.Conv2d, c_in, channels, kernel_size))
+        for _ in channels:
             h, w = h // pool, w // pool
-        self.convs = self._add("conv", convs)
-        self.fcs = self._add("fc", _dense([c_in * h * w, *hidden, outputs]))
+        self.fcs = self._add("fc", _dense([channels[-1] * h * w, *hidden, outputs]))
         self.pool = pool
         self.activation, self.dropout = _activation(activation), dropout
 

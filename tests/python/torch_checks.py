@@ -4,10 +4,13 @@ a run, and load a run's checkpoint back into PyTorch to measure it.
     torch_checks.py script OUT.pt [--wrong-output]     # torch.jit.script a small MNIST CNN
     torch_checks.py scripted MODULE.pt CHECKPOINT MNIST_DIR N
     torch_checks.py builtin CHECKPOINT MNIST_DIR N
+    torch_checks.py forward CHECKPOINT IO
 
 The last two print one JSON object: the accuracy on the first N MNIST test images, as Pollen's
 centralized evaluation measures it, of the checkpoint loaded with ``load_state_dict`` (strict)
 into the user's module or into ``python/pollen_models.py``'s equivalent of the run's model.
+``forward`` rebuilds a checkpoint's module from its header and prints the largest difference
+between its outputs for the ``x`` of the IO file and the ``y`` burn computed.
 """
 
 import json
@@ -59,6 +62,17 @@ def main(argv):
         model.load_state_dict(safetensors.torch.load_file(checkpoint))
         x, y = test_set(mnist_dir, n)
         x = x.reshape(-1, 1, 28, 28)
+    elif cmd == "forward":
+        checkpoint, io = argv[1], safetensors.torch.load_file(argv[2])
+        model, manifest = pollen_models.load_checkpoint(checkpoint)
+        with torch.no_grad():
+            got = model(io["x"]).reshape(io["y"].shape)
+        print(json.dumps({
+            "family": manifest["model"]["family"],
+            "max_abs_diff": (got - io["y"]).abs().max().item(),
+            "max_abs": io["y"].abs().max().item(),
+        }))
+        return
     elif cmd == "builtin":
         checkpoint, mnist_dir, n = argv[1], argv[2], int(argv[3])
         model, _ = pollen_models.load_checkpoint(checkpoint)

@@ -249,3 +249,91 @@ async fn a_module_whose_output_does_not_fit_the_task_fails_its_fits_with_the_sha
         }
     }
 }
+
+/// Every built-in family, rebuilt by `python/pollen_models.py` from a checkpoint's header,
+/// computes burn's outputs on the same weights and inputs.
+#[test]
+fn every_family_in_pollen_models_py_computes_burns_forward_pass() {
+    use pollen_proto::{NamedTensor, Parameters};
+    use pollen_train::manifest::TaskKind;
+    use pollen_train::model::{ModelIo, forward_values, initial_parameters};
+    use rand::{Rng, SeedableRng};
+
+    let cases = [
+        (
+            r#"{"family": "mlp", "hidden": [16, 8], "activation": "tanh"}"#,
+            vec![6],
+        ),
+        (
+            r#"{"family": "cnn1d", "channels": [4, 8], "kernel_size": 3, "hidden": [8]}"#,
+            vec![3, 16],
+        ),
+        (
+            r#"{"family": "cnn2d", "channels": [4, 8], "kernel_size": 3, "hidden": [16]}"#,
+            vec![1, 12, 12],
+        ),
+        (
+            r#"{"family": "rnn", "cell": "gru", "hidden_size": [8, 6], "hidden": [5]}"#,
+            vec![3, 7],
+        ),
+        (
+            r#"{"family": "rnn", "cell": "lstm", "hidden_size": [8], "activation": "gelu"}"#,
+            vec![3, 7],
+        ),
+        (r#"{"family": "autoencoder", "hidden": [6, 3]}"#, vec![8]),
+    ];
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    for (i, (model, input)) in cases.into_iter().enumerate() {
+        let spec: pollen_train::ModelSpec = serde_json::from_str(model).expect("a family");
+        let anomaly = spec.family() == "autoencoder";
+        let io = ModelIo {
+            kind: if anomaly {
+                TaskKind::Anomaly
+            } else {
+                TaskKind::Classification
+            },
+            outputs: if anomaly { input.iter().product() } else { 3 },
+            input: input.clone(),
+        };
+        let params = initial_parameters(&spec, &io, i as u64).expect("weights");
+        let batch = 5;
+        let x: Vec<f32> = (0..batch * io.input_len())
+            .map(|_| rng.random_range(-2.0..2.0))
+            .collect();
+        let y = forward_values(&spec, &io, &params, x.clone(), batch).expect("forward");
+        let manifest = serde_json::json!({
+            "task": {
+                "kind": if anomaly { "anomaly" } else { "classification" },
+                "classes": ["a", "b", "c"],
+                "shape": input,
+            },
+            "model": spec,
+        });
+        let checkpoint = dir.path().join(format!("family-{i}.safetensors"));
+        let meta = std::collections::HashMap::from([
+            ("pollen.manifest".to_string(), manifest.to_string()),
+            ("pollen.round".to_string(), "0".to_string()),
+        ]);
+        std::fs::write(&checkpoint, params.encode_with_metadata(meta)).expect("write");
+        let io_file = dir.path().join(format!("io-{i}.safetensors"));
+        let tensors = Parameters::new(vec![
+            NamedTensor::new("x", vec![batch, io.input_len()], x),
+            NamedTensor::new("y", vec![batch, io.outputs], y),
+        ])
+        .expect("tensors");
+        std::fs::write(&io_file, tensors.encode_with_metadata(Default::default())).expect("write");
+        let out = torch_checks(&[
+            "forward",
+            &checkpoint.display().to_string(),
+            &io_file.display().to_string(),
+        ]);
+        let v: serde_json::Value = serde_json::from_str(out.trim()).expect("JSON");
+        let diff = v["max_abs_diff"].as_f64().expect("diff");
+        eprintln!(
+            "{model}: max |PyTorch - burn| = {diff:e} (outputs up to {})",
+            v["max_abs"]
+        );
+        assert!(diff <= 1e-4, "{model}: PyTorch and burn differ by {diff}");
+    }
+}

@@ -71,6 +71,9 @@ impl Backend {
                 "the task's model is a TorchScript module, and this agent was built without LibTorch (pollen-agent --features torch)"
                     .into(),
             ),
+            (Backend::Libtorch, _) if !LIBTORCH => Err(
+                "backend libtorch: this build has no LibTorch (build with --features torch)".into(),
+            ),
             (Backend::Libtorch, _) if !builtin_on_torch => Err(format!(
                 "backend libtorch trains the mlp and cnn2d families; {} trains on burn (use backend auto or burn)",
                 model.family()

@@ -4,7 +4,8 @@
 //! task manifest. This crate gives the manifest its meaning: a [`TaskManifest`] names the task
 //! (classification, regression, anomaly detection), the model family and its settings, the
 //! input schema and the local-training config; a [`TaskClient`] reads a device's own files,
-//! prepares them for whatever task an instruction names, and trains with burn.
+//! prepares them for whatever task an instruction names, and trains with burn (or, with the
+//! `torch` feature, LibTorch: TorchScript modules and, by choice, the MLP and 2-D CNN).
 //!
 //! # Layout
 //! - [`manifest`]: the task manifest (task, input schema, model, training, fitted scaling).
@@ -12,7 +13,9 @@
 //!   autoencoder), the MNIST presets, weights in PyTorch layout.
 //! - [`data`]: CSV, NumPy and MNIST readers, windows over long-format series, the local
 //!   holdout, partitions for simulation, federated statistics.
-//! - [`trainer`]: minibatch training (SGD, Adam, AdamW, clipping) and evaluation.
+//! - [`trainer`]: minibatch training (SGD, Adam, AdamW, clipping) and evaluation with burn;
+//!   `epochs`: the epoch loop both libraries share (batch order, time budget, bookkeeping).
+//! - `torch` (feature `torch`): the same on LibTorch; [`backend`]: which library trains.
 //! - [`metrics`]: evaluation sums that aggregate exactly across devices, and the metrics of
 //!   their union (accuracy, macro-F1, RMSE, MAE, R², ROC AUC, anomaly threshold).
 //! - [`task`]: a parsed manifest and the operations on it.
@@ -21,12 +24,16 @@
 pub mod backend;
 pub mod client;
 pub mod data;
+mod epochs;
 pub mod manifest;
 pub mod metrics;
 pub mod model;
 pub mod task;
 #[cfg(feature = "torch")]
 pub mod torch;
+#[cfg(not(feature = "torch"))]
+#[path = "torch_off.rs"]
+mod torch;
 pub mod trainer;
 
 pub use backend::Backend;

@@ -436,6 +436,16 @@ impl Scaling {
         let s = self.std[channel];
         if s > Self::MIN_STD { s } else { 1.0 }
     }
+
+    /// A regression target in the units the model predicts (standardised).
+    pub fn standardize_target(&self, y: f32) -> f32 {
+        ((f64::from(y) - self.mean[0]) / self.std_or_one(0)) as f32
+    }
+
+    /// A prediction back in the target's own units.
+    pub fn restore_target(&self, y: f64) -> f64 {
+        y * self.std_or_one(0) + self.mean[0]
+    }
 }
 
 /// What the run fitted before round 1.

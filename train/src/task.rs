@@ -3,7 +3,6 @@
 //! in simulation and for server-side evaluation.
 
 use std::collections::BTreeMap;
-#[cfg(feature = "torch")]
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -31,7 +30,6 @@ pub struct Task {
     script: Option<Bytes>,
     /// The LibTorch network, kept between rounds: a TorchScript module's buffers (batch-norm
     /// statistics) are the device's own and stay.
-    #[cfg(feature = "torch")]
     net: Arc<Mutex<Option<crate::torch::Net>>>,
 }
 
@@ -76,7 +74,6 @@ impl Task {
             io,
             backend: Backend::default(),
             script: None,
-            #[cfg(feature = "torch")]
             net: Arc::default(),
         })
     }
@@ -115,7 +112,6 @@ impl Task {
     }
 
     /// Runs `f` on the LibTorch network, built on first use.
-    #[cfg(feature = "torch")]
     fn with_net<T>(
         &self,
         f: impl FnOnce(&mut crate::torch::Net, &ModelIo) -> Result<T, TrainError>,
@@ -169,19 +165,9 @@ impl Task {
         )?)
     }
 
-    #[cfg(feature = "torch")]
     fn module_parameters(&self) -> Result<Parameters, TaskError> {
+        self.engine()?;
         self.with_net(|net, _| crate::torch::initial_parameters(net))
-    }
-
-    #[cfg(not(feature = "torch"))]
-    fn module_parameters(&self) -> Result<Parameters, TaskError> {
-        Err(TaskError::Backend(
-            self.backend
-                .engine(&self.manifest.model)
-                .err()
-                .unwrap_or_else(|| "this build has no LibTorch".into()),
-        ))
     }
 
     /// A device's examples under this task: prepared, split into training data and the local
@@ -236,35 +222,13 @@ impl Task {
         train: &TrainSpec,
         seed: u64,
     ) -> Result<FitOutput, TaskError> {
+        let targets = self.manifest.fitted.targets.as_ref();
         match self.engine()? {
             Engine::Burn => Ok(self.learner()?.fit(global, data, train, seed)?),
-            Engine::Libtorch => self.torch_fit(data, global, train, seed),
+            Engine::Libtorch => self.with_net(|net, io| {
+                crate::torch::TorchLearner { io, targets }.fit(net, global, data, train, seed)
+            }),
         }
-    }
-
-    #[cfg(feature = "torch")]
-    fn torch_fit(
-        &self,
-        data: &LocalData,
-        global: &Parameters,
-        train: &TrainSpec,
-        seed: u64,
-    ) -> Result<FitOutput, TaskError> {
-        let targets = self.manifest.fitted.targets.as_ref();
-        self.with_net(|net, io| {
-            crate::torch::TorchLearner { io, targets }.fit(net, global, data, train, seed)
-        })
-    }
-
-    #[cfg(not(feature = "torch"))]
-    fn torch_fit(
-        &self,
-        _: &LocalData,
-        _: &Parameters,
-        _: &TrainSpec,
-        _: u64,
-    ) -> Result<FitOutput, TaskError> {
-        Err(TaskError::Backend("this build has no LibTorch".into()))
     }
 
     /// Evaluates `params` on the examples `idx`: loss, examples and the metrics (the task's
@@ -284,37 +248,16 @@ impl Task {
             ))
             .into());
         }
+        let targets = self.manifest.fitted.targets.as_ref();
         let (loss, tally): (f64, Tally) = match self.engine()? {
             Engine::Burn => self.learner()?.evaluate(params, data, idx, batch_size)?,
-            Engine::Libtorch => self.torch_evaluate(data, idx, params, batch_size)?,
+            Engine::Libtorch => self.with_net(|net, io| {
+                crate::torch::TorchLearner { io, targets }
+                    .evaluate(net, params, data, idx, batch_size)
+            })?,
         };
         let metrics = metrics::report(self.kind(), self.manifest.task.threshold_quantile, &tally);
         Ok((loss, idx.len() as u64, metrics))
-    }
-
-    #[cfg(feature = "torch")]
-    fn torch_evaluate(
-        &self,
-        data: &LocalData,
-        idx: &[usize],
-        params: &Parameters,
-        batch_size: usize,
-    ) -> Result<(f64, Tally), TaskError> {
-        let targets = self.manifest.fitted.targets.as_ref();
-        self.with_net(|net, io| {
-            crate::torch::TorchLearner { io, targets }.evaluate(net, params, data, idx, batch_size)
-        })
-    }
-
-    #[cfg(not(feature = "torch"))]
-    fn torch_evaluate(
-        &self,
-        _: &LocalData,
-        _: &[usize],
-        _: &Parameters,
-        _: usize,
-    ) -> Result<(f64, Tally), TaskError> {
-        Err(TaskError::Backend("this build has no LibTorch".into()))
     }
 
     /// The federated metrics of many evaluations (Flower's `evaluate_metrics_aggregation_fn`).

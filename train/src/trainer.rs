@@ -14,11 +14,9 @@ use burn::optim::{
 };
 use burn::prelude::*;
 use pollen_proto::Parameters;
-use rand::SeedableRng;
-use rand::seq::SliceRandom;
-use rand_chacha::ChaCha8Rng;
 
 use crate::data::LocalData;
+use crate::epochs;
 use crate::manifest::{OptimizerKind, Scaling, TaskKind, TrainSpec};
 use crate::metrics::Tally;
 use crate::model::{Model, ModelIo, ModelSpec, Noise, WeightsError, export, import};
@@ -126,17 +124,11 @@ fn optimizer(cfg: &TrainSpec) -> ModuleOptimizer {
 
 impl Learner<'_> {
     fn scale_target(&self, y: f32) -> f32 {
-        match self.targets {
-            Some(s) => ((f64::from(y) - s.mean[0]) / s.std_or_one(0)) as f32,
-            None => y,
-        }
+        self.targets.map_or(y, |s| s.standardize_target(y))
     }
 
     fn unscale_target(&self, y: f64) -> f64 {
-        match self.targets {
-            Some(s) => y * s.std_or_one(0) + s.mean[0],
-            None => y,
-        }
+        self.targets.map_or(y, |s| s.restore_target(y))
     }
 
     fn inputs(&self, data: &LocalData, idx: &[usize], device: &Device) -> Tensor<2> {
@@ -177,20 +169,6 @@ impl Learner<'_> {
         }
     }
 
-    /// The examples training uses: all training examples, but only the normal ones for
-    /// anomaly detection when labels say which they are.
-    fn training_examples(&self, data: &LocalData) -> Vec<usize> {
-        match (self.io.kind, &data.examples.labels) {
-            (TaskKind::Anomaly, Some(labels)) => data
-                .train
-                .iter()
-                .copied()
-                .filter(|&i| labels[i] == 0)
-                .collect(),
-            _ => data.train.clone(),
-        }
-    }
-
     /// Trains from `global` on `data`'s training examples. `seed` fixes the batch order and
     /// the dropout masks.
     pub fn fit(
@@ -201,14 +179,7 @@ impl Learner<'_> {
         seed: u64,
     ) -> Result<FitOutput, TrainError> {
         cfg.validate().map_err(TrainError::Config)?;
-        let mut order = self.training_examples(data);
-        if order.is_empty() {
-            return Err(TrainError::NoData(format!(
-                "no training examples ({} examples, {} held out for evaluation)",
-                data.examples.len(),
-                data.holdout.len()
-            )));
-        }
+        let order = epochs::training_examples(self.io.kind, data)?;
         let device = Device::flex().autodiff();
         let mut model = self
             .model
@@ -221,64 +192,41 @@ impl Learner<'_> {
             anchor
         });
         let mut optim = optimizer(cfg);
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut noise = Noise::training(seed ^ 0x5eed_d20f);
-        let (mut loss_sum, mut seen, mut steps) = (0.0f64, 0usize, 0usize);
-        let fit_started = std::time::Instant::now();
-        let mut epochs = 0.0f64;
-        'epochs: for epoch in 1..=cfg.local_epochs {
-            let started = std::time::Instant::now();
-            order.shuffle(&mut rng);
-            (loss_sum, seen) = (0.0, 0);
-            for batch in order.chunks(cfg.batch_size) {
-                let loss = self.loss(&model, data, batch, &mut noise, &device);
-                // The reported loss is the task's; the proximal term only steers the gradient.
-                let value = loss.clone().into_scalar::<f32>();
-                let loss = match &anchor {
-                    Some(anchor) => {
-                        let mut prox = Proximal { anchor, sum: None };
-                        model.visit(&mut prox);
-                        match prox.sum {
-                            Some(sum) => loss + sum.mul_scalar(cfg.proximal_mu / 2.0),
-                            None => loss,
-                        }
-                    }
-                    None => loss,
-                };
-                if !value.is_finite() {
-                    return Err(TrainError::Diverged(value));
-                }
-                loss_sum += f64::from(value) * batch.len() as f64;
-                seen += batch.len();
-                let grads = GradientsParams::from_grads(loss.backward(), &model);
-                model = optim.step(cfg.learning_rate, model, grads);
-                steps += 1;
-                if cfg.time_budget.is_some_and(|b| fit_started.elapsed() >= b) {
-                    epochs += seen as f64 / order.len() as f64;
-                    tracing::info!(
-                        epoch,
-                        examples = seen,
-                        "time budget spent; sending the partial work"
-                    );
-                    break 'epochs;
-                }
+        // The optimizer takes the model by value; it lives here between steps.
+        let mut slot = Some(model);
+        let trained = epochs::run(order, cfg, seed, "burn", |batch| {
+            let model = slot
+                .take()
+                .ok_or_else(|| TrainError::Config("the model was lost in a failed step".into()))?;
+            let loss = self.loss(&model, data, batch, &mut noise, &device);
+            // The reported loss is the task's; the proximal term only steers the gradient.
+            let value = loss.clone().into_scalar::<f32>();
+            if !value.is_finite() {
+                return Ok(value);
             }
-            epochs += 1.0;
-            tracing::info!(
-                epoch,
-                epochs = cfg.local_epochs,
-                loss = format!("{:.4}", loss_sum / seen.max(1) as f64),
-                examples = seen,
-                seconds = format!("{:.2}", started.elapsed().as_secs_f64()),
-                "local epoch done"
-            );
-        }
+            let loss = match &anchor {
+                Some(anchor) => {
+                    let mut prox = Proximal { anchor, sum: None };
+                    model.visit(&mut prox);
+                    match prox.sum {
+                        Some(sum) => loss + sum.mul_scalar(cfg.proximal_mu / 2.0),
+                        None => loss,
+                    }
+                }
+                None => loss,
+            };
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            slot = Some(optim.step(cfg.learning_rate, model, grads));
+            Ok(value)
+        })?;
+        let model = slot.ok_or_else(|| TrainError::Config("no model after training".into()))?;
         Ok(FitOutput {
             parameters: export(&model)?,
-            num_examples: order.len() as u64,
-            loss: loss_sum / seen.max(1) as f64,
-            steps,
-            epochs,
+            num_examples: trained.num_examples,
+            loss: trained.loss,
+            steps: trained.steps,
+            epochs: trained.epochs,
         })
     }
 

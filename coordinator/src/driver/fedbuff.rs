@@ -43,8 +43,11 @@ impl RoundDriver {
     ) -> Result<(Vec<RoundRecord>, Arc<Parameters>, bool), DriverError> {
         let mut buffer = Buffer::new(config, initial);
         let fanout = self.fanout();
-        let task = self.task_ref().await?;
+        let mut task = self.task_ref().await?;
         let mut wire = self.global(buffer.global()).await?;
+        // Presigned URLs expire; devices asked long after a version was published (a slow
+        // fleet, few updates) get fresh ones.
+        let mut minted = Instant::now();
         let mut tasks: JoinSet<Answer> = JoinSet::new();
         let mut in_flight: HashMap<String, u64> = HashMap::new();
         let mut changed = self.registry.watch();
@@ -54,6 +57,11 @@ impl RoundDriver {
         let mut before = self.registry.counters().snapshot();
         let mut cancelled = false;
         while (rounds.len() as u64) < self.config.num_rounds {
+            if minted.elapsed() >= self.presign_ttl() / 2 {
+                task = self.task_ref().await?;
+                wire = self.global(buffer.global()).await?;
+                minted = Instant::now();
+            }
             self.top_up(
                 &fanout,
                 &mut buffer,

@@ -527,6 +527,35 @@ pub fn initial_parameters(
     Parameters::new(tensors).map_err(|e| WeightsError::Read(e.to_string()))
 }
 
+/// The model's outputs for `batch` flattened examples `x` with weights `params`, as evaluation
+/// computes them (no dropout): `[batch, outputs]`, row by row. For checking another
+/// implementation of a family (LibTorch's, `python/pollen_models.py`) against burn's.
+pub fn forward_values(
+    spec: &ModelSpec,
+    io: &ModelIo,
+    params: &Parameters,
+    x: Vec<f32>,
+    batch: usize,
+) -> Result<Vec<f32>, WeightsError> {
+    if x.len() != batch * io.input_len() {
+        return Err(WeightsError::Read(format!(
+            "{} input values for {batch} examples of {} values",
+            x.len(),
+            io.input_len()
+        )));
+    }
+    let device = Device::flex();
+    let mut model = spec
+        .init(io, &device)
+        .map_err(|e| WeightsError::Read(e.to_string()))?;
+    import(&mut model, params)?;
+    let x = Tensor::<2>::from_data(TensorData::new(x, [batch, io.input_len()]), &device);
+    let out = model.forward(x, &mut Noise::evaluating());
+    out.into_data()
+        .try_into_vec::<f32>()
+        .map_err(|e| WeightsError::Read(format!("{e:?}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

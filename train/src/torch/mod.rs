@@ -21,15 +21,12 @@
 pub mod net;
 
 use std::sync::Once;
-use std::time::Instant;
 
 use pollen_proto::Parameters;
-use rand::SeedableRng;
-use rand::seq::SliceRandom;
-use rand_chacha::ChaCha8Rng;
 use tch::{COptimizer, Kind, Reduction, Tensor};
 
 use crate::data::LocalData;
+use crate::epochs;
 use crate::manifest::{OptimizerKind, Scaling, TaskKind, TrainSpec};
 use crate::metrics::Tally;
 use crate::model::ModelIo;
@@ -71,17 +68,11 @@ pub struct TorchLearner<'a> {
 
 impl TorchLearner<'_> {
     fn scale_target(&self, y: f32) -> f32 {
-        match self.targets {
-            Some(s) => ((f64::from(y) - s.mean[0]) / s.std_or_one(0)) as f32,
-            None => y,
-        }
+        self.targets.map_or(y, |s| s.standardize_target(y))
     }
 
     fn unscale_target(&self, y: f64) -> f64 {
-        match self.targets {
-            Some(s) => y * s.std_or_one(0) + s.mean[0],
-            None => y,
-        }
+        self.targets.map_or(y, |s| s.restore_target(y))
     }
 
     fn inputs(data: &LocalData, idx: &[usize]) -> Result<Tensor, TrainError> {
@@ -180,19 +171,7 @@ impl TorchLearner<'_> {
     ) -> Result<FitOutput, TrainError> {
         cfg.validate().map_err(TrainError::Config)?;
         init_threads();
-        let mut order = data.train.clone();
-        if self.io.kind == TaskKind::Anomaly
-            && let Some(labels) = &data.examples.labels
-        {
-            order.retain(|&i| labels[i] == 0);
-        }
-        if order.is_empty() {
-            return Err(TrainError::NoData(format!(
-                "no training examples ({} examples, {} held out for evaluation)",
-                data.examples.len(),
-                data.holdout.len()
-            )));
-        }
+        let order = epochs::training_examples(self.io.kind, data)?;
         net.load(global).map_err(TrainError::Config)?;
         net.set_train(true).map_err(TrainError::Config)?;
         tch::manual_seed(seed as i64);
@@ -215,72 +194,33 @@ impl TorchLearner<'_> {
             None
         };
         let opt = Self::optimizer(cfg, &params)?;
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let started = Instant::now();
-        let (mut loss_sum, mut seen, mut steps, mut epochs) = (0.0f64, 0usize, 0usize, 0.0f64);
-        'epochs: for epoch in 1..=cfg.local_epochs {
-            let epoch_started = Instant::now();
-            order.shuffle(&mut rng);
-            (loss_sum, seen) = (0.0, 0);
-            for batch in order.chunks(cfg.batch_size) {
-                let loss = self.loss(net, data, batch)?;
-                let value = loss.f_double_value(&[]).map_err(torch)? as f32;
-                if !value.is_finite() {
-                    return Err(TrainError::Diverged(value));
-                }
-                loss_sum += f64::from(value) * batch.len() as f64;
-                seen += batch.len();
-                let loss = match &anchor {
-                    Some(anchor) => {
-                        let mut prox =
-                            Tensor::f_zeros(&[], (Kind::Float, tch::Device::Cpu)).map_err(torch)?;
-                        for ((_, p), a) in params.iter().zip(anchor) {
-                            let d = p
-                                .f_sub(a)
-                                .and_then(|d| d.f_square())
-                                .and_then(|d| d.f_sum(Kind::Float))
-                                .map_err(torch)?;
-                            prox = prox.f_add(&d).map_err(torch)?;
-                        }
-                        let prox = prox.f_mul_scalar(cfg.proximal_mu / 2.0).map_err(torch)?;
-                        loss.f_add(&prox).map_err(torch)?
-                    }
-                    None => loss,
-                };
-                opt.zero_grad().map_err(torch)?;
-                loss.f_backward().map_err(torch)?;
-                if let Some(clip) = cfg.clip_grad_norm {
-                    clip_each(&params, clip)?;
-                }
-                opt.step().map_err(torch)?;
-                steps += 1;
-                if cfg.time_budget.is_some_and(|b| started.elapsed() >= b) {
-                    epochs += seen as f64 / order.len() as f64;
-                    tracing::info!(
-                        epoch,
-                        examples = seen,
-                        "time budget spent; sending the partial work"
-                    );
-                    break 'epochs;
-                }
+        let trained = epochs::run(order, cfg, seed, "libtorch", |batch| {
+            let loss = self.loss(net, data, batch)?;
+            // The reported loss is the task's; the proximal term only steers the gradient.
+            let value = loss.f_double_value(&[]).map_err(torch)? as f32;
+            if !value.is_finite() {
+                return Ok(value);
             }
-            epochs += 1.0;
-            tracing::info!(
-                epoch,
-                epochs = cfg.local_epochs,
-                loss = format!("{:.4}", loss_sum / seen.max(1) as f64),
-                examples = seen,
-                seconds = format!("{:.2}", epoch_started.elapsed().as_secs_f64()),
-                backend = "libtorch",
-                "local epoch done"
-            );
-        }
+            let loss = match &anchor {
+                Some(anchor) => loss
+                    .f_add(&proximal(&params, anchor, cfg.proximal_mu)?)
+                    .map_err(torch)?,
+                None => loss,
+            };
+            opt.zero_grad().map_err(torch)?;
+            loss.f_backward().map_err(torch)?;
+            if let Some(clip) = cfg.clip_grad_norm {
+                clip_each(&params, clip)?;
+            }
+            opt.step().map_err(torch)?;
+            Ok(value)
+        })?;
         Ok(FitOutput {
             parameters: net.export().map_err(TrainError::Config)?,
-            num_examples: order.len() as u64,
-            loss: loss_sum / seen.max(1) as f64,
-            steps,
-            epochs,
+            num_examples: trained.num_examples,
+            loss: trained.loss,
+            steps: trained.steps,
+            epochs: trained.epochs,
         })
     }
 
@@ -342,6 +282,20 @@ impl TorchLearner<'_> {
         }
         Ok((loss_sum / idx.len().max(1) as f64, tally))
     }
+}
+
+/// FedProx's term `mu / 2 * ||w - w_global||^2` over every parameter.
+fn proximal(params: &[(String, Tensor)], anchor: &[Tensor], mu: f64) -> Result<Tensor, TrainError> {
+    let mut sum = Tensor::f_zeros(&[], (Kind::Float, tch::Device::Cpu)).map_err(torch)?;
+    for ((_, p), a) in params.iter().zip(anchor) {
+        let d = p
+            .f_sub(a)
+            .and_then(|d| d.f_square())
+            .and_then(|d| d.f_sum(Kind::Float))
+            .map_err(torch)?;
+        sum = sum.f_add(&d).map_err(torch)?;
+    }
+    sum.f_mul_scalar(mu / 2.0).map_err(torch)
 }
 
 /// Clips each parameter's gradient to L2 norm `clip` (burn's per-parameter clipping).
