@@ -11,7 +11,9 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::data::LocalData;
 use crate::manifest::{TaskKind, TrainSpec};
-use crate::trainer::TrainError;
+use pollen_proto::Parameters;
+
+use crate::trainer::{FitOutput, TrainError};
 
 /// The examples training uses: every training example, but only the normal ones for anomaly
 /// detection when labels say which they are.
@@ -46,6 +48,19 @@ pub(crate) struct Trained {
     pub steps: usize,
     /// Fractional when the time budget stopped training mid-epoch.
     pub epochs: f64,
+}
+
+impl Trained {
+    /// The fit's output, with the weights training ended on.
+    pub fn output(self, parameters: Parameters) -> FitOutput {
+        FitOutput {
+            parameters,
+            num_examples: self.num_examples,
+            loss: self.loss,
+            steps: self.steps,
+            epochs: self.epochs,
+        }
+    }
 }
 
 /// Runs `cfg.local_epochs` epochs over `order`, shuffled by `seed`, in minibatches of

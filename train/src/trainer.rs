@@ -221,13 +221,7 @@ impl Learner<'_> {
             Ok(value)
         })?;
         let model = slot.ok_or_else(|| TrainError::Config("no model after training".into()))?;
-        Ok(FitOutput {
-            parameters: export(&model)?,
-            num_examples: trained.num_examples,
-            loss: trained.loss,
-            steps: trained.steps,
-            epochs: trained.epochs,
-        })
+        Ok(trained.output(export(&model)?))
     }
 
     /// Evaluates `params` on the examples `idx` of `data` in batches of `batch_size`: the mean

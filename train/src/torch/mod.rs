@@ -215,13 +215,7 @@ impl TorchLearner<'_> {
             opt.step().map_err(torch)?;
             Ok(value)
         })?;
-        Ok(FitOutput {
-            parameters: net.export().map_err(TrainError::Config)?,
-            num_examples: trained.num_examples,
-            loss: trained.loss,
-            steps: trained.steps,
-            epochs: trained.epochs,
-        })
+        Ok(trained.output(net.export().map_err(TrainError::Config)?))
     }
 
     /// Evaluates `params` on the examples `idx`: the mean loss and the task's tally.
