@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use pollen_client::AgentOptions;
+use pollen_client::agent::consent::{Attribute, Consent, ConsentError};
 use pollen_client::agent::{DEFAULT_HEARTBEAT, DEFAULT_KEEP_ALIVE, MAX_ID_CHARS};
 use pollen_proto::mqtt::{BrokerConfig, mqtt_options};
 use pollen_proto::topics;
@@ -39,6 +40,17 @@ pub struct AgentConfig {
     /// Which library trains: `auto`, `burn` or `libtorch` (agents built with `--features
     /// torch`).
     pub backend: Backend,
+    /// The device owner's policy over the instructions this agent accepts.
+    pub consent: ConsentSection,
+}
+
+/// `[consent]`: a Cedar policy file, and the attributes it may read as `context.device.*`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConsentSection {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PathBuf>,
+    pub attributes: std::collections::BTreeMap<String, Attribute>,
 }
 
 impl Default for AgentConfig {
@@ -52,6 +64,7 @@ impl Default for AgentConfig {
             work_dir: "pollen-agent".into(),
             data: DataSource::new("data/mnist"),
             backend: Backend::Auto,
+            consent: ConsentSection::default(),
         }
     }
 }
@@ -153,9 +166,10 @@ pub enum ConfigError {
 /// The commented default configuration; [`AgentConfig::default_toml`] returns it.
 const DEFAULT_TOML: &str = r#"# pollen-agent configuration (MQTT mode). Every field is optional; the values shown are the
 # defaults. Environment variables override the file: POLLEN_DEVICE_ID, POLLEN_FLEET,
-# POLLEN_BROKER (the broker url), POLLEN_WORK_DIR, POLLEN_DATA (the data path; POLLEN_DATA_DIR
-# is the same), POLLEN_SHARD, POLLEN_BACKEND. Relative paths are relative to the directory the agent is started
-# in.
+# POLLEN_BROKER (the broker url), POLLEN_BROKER_CA, POLLEN_BROKER_CERT, POLLEN_BROKER_KEY (the
+# [broker] files), POLLEN_WORK_DIR, POLLEN_DATA (the data path; POLLEN_DATA_DIR is the same),
+# POLLEN_SHARD, POLLEN_BACKEND. Relative paths are relative to the directory the agent is
+# started in.
 
 # This device's id: letters, digits, '_', '.' and '-'. Required: set it here, in
 # POLLEN_DEVICE_ID, or with --device-id.
@@ -202,6 +216,22 @@ path = "data/mnist"
 # shard = "0/4"
 # Seed of the share's split; the same across the fleet so that shares are disjoint.
 seed = 42
+
+[consent]
+# The device owner's say over what this device does: a Cedar policy file. Every instruction
+# (fit, evaluate, get_parameters, statistics) from fleet F to this device D is the request
+# principal Pollen::Fleet::"F", action Pollen::Action::"fit" (...), resource
+# Pollen::Device::"D", with context.run, .round, .task (manifest digest), .hour, .minute,
+# .weekday (1 = Monday), .free_disk_bytes, .busy and .device (the attributes below). What no
+# policy permits is declined: the proxy and coordinator record it as `declined`, not as an
+# error. No policy: every instruction is accepted. Example (deploy/consent/afternoons.cedar):
+#   permit(principal, action, resource) when { context.hour >= 14 && context.hour < 17 };
+# policy = "consent.cedar"
+
+[consent.attributes]
+# Facts about this device that the policy may read as context.device.NAME (bool, integer or
+# string), e.g.:
+# on_mains = true
 "#;
 
 impl AgentConfig {
@@ -240,6 +270,15 @@ impl AgentConfig {
         }
         if let Some(v) = get("POLLEN_BROKER") {
             self.broker.url = v;
+        }
+        if let Some(v) = get("POLLEN_BROKER_CA") {
+            self.broker.ca_file = Some(v.into());
+        }
+        if let Some(v) = get("POLLEN_BROKER_CERT") {
+            self.broker.cert_file = Some(v.into());
+        }
+        if let Some(v) = get("POLLEN_BROKER_KEY") {
+            self.broker.key_file = Some(v.into());
         }
         if let Some(v) = get("POLLEN_WORK_DIR") {
             self.work_dir = v.into();
@@ -310,6 +349,17 @@ impl AgentConfig {
         }
         Backend::parse(self.backend.as_str()).map_err(|e| invalid("backend", e))?;
         Ok(())
+    }
+
+    /// The consent policy, read and parsed, if the config names one.
+    pub fn consent(&self) -> Result<Option<std::sync::Arc<Consent>>, ConsentError> {
+        self.consent
+            .policy
+            .as_deref()
+            .map(|path| {
+                Consent::load(path, self.consent.attributes.clone()).map(std::sync::Arc::new)
+            })
+            .transpose()
     }
 
     /// Agent options for this configuration (no compute-slot limit, no extra properties).
@@ -437,10 +487,24 @@ mod tests {
             ("POLLEN_WORK_DIR", "/var/lib/pollen"),
             ("POLLEN_DATA_DIR", "/data"),
             ("POLLEN_SHARD", "1/4"),
+            ("POLLEN_BROKER_CA", "pki/ca.pem"),
+            ("POLLEN_BROKER_CERT", "pki/devices/env-dev.pem"),
+            ("POLLEN_BROKER_KEY", "pki/devices/env-dev.key"),
             ("POLLEN_OTHER", "ignored"),
         ]))
         .expect("applies");
         assert_eq!(cfg.device_id, "env-dev");
+        assert_eq!(cfg.broker.ca_file, Some(PathBuf::from("pki/ca.pem")));
+        assert_eq!(
+            (
+                cfg.broker.cert_file.as_deref(),
+                cfg.broker.key_file.as_deref()
+            ),
+            (
+                Some(Path::new("pki/devices/env-dev.pem")),
+                Some(Path::new("pki/devices/env-dev.key"))
+            )
+        );
         assert_eq!(cfg.fleet, "f2");
         assert_eq!(cfg.broker.url, "mqtt://broker.example:1884");
         assert_eq!(cfg.work_dir, PathBuf::from("/var/lib/pollen"));

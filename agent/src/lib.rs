@@ -51,6 +51,18 @@ pub async fn open_data(
 pub async fn check(config: &AgentConfig) -> anyhow::Result<String> {
     pollen_proto::mqtt::mqtt_options(&config.broker, &config.device_id)
         .with_context(|| format!("broker {}", redact(&config.broker.url)))?;
+    let consent = match config.consent()? {
+        Some(_) => format!(
+            "; consent policy {}",
+            config
+                .consent
+                .policy
+                .as_deref()
+                .unwrap_or_else(|| std::path::Path::new(""))
+                .display()
+        ),
+        None => String::new(),
+    };
     let client = open_data(config.data.clone(), &config.device_id, config.backend).await?;
     let data = match pollen_client::Client::data_schema(&client) {
         Some(s) if s.example_shape.is_empty() => {
@@ -63,7 +75,7 @@ pub async fn check(config: &AgentConfig) -> anyhow::Result<String> {
         None => "no schema".into(),
     };
     Ok(format!(
-        "device {} of fleet {:?} on {}; data {}: {data}; work dir {}",
+        "device {} of fleet {:?} on {}; data {}: {data}; work dir {}{consent}",
         config.device_id,
         config.fleet,
         redact(&config.broker.url),
@@ -81,7 +93,9 @@ pub async fn run_mqtt(
 ) -> anyhow::Result<()> {
     let client = open_data(config.data.clone(), &config.device_id, config.backend).await?;
     let schema = pollen_client::Client::data_schema(&client);
-    let agent = Agent::new(config.agent_options(), client)?;
+    let mut options = config.agent_options();
+    options.consent = config.consent()?;
+    let agent = Agent::new(options, client)?;
     tracing::info!(
         device = %config.device_id,
         fleet = %config.fleet,
@@ -105,13 +119,13 @@ pub async fn run_mqtt(
 }
 
 /// Direct mode: joins `coordinator` as `client_id` and serves it until it stops the client;
-/// `compress`: zstd on the stream both ways.
+/// `options`: zstd on the stream, TLS to the coordinator.
 pub async fn run_direct(
     coordinator: &str,
     client_id: &str,
     data: DataSource,
     backend: Backend,
-    compress: bool,
+    options: ClientOptions,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Exit> {
     let client = open_data(data, client_id, backend).await?;
@@ -119,17 +133,7 @@ pub async fn run_direct(
         "{client_id}: {} local rows, joining {coordinator}",
         client.raw().rows()
     );
-    Ok(run_client(
-        coordinator,
-        client_id,
-        client,
-        ClientOptions {
-            grpc_compression: compress,
-            ..Default::default()
-        },
-        shutdown,
-    )
-    .await?)
+    Ok(run_client(coordinator, client_id, client, options, shutdown).await?)
 }
 
 #[cfg(test)]

@@ -54,6 +54,25 @@ struct Args {
     /// link).
     #[arg(long)]
     grpc_compression: bool,
+    /// Direct mode, https:// coordinator: PEM of the CA that signed its certificate.
+    #[arg(long, env = "POLLEN_COORDINATOR_CA", value_name = "PEM")]
+    coordinator_ca: Option<PathBuf>,
+    /// Direct mode: this device's PEM certificate, for a coordinator that requires one (its
+    /// common name must be --client-id).
+    #[arg(
+        long,
+        env = "POLLEN_COORDINATOR_CERT",
+        value_name = "PEM",
+        requires = "coordinator_key"
+    )]
+    coordinator_cert: Option<PathBuf>,
+    #[arg(
+        long,
+        env = "POLLEN_COORDINATOR_KEY",
+        value_name = "PEM",
+        requires = "coordinator_cert"
+    )]
+    coordinator_key: Option<PathBuf>,
     /// The device's data: a CSV file, a .npy features file or an MNIST folder [default:
     /// data/mnist, or the config's data.path].
     #[arg(long, alias = "data-dir")]
@@ -158,7 +177,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 id,
                 data,
                 backend,
-                args.grpc_compression,
+                pollen_client::ClientOptions {
+                    grpc_compression: args.grpc_compression,
+                    tls: pollen_proto::grpc_tls::ClientTls {
+                        ca_file: args.coordinator_ca.clone(),
+                        cert_file: args.coordinator_cert.clone(),
+                        key_file: args.coordinator_key.clone(),
+                    },
+                    ..Default::default()
+                },
                 ctrl_c(),
             )
             .await?

@@ -352,6 +352,7 @@ pub async fn run_agent(
             model: "no-op".into(),
             compute_slots: None,
             properties: Default::default(),
+            consent: None,
         },
         NoOpClient { examples: 10 },
     )?;

@@ -31,6 +31,8 @@ pub enum FleetClientError {
         endpoint: String,
         source: tonic::transport::Error,
     },
+    #[error("coordinator TLS: {0}")]
+    Tls(#[from] pollen_proto::grpc_tls::TlsError),
     #[error("coordinator refused the stream: {0}")]
     Refused(tonic::Status),
     #[error("stream ended with an error: {0}")]
@@ -46,7 +48,7 @@ impl FleetClientError {
                 status.code(),
                 tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
             ),
-            FleetClientError::Stream(_) => false,
+            FleetClientError::Stream(_) | FleetClientError::Tls(_) => false,
         }
     }
 }
@@ -81,6 +83,9 @@ pub struct ClientOptions {
     /// kind. Worth it on metered links for compressed codecs (f16, int8, top-k); f32 weights
     /// barely shrink.
     pub grpc_compression: bool,
+    /// TLS to the coordinator (`https://` endpoints): its CA, and this client's certificate,
+    /// whose common name must be the client id when the coordinator requires certificates.
+    pub tls: pollen_proto::grpc_tls::ClientTls,
 }
 
 /// Connects to `endpoint` (`http://host:port`), joins as `client_id` and serves instructions
@@ -95,7 +100,14 @@ pub async fn run_client<C: Client>(
     let join = join_message(client_id, &client, &options);
     let mut attempt = 1;
     let (inbound, tx) = loop {
-        match open_stream(endpoint, join.clone(), options.grpc_compression).await {
+        match open_stream(
+            endpoint,
+            join.clone(),
+            options.grpc_compression,
+            &options.tls,
+        )
+        .await
+        {
             Ok(opened) => break opened,
             Err(e) if attempt < options.connect_attempts && e.is_transient() => {
                 tracing::debug!(client = %client_id, attempt, "joining failed, retrying: {e}");
@@ -117,13 +129,19 @@ async fn open_stream(
     endpoint: &str,
     join: Join,
     compress: bool,
+    tls: &pollen_proto::grpc_tls::ClientTls,
 ) -> Result<(tonic::Streaming<ServerMessage>, mpsc::Sender<ClientMessage>), FleetClientError> {
-    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
-        .map_err(|source| FleetClientError::Transport {
-            endpoint: endpoint.to_string(),
-            source,
-        })?
-        .tcp_nodelay(true)
+    let transport = |source| FleetClientError::Transport {
+        endpoint: endpoint.to_string(),
+        source,
+    };
+    let mut channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
+        .map_err(transport)?
+        .tcp_nodelay(true);
+    if let Some(config) = tls.config(endpoint)? {
+        channel = channel.tls_config(config).map_err(transport)?;
+    }
+    let channel = channel
         .connect()
         .await
         .map_err(|source| FleetClientError::Transport {

@@ -54,6 +54,8 @@ pub struct Counters {
     pub updates_stale: Counter,
     /// Stream messages that could not be decoded or broke the protocol; each ends its stream.
     pub messages_malformed: Counter,
+    /// Joins refused because the client certificate's identity may not hold the client id.
+    pub joins_refused: Counter,
     /// Weight bytes sent to and received from clients.
     pub bytes_sent: Counter,
     pub bytes_received: Counter,
@@ -79,6 +81,7 @@ impl Default for Counters {
             replies_wrong_client: member(DropReason::wrong_client),
             updates_rejected: Counter::default(),
             messages_malformed: Counter::default(),
+            joins_refused: Counter::default(),
             bytes_sent: Counter::default(),
             bytes_received: Counter::default(),
             replies_dropped,
@@ -148,6 +151,11 @@ impl Counters {
             "pollen_updates_unused",
             "Valid updates not folded: a straggler's after its round closed on its target, or one staler than FedBuff's limit",
             self.updates_unused.clone(),
+        );
+        registry.register(
+            "pollen_joins_refused",
+            "Joins refused: the client certificate names another identity than the client id",
+            self.joins_refused.clone(),
         );
         registry.register(
             "pollen_messages_malformed",

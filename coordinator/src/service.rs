@@ -26,11 +26,45 @@ const OUTBOUND_BUFFER: usize = 16;
 #[derive(Clone)]
 pub struct FleetService {
     registry: Arc<Registry>,
+    /// Mutual TLS: every stream carries a verified client certificate, and its identity must
+    /// be allowed the client id it joins with.
+    require_identity: bool,
 }
 
 impl FleetService {
     pub fn new(registry: Arc<Registry>) -> Self {
-        Self { registry }
+        Self {
+            registry,
+            require_identity: false,
+        }
+    }
+
+    /// A service that checks every Join against its stream's client certificate.
+    pub fn with_client_identities(mut self) -> Self {
+        self.require_identity = true;
+        self
+    }
+
+    /// Refuses a Join whose client id the stream's certificate does not name (a device may
+    /// join only as itself; a proxy as any device it bridges).
+    fn authorize(&self, peer: &str, identity: Option<&str>, client_id: &str) -> Result<(), Status> {
+        if !self.require_identity {
+            return Ok(());
+        }
+        let refuse = |message: String| {
+            self.registry.counters().joins_refused.inc();
+            tracing::warn!(%peer, client = %client_id, "join refused: {message}");
+            Err(Status::permission_denied(message))
+        };
+        match identity {
+            None => refuse(format!(
+                "{peer}: no client certificate identity; cannot join as {client_id:?}"
+            )),
+            Some(name) if pollen_trust::identity::may_join_as(name, client_id) => Ok(()),
+            Some(name) => refuse(format!(
+                "{peer}: the client certificate names {name:?}, which may not join as {client_id:?}"
+            )),
+        }
     }
 
     /// The tonic server for this service, with Pollen's message-size limits. It reads zstd
@@ -70,6 +104,16 @@ impl fleet_server::Fleet for FleetService {
         let peer = request
             .remote_addr()
             .map_or_else(|| "unknown peer".to_string(), |a| a.to_string());
+        // The handshake verified the chain; what remains is the name it carries.
+        let identity = request
+            .peer_certs()
+            .and_then(|certs| {
+                certs
+                    .first()
+                    .map(|c| pollen_trust::identity::common_name(c))
+            })
+            .transpose()
+            .map_err(|e| Status::unauthenticated(format!("{peer}: {e}")))?;
         let mut inbound = request.into_inner();
         let counters = self.registry.counters().clone();
         let first = match tokio::time::timeout(JOIN_TIMEOUT, inbound.message()).await {
@@ -95,6 +139,8 @@ impl fleet_server::Fleet for FleetService {
                 "{peer}: the first message on a Fleet stream must be Join"
             )));
         };
+        validate_client_id(&join.client_id)?;
+        self.authorize(&peer, identity.as_deref(), &join.client_id)?;
         let outbound = self.attach(join, &peer, inbound).await?;
         Ok(Response::new(Box::pin(outbound)))
     }

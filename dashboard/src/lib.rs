@@ -7,6 +7,12 @@
 //! works on an offline gateway network) that reads the run records and subscribes to live
 //! events. Everything it shows comes from the same sources as `pollen runs` / `pollen status`
 //! (the run records) and `/metrics` (the live registry and counters).
+//!
+//! With [`access::Access`] (operators and a Cedar policy), every path but `/healthz` needs an
+//! operator's bearer token (or the cookie `/login?token=` sets) and a policy that permits the
+//! request; without it the endpoint serves loopback only.
+
+pub mod access;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -14,12 +20,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
-use axum::extract::{FromRef, Path, State};
+use axum::extract::{FromRef, Path, Query, Request, State};
 use axum::http::{StatusCode, header};
+use axum::middleware::Next;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
+use axum::{Extension, Router};
 use futures::{Stream, StreamExt};
 use pollen_proto::prometheus;
 use serde::Serialize;
@@ -29,6 +36,8 @@ use tokio_util::sync::CancellationToken;
 use pollen_coordinator::metrics::{LiveEvent, Metrics};
 use pollen_coordinator::records::{RoundRecord, RunOverview, RunStore};
 use pollen_coordinator::registry::Registry;
+
+use access::{Access, Action, Operator, Resource};
 
 const DASHBOARD: &str = include_str!("dashboard.html");
 
@@ -43,6 +52,8 @@ pub struct HttpSources {
     pub metrics: Option<Arc<Metrics>>,
     /// The run records the dashboard lists and charts.
     pub runs: Option<Arc<RunStore>>,
+    /// Operators and the policies over what they may do; required beyond loopback.
+    pub access: Option<Arc<Access>>,
 }
 
 /// A running HTTP endpoint.
@@ -67,18 +78,33 @@ pub async fn serve_http(
     sources: HttpSources,
     shutdown: CancellationToken,
 ) -> std::io::Result<HttpServer> {
+    if !addr.ip().is_loopback() && sources.access.is_none() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "serving the dashboard, its API and /metrics on {addr} (beyond loopback) needs operators: --operators FILE (see `pollen operator add`)"
+            ),
+        ));
+    }
+    let state = AppState {
+        sources,
+        shutdown: shutdown.clone(),
+    };
     let app = Router::new()
-        .route("/", get(|| async { Html(DASHBOARD) }))
+        .route("/", get(dashboard))
         .route("/metrics", get(render_metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/api/runs", get(list_runs))
         .route("/api/runs/{id}", get(show_run))
         .route("/api/runs/{id}/devices", get(run_devices))
         .route("/api/events", get(events))
-        .with_state(AppState {
-            sources,
-            shutdown: shutdown.clone(),
-        });
+        .route("/api/runs/{id}/model", get(download_model))
+        .route("/login", get(login))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            authenticate,
+        ))
+        .with_state(state);
     let server = prometheus::serve_router(addr, app, shutdown).await?;
     tracing::info!(addr = %server.addr, "HTTP endpoint listening");
     Ok(server)
@@ -116,7 +142,16 @@ async fn records<T: Send + 'static>(
         .map_err(internal)
 }
 
-async fn render_metrics(State(s): State<HttpSources>) -> Result<impl IntoResponse, ApiError> {
+async fn render_metrics(
+    State(s): State<HttpSources>,
+    op: Option<Extension<Operator>>,
+) -> Result<impl IntoResponse, ApiError> {
+    allow(
+        &s,
+        op.as_deref(),
+        Action::ScrapeMetrics,
+        &Resource::Coordinator,
+    )?;
     let Some(metrics) = &s.metrics else {
         return Err(ApiError(
             StatusCode::NOT_FOUND,
@@ -142,9 +177,33 @@ fn live_run(s: &HttpSources) -> Option<String> {
     s.metrics.as_ref().and_then(|m| m.live_run())
 }
 
-async fn list_runs(State(s): State<HttpSources>) -> Result<impl IntoResponse, ApiError> {
+async fn list_runs(
+    State(s): State<HttpSources>,
+    op: Option<Extension<Operator>>,
+) -> Result<impl IntoResponse, ApiError> {
     let live = live_run(&s);
-    let runs = records(&s, |r| r.overviews()).await?;
+    let runs = records(&s, |r| {
+        r.overviews()?
+            .into_iter()
+            .map(|o| {
+                let spec = r.run(&o.run.id)?.map(|(_, spec)| spec).unwrap_or_default();
+                Ok((o, fleet_of_spec(&spec)))
+            })
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .await?;
+    // An operator sees only the runs the policy lets them view.
+    let runs: Vec<RunOverview> = runs
+        .into_iter()
+        .filter(|(o, fleet)| {
+            let run = Resource::Run {
+                id: o.run.id.clone(),
+                fleet: fleet.clone(),
+            };
+            allow(&s, op.as_deref(), Action::ViewRun, &run).is_ok()
+        })
+        .map(|(o, _)| o)
+        .collect();
     let runs: Vec<RunJson> = runs
         .into_iter()
         .map(|overview| RunJson {
@@ -165,7 +224,9 @@ struct RunDetail {
 async fn show_run(
     State(s): State<HttpSources>,
     Path(id): Path<String>,
+    op: Option<Extension<Operator>>,
 ) -> Result<impl IntoResponse, ApiError> {
+    allow_run(&s, op.as_deref(), Action::ViewRun, &id).await?;
     let live = live_run(&s);
     let wanted = id.clone();
     let found = records(&s, move |r| {
@@ -263,7 +324,9 @@ fn devices_of(rounds: &[RoundRecord], live: Option<&Registry>) -> Vec<DeviceJson
 async fn run_devices(
     State(s): State<HttpSources>,
     Path(id): Path<String>,
+    op: Option<Extension<Operator>>,
 ) -> Result<impl IntoResponse, ApiError> {
+    allow_run(&s, op.as_deref(), Action::ViewRun, &id).await?;
     let live = live_run(&s).as_deref() == Some(id.as_str());
     let wanted = id.clone();
     let rounds = records(&s, move |r| {
@@ -289,9 +352,21 @@ async fn run_devices(
 /// `devices` (clients connected or left; refetch). Device changes are sent at most every
 /// 300 ms, so a thousand devices joining make a handful of events, not a thousand. The stream
 /// ends when the server shuts down (graceful shutdown waits for open connections).
-async fn events(State(app): State<AppState>) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+async fn events(
+    State(app): State<AppState>,
+    op: Option<Extension<Operator>>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let s = app.sources;
+    allow(
+        &s,
+        op.as_deref(),
+        Action::WatchEvents,
+        &Resource::Coordinator,
+    )?;
     let state = EventSources {
+        viewer: op.map(|Extension(o)| o),
+        sources: s.clone(),
+        fleets: BTreeMap::new(),
         rounds: s.metrics.as_ref().map(|m| m.subscribe()),
         clients: s.registry.as_ref().map(|r| r.watch()),
         metrics: s.metrics.clone(),
@@ -301,17 +376,44 @@ async fn events(State(app): State<AppState>) -> Sse<impl Stream<Item = Result<Ev
         Some((Ok(event), state))
     })
     .take_until(app.shutdown.cancelled_owned());
-    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }
 
 /// What one event-stream subscriber listens to.
 struct EventSources {
+    /// The operator listening: events of runs the policy does not let them view are skipped.
+    viewer: Option<Operator>,
+    sources: HttpSources,
+    /// Fleets of the runs seen so far.
+    fleets: BTreeMap<String, String>,
     rounds: Option<tokio::sync::broadcast::Receiver<LiveEvent>>,
     clients: Option<tokio::sync::watch::Receiver<u64>>,
     metrics: Option<Arc<Metrics>>,
 }
 
 impl EventSources {
+    /// Whether the listening operator may view run `id` (always, without operators).
+    async fn may_view(&mut self, id: &str) -> bool {
+        if self.sources.access.is_none() {
+            return true;
+        }
+        let fleet = match self.fleets.get(id) {
+            Some(f) => f.clone(),
+            None => match run_fleet(&self.sources, id).await {
+                Ok(f) => {
+                    self.fleets.insert(id.to_string(), f.clone());
+                    f
+                }
+                Err(_) => return false,
+            },
+        };
+        let run = Resource::Run {
+            id: id.to_string(),
+            fleet,
+        };
+        allow(&self.sources, self.viewer.as_ref(), Action::ViewRun, &run).is_ok()
+    }
+
     /// The next event to send; `None` ends the stream.
     async fn next(&mut self) -> Option<Event> {
         loop {
@@ -329,6 +431,8 @@ impl EventSources {
             };
             tokio::select! {
                 ev = next => match ev {
+                    Ok(LiveEvent::Round(r)) if !self.may_view(&r.run_id).await => {}
+                    Ok(LiveEvent::Run { id, .. }) if !self.may_view(&id).await => {}
                     Ok(LiveEvent::Round(r)) => match serde_json::to_string(&*r) {
                         Ok(json) => return Some(Event::default().event("round").data(json)),
                         Err(e) => tracing::error!("round {} not sent to the dashboard: {e}", r.round),
@@ -360,6 +464,177 @@ impl EventSources {
             }
         }
     }
+}
+
+async fn dashboard(
+    State(s): State<HttpSources>,
+    op: Option<Extension<Operator>>,
+) -> Result<impl IntoResponse, ApiError> {
+    allow(
+        &s,
+        op.as_deref(),
+        Action::ViewDashboard,
+        &Resource::Coordinator,
+    )?;
+    Ok(Html(DASHBOARD))
+}
+
+/// The run's latest checkpoint (safetensors, PyTorch layout, its manifest in the header).
+async fn download_model(
+    State(s): State<HttpSources>,
+    Path(id): Path<String>,
+    op: Option<Extension<Operator>>,
+) -> Result<impl IntoResponse, ApiError> {
+    allow_run(&s, op.as_deref(), Action::DownloadModel, &id).await?;
+    let wanted = id.clone();
+    let dir = records(&s, move |r| Ok(r.run(&wanted)?.map(|(row, _)| row.dir)))
+        .await?
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no run {id:?}")))?;
+    let models = std::path::Path::new(&dir).join("models");
+    let latest = std::fs::read_dir(&models)
+        .ok()
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .max()
+        .ok_or_else(|| {
+            ApiError(
+                StatusCode::NOT_FOUND,
+                format!("run {id:?} has no checkpoint yet"),
+            )
+        })?;
+    let bytes = tokio::fs::read(&latest).await.map_err(internal)?;
+    let name = latest
+        .file_name()
+        .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (
+                header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"{id}-{name}\""),
+            ),
+        ],
+        bytes,
+    ))
+}
+
+/// The fleet a run spec names (`[devices] fleet`, "default" when it names none).
+fn fleet_of_spec(spec: &str) -> String {
+    toml::from_str::<toml::Table>(spec)
+        .ok()
+        .and_then(|t| t.get("devices")?.get("fleet")?.as_str().map(str::to_string))
+        .unwrap_or_else(|| "default".to_string())
+}
+
+async fn run_fleet(s: &HttpSources, id: &str) -> Result<String, ApiError> {
+    let wanted = id.to_string();
+    let spec = records(s, move |r| Ok(r.run(&wanted)?.map(|(_, spec)| spec))).await?;
+    spec.map(|spec| fleet_of_spec(&spec))
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no run {id:?}")))
+}
+
+/// 403 unless the policy lets `op` do `action` on `resource`; everything is allowed on an
+/// endpoint without operators (loopback only).
+fn allow(
+    s: &HttpSources,
+    op: Option<&Operator>,
+    action: Action,
+    resource: &Resource,
+) -> Result<(), ApiError> {
+    let Some(access) = &s.access else {
+        return Ok(());
+    };
+    let Some(op) = op else {
+        return Err(ApiError(StatusCode::UNAUTHORIZED, "no operator".into()));
+    };
+    access
+        .authorize(op, action, resource)
+        .map_err(|why| ApiError(StatusCode::FORBIDDEN, why))
+}
+
+async fn allow_run(
+    s: &HttpSources,
+    op: Option<&Operator>,
+    action: Action,
+    id: &str,
+) -> Result<(), ApiError> {
+    if s.access.is_none() {
+        return Ok(());
+    }
+    let run = Resource::Run {
+        id: id.to_string(),
+        fleet: run_fleet(s, id).await?,
+    };
+    allow(s, op, action, &run)
+}
+
+/// Names the operator of a request from its bearer token or `pollen_token` cookie; 401 for
+/// anything else but `/healthz` and `/login`.
+async fn authenticate(State(app): State<AppState>, mut request: Request, next: Next) -> Response {
+    let Some(access) = &app.sources.access else {
+        return next.run(request).await;
+    };
+    if matches!(request.uri().path(), "/healthz" | "/login") {
+        return next.run(request).await;
+    }
+    let headers = request.headers();
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let cookie = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|c| c.trim().strip_prefix("pollen_token="));
+    match bearer.or(cookie).and_then(|t| access.authenticate(t)) {
+        Some(operator) => {
+            request.extensions_mut().insert(operator);
+            next.run(request).await
+        }
+        None => (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer realm=\"pollen\"")],
+            "an operator token is required: Authorization: Bearer TOKEN, or open /login?token=TOKEN\n",
+        )
+            .into_response(),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct LoginQuery {
+    token: String,
+}
+
+/// For browsers, whose event streams cannot send headers: checks the token and keeps it in an
+/// HTTP-only cookie, then opens the dashboard.
+async fn login(State(s): State<HttpSources>, Query(q): Query<LoginQuery>) -> Response {
+    let known = s
+        .access
+        .as_ref()
+        .is_none_or(|a| a.authenticate(&q.token).is_some());
+    if !known || q.token.contains([';', ',', ' ']) {
+        return (StatusCode::UNAUTHORIZED, "unknown token\n").into_response();
+    }
+    (
+        StatusCode::SEE_OTHER,
+        [
+            (header::LOCATION, "/".to_string()),
+            (
+                header::SET_COOKIE,
+                format!(
+                    "pollen_token={}; HttpOnly; SameSite=Strict; Path=/",
+                    q.token
+                ),
+            ),
+        ],
+    )
+        .into_response()
 }
 
 #[cfg(test)]

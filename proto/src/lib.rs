@@ -16,6 +16,7 @@
 //! - [`scalar`]: conversions between wire [`fleet::Scalar`] maps and Rust values.
 //! - [`stats`]: per-channel moments as devices accumulate and coordinators combine them
 //!   (federated statistics).
+//! - [`grpc_tls`]: TLS (mutual where a client presents a certificate) for the `Fleet` link.
 //! - `mqtt` (feature `mqtt`): broker URLs (`mqtt://`, `mqtts://` + X.509 files) to `rumqttc`
 //!   options with Pollen's packet limits.
 //! - [`prometheus`]: encoding a component's metrics registry in the OpenMetrics text format,
@@ -24,6 +25,7 @@
 
 pub mod blob;
 pub mod codec;
+pub mod grpc_tls;
 #[cfg(feature = "mqtt")]
 pub mod mqtt;
 pub mod part;

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use pollen_proto::grpc_tls::ClientTls;
 use pollen_proto::mqtt::BrokerConfig;
 use serde::{Deserialize, Serialize};
 
@@ -24,6 +25,10 @@ pub struct ProxyConfig {
     pub proxy_id: String,
     /// gRPC endpoint of the coordinator, e.g. `http://127.0.0.1:50051`.
     pub coordinator: String,
+    /// TLS to an `https://` coordinator: its CA and this proxy's certificate
+    /// (`pollen-proxy.<id>`, which may join for any device it bridges).
+    #[serde(default, skip_serializing_if = "ClientTls::is_empty")]
+    pub coordinator_tls: ClientTls,
     pub broker: BrokerConfig,
     #[serde(default)]
     pub selection: Selection,
@@ -67,6 +72,7 @@ impl ProxyConfig {
             fleet: fleet.into(),
             proxy_id: default_proxy_id(),
             coordinator: coordinator.into(),
+            coordinator_tls: ClientTls::default(),
             broker,
             selection: Selection::default(),
             stale_after: DEFAULT_STALE_AFTER,

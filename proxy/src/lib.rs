@@ -41,6 +41,8 @@ mod stats;
 
 pub use config::ProxyConfig;
 pub use devices::{DataRequirement, DataView, DeviceRecord, DeviceRegistry, Selection, discover};
+/// The checks every device message passes before the proxy acts on it (fuzzed in `fuzz/`).
+pub use mqtt::{StatusUpdate, decode_reply, decode_status};
 pub use proxy::{Proxy, ProxyHandle};
 pub use shard::ProxyShard;
 pub use stats::ProxyStatsSnapshot;

@@ -41,7 +41,7 @@ pub(crate) fn connect(config: &ProxyConfig) -> Result<(AsyncClient, EventLoop), 
 
 /// What a message on a status topic says.
 #[derive(Debug)]
-pub(crate) enum StatusUpdate {
+pub enum StatusUpdate {
     /// An empty retained payload: the device's status was cleared.
     Cleared,
     Status(Box<DeviceStatus>),
@@ -50,7 +50,7 @@ pub(crate) enum StatusUpdate {
 }
 
 /// Decodes a status message of `device` received on `topic`, logging what is wrong with it.
-pub(crate) fn decode_status(topic: &str, device: &str, payload: &[u8]) -> StatusUpdate {
+pub fn decode_status(topic: &str, device: &str, payload: &[u8]) -> StatusUpdate {
     if payload.is_empty() {
         return StatusUpdate::Cleared;
     }
@@ -75,7 +75,7 @@ pub(crate) fn decode_status(topic: &str, device: &str, payload: &[u8]) -> Status
 }
 
 /// Decodes a reply of `device` received on `topic`; `None` (logged) if it is malformed.
-fn decode_reply(topic: &str, device: &str, payload: &[u8]) -> Option<Reply> {
+pub fn decode_reply(topic: &str, device: &str, payload: &[u8]) -> Option<Reply> {
     match Reply::decode(payload) {
         Err(e) => {
             tracing::warn!(%topic, "reply dropped: it does not decode as Reply: {e}");
@@ -130,6 +130,26 @@ pub(crate) async fn run_dispatcher(
                 eventloop.pending.push_back(Request::Subscribe(subscribe));
             }
             Ok(Event::Incoming(Packet::Publish(p))) => route(&shared, &p),
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                let refused: Vec<&String> = ack
+                    .return_codes
+                    .iter()
+                    .zip(&filters)
+                    .filter(|(code, _)| matches!(code, rumqttc::SubscribeReasonCode::Failure))
+                    .map(|(_, filter)| filter)
+                    .collect();
+                if !refused.is_empty() {
+                    shared
+                        .stats
+                        .subscriptions_refused
+                        .inc_by(refused.len() as u64);
+                    tracing::error!(
+                        broker = %shared.broker_url,
+                        ?refused,
+                        "the broker refused the proxy's subscriptions: its ACL does not let this proxy's identity read them, so no reply or status will arrive (provision the proxy with `pollen fleet provision --proxies`)"
+                    );
+                }
+            }
             Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
             Ok(_) => {}
             Err(e) => {

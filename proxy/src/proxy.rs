@@ -221,12 +221,21 @@ impl Proxy {
             endpoint: config.coordinator.clone(),
             reason,
         };
-        let channel = tonic::transport::Endpoint::from_shared(config.coordinator.clone())
+        let mut endpoint = tonic::transport::Endpoint::from_shared(config.coordinator.clone())
             .map_err(|e| coordinator_error(e.to_string()))?
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_while_idle(true)
-            .connect_lazy();
+            .keep_alive_while_idle(true);
+        if let Some(tls) = config
+            .coordinator_tls
+            .config(&config.coordinator)
+            .map_err(|e| coordinator_error(e.to_string()))?
+        {
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|e| coordinator_error(e.to_string()))?;
+        }
+        let channel = endpoint.connect_lazy();
         let (mqtt, eventloop) = crate::mqtt::connect(&config)?;
         let shared = Arc::new(Shared {
             fleet: config.fleet.clone(),

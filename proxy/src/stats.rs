@@ -47,6 +47,7 @@ pub(crate) struct Stats {
     pub cancels: Counter,
     pub bridges_open: Gauge<u64, AtomicU64>,
     pub reconnects: Counter,
+    pub subscriptions_refused: Counter,
     /// Woken whenever `bridges_open` changes, for [`crate::ProxyHandle::wait_for_bridges`].
     pub bridges_changed: Notify,
     /// `replies_duplicate` to `replies_dropped` are its members (a counter's clones share its
@@ -71,6 +72,7 @@ impl Default for Stats {
             cancels: Counter::default(),
             bridges_open: Gauge::default(),
             reconnects: Counter::default(),
+            subscriptions_refused: Counter::default(),
             bridges_changed: Notify::new(),
             dropped_by_reason,
         }
@@ -92,6 +94,7 @@ impl Stats {
             cancels: self.cancels.get(),
             bridges_open: self.bridges_open.get(),
             reconnects: self.reconnects.get(),
+            subscriptions_refused: self.subscriptions_refused.get(),
         }
     }
 
@@ -137,6 +140,11 @@ impl Stats {
                 "pollen_proxy_mqtt_reconnects",
                 "MQTT reconnections after the first connection",
                 &self.reconnects,
+            ),
+            (
+                "pollen_proxy_subscriptions_refused",
+                "Topic filters the broker refused to subscribe the proxy to (its ACL)",
+                &self.subscriptions_refused,
             ),
         ] {
             registry.register(name, help, counter.clone());
@@ -227,6 +235,9 @@ pub struct ProxyStatsSnapshot {
     pub bridges_open: u64,
     /// MQTT reconnections after the first connection.
     pub reconnects: u64,
+    /// Topic filters the broker refused (SUBACK failure): its ACL does not let the proxy's
+    /// identity read replies or statuses, so none will arrive.
+    pub subscriptions_refused: u64,
 }
 
 #[cfg(test)]

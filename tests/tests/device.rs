@@ -604,78 +604,24 @@ async fn a_broker_restart_mid_round_does_not_lose_the_run() {
     h.shutdown().await;
 }
 
-fn openssl(dir: &std::path::Path, args: &[&str]) {
-    let out = std::process::Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("openssl is installed");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A CA, a broker certificate for 127.0.0.1 and a device certificate, all signed by the CA.
+/// A CA, a broker certificate for 127.0.0.1 and a device certificate, all signed by the CA
+/// (made by pollen-trust, as `pollen fleet provision` makes them).
 fn test_pki(dir: &std::path::Path) {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=pollen-test-ca",
-        ],
-    );
-    std::fs::write(dir.join("server.ext"), "subjectAltName=IP:127.0.0.1\n").expect("write");
-    std::fs::write(dir.join("device.ext"), "extendedKeyUsage=clientAuth\n").expect("write");
-    for (name, cn) in [("server", "127.0.0.1"), ("device", "dev-tls")] {
-        openssl(
-            dir,
-            &[
-                "req",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                &format!("{name}.key"),
-                "-out",
-                &format!("{name}.csr"),
-                "-subj",
-                &format!("/CN={cn}"),
-            ],
-        );
-        openssl(
-            dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &format!("{name}.csr"),
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                &format!("{name}.pem"),
-                "-days",
-                "1",
-                "-extfile",
-                &format!("{name}.ext"),
-            ],
-        );
-    }
+    use pollen_trust::pki::{FleetCa, IdentityFiles, Usage};
+    let ca = FleetCa::create("tls").expect("CA");
+    std::fs::write(dir.join("ca.pem"), &ca.cert_pem).expect("write");
+    let server = ca
+        .issue("pollen-broker", &["127.0.0.1".to_string()], Usage::Server)
+        .expect("server certificate");
+    IdentityFiles::new(dir, "server")
+        .write(&server)
+        .expect("write");
+    let device = ca
+        .issue("dev-tls", &[], Usage::Client)
+        .expect("device certificate");
+    IdentityFiles::new(dir, "device")
+        .write(&device)
+        .expect("write");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -156,6 +156,7 @@ async fn serve_dashboard(
     runs_dir: &std::path::Path,
     registry: &Arc<Registry>,
     metrics: &Arc<Metrics>,
+    access: Option<Arc<pollen_dashboard::access::Access>>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<HttpServer> {
     let runs = RunStore::open(runs_dir)
@@ -164,6 +165,7 @@ async fn serve_dashboard(
         registry: Some(registry.clone()),
         metrics: Some(metrics.clone()),
         runs: Some(runs),
+        access,
     };
     let server = serve_http(addr, sources, shutdown)
         .await
@@ -252,6 +254,7 @@ pub async fn drive(
 pub struct LocalCoordinator {
     pub server: FleetServer,
     pub storage: OpenStorage,
+    tls: bool,
     stop: CancellationToken,
     /// Stops everything started here if the caller returns early without [`Self::shut_down`].
     _stop_on_drop: DropGuard,
@@ -260,23 +263,34 @@ pub struct LocalCoordinator {
 impl LocalCoordinator {
     /// Serves the Fleet API on `listen` (port 0: any free port) and opens `storage`.
     pub async fn start(listen: SocketAddr, storage: &Storage) -> anyhow::Result<Self> {
+        Self::start_tls(listen, None, storage).await
+    }
+
+    /// [`start`](Self::start), serving the Fleet API over TLS (mutual with a client CA).
+    pub async fn start_tls(
+        listen: SocketAddr,
+        tls: Option<&pollen_proto::grpc_tls::ServerTls>,
+        storage: &Storage,
+    ) -> anyhow::Result<Self> {
         let stop = CancellationToken::new();
         let guard = stop.clone().drop_guard();
-        let server = pollen_coordinator::server::serve(listen, stop.clone())
+        let server = pollen_coordinator::server::serve_tls(listen, tls, stop.clone())
             .await
-            .with_context(|| format!("binding the coordinator on {listen}"))?;
+            .with_context(|| format!("serving the coordinator on {listen}"))?;
         let storage = open_storage(storage, stop.clone()).await?;
         Ok(Self {
             server,
             storage,
+            tls: tls.is_some(),
             stop,
             _stop_on_drop: guard,
         })
     }
 
-    /// `http://ip:port` of the Fleet API.
+    /// `http://ip:port` (or `https://`) of the Fleet API.
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.server.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.server.addr)
     }
 
     /// Fires when this coordinator shuts down; hand it to what runs alongside (clients,
@@ -300,10 +314,12 @@ impl LocalCoordinator {
 
     /// Serves the dashboard and `/metrics` for this coordinator on `addr` (if given) until it
     /// shuts down; the returned metrics are what [`DriveOptions::metrics`] reports to.
+    /// Without operators (`access`) it serves loopback only.
     pub async fn dashboard(
         &self,
         addr: Option<SocketAddr>,
         runs_dir: &std::path::Path,
+        access: Option<Arc<pollen_dashboard::access::Access>>,
     ) -> anyhow::Result<Option<Arc<Metrics>>> {
         let Some(addr) = addr else {
             return Ok(None);
@@ -314,6 +330,7 @@ impl LocalCoordinator {
             runs_dir,
             &self.server.registry,
             &metrics,
+            access,
             self.token(),
         )
         .await?;
@@ -341,6 +358,8 @@ pub struct FleetRunOptions {
     pub stale_after: Duration,
     /// Serve the live dashboard and `/metrics` here while the run goes.
     pub dashboard: Option<SocketAddr>,
+    /// Operators of the dashboard (loopback only without them).
+    pub access: Option<Arc<pollen_dashboard::access::Access>>,
 }
 
 /// What `pollen run` did.
@@ -398,7 +417,7 @@ pub async fn run_on_fleet(
         "devices reached over MQTT need object storage; configure S3 or use the embedded store"
     );
     let metrics = coordinator
-        .dashboard(options.dashboard, &options.runs_dir)
+        .dashboard(options.dashboard, &options.runs_dir, options.access.clone())
         .await?;
     let spec_for_data = spec.clone();
     let server = tokio::task::spawn_blocking(move || task::server_data(&spec_for_data)).await??;
@@ -409,6 +428,7 @@ pub async fn run_on_fleet(
             fleet: fleet.clone(),
             proxy_id: format!("run-{run_id}"),
             coordinator: coordinator.endpoint(),
+            coordinator_tls: Default::default(),
             broker: options.broker.clone(),
             selection: Selection {
                 devices: Some(selected.iter().map(|d| d.device_id.clone()).collect()),

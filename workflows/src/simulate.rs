@@ -67,6 +67,8 @@ pub struct SimulateOptions {
     /// Serve the live dashboard and `/metrics` on this address while the run goes (port 0:
     /// any free port; the URL is printed).
     pub dashboard: Option<SocketAddr>,
+    /// Operators of the dashboard (loopback only without them).
+    pub access: Option<Arc<pollen_dashboard::access::Access>>,
     /// `Transport::Grpc`: compress the clients' streams with zstd.
     pub grpc_compression: bool,
     /// Which library the simulated devices train with.
@@ -82,6 +84,7 @@ impl SimulateOptions {
             broker: None,
             s3: None,
             dashboard: None,
+            access: None,
             grpc_compression: false,
             backend: Backend::Auto,
         }
@@ -129,7 +132,7 @@ pub async fn simulate(
     // Clients, agents and the proxy stop with the coordinator (also on an early return).
     let stop_all = coordinator.token();
     let metrics = coordinator
-        .dashboard(options.dashboard, &options.runs_dir)
+        .dashboard(options.dashboard, &options.runs_dir, options.access.clone())
         .await?;
 
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -372,6 +375,7 @@ impl SimulatedFleet {
                             fleet: options.fleet,
                             proxy_id: "sim".into(),
                             coordinator: endpoint,
+                            coordinator_tls: Default::default(),
                             broker,
                             selection: Selection::default(),
                             stale_after: Duration::from_secs(60),
@@ -410,6 +414,7 @@ impl SimulatedFleet {
                     model: options.model.clone(),
                     compute_slots: Some(options.compute_slots.clone()),
                     properties: Default::default(),
+                    consent: None,
                 },
                 client,
             )?

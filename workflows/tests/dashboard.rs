@@ -44,8 +44,31 @@ fn artifacts_dir() -> PathBuf {
     dir
 }
 
-/// Starts `pollen simulate --dashboard` and returns it with the dashboard URL it printed.
-fn start_simulation(runs: &Path) -> (Killed, String) {
+/// `pollen operator add NAME` into `file`: the token it prints.
+fn add_operator(file: &Path, name: &str, roles: &str, fleets: &str) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_pollen"))
+        .args([
+            "operator", "add", name, "--roles", roles, "--fleets", fleets, "--file",
+        ])
+        .arg(file)
+        .output()
+        .expect("pollen runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout)
+        .expect("utf-8")
+        .trim()
+        .to_string();
+    assert_eq!(token.len(), 64, "{token}");
+    token
+}
+
+/// Starts `pollen simulate --dashboard --operators FILE` and returns it with the dashboard URL
+/// it printed.
+fn start_simulation(runs: &Path, operators: &Path) -> (Killed, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_pollen"))
         .args([
             "simulate",
@@ -58,8 +81,10 @@ fn start_simulation(runs: &Path) -> (Killed, String) {
             // Some devices fail, so that failures show up as a user would see them.
             "--failure-rate",
             "0.25",
-            "--runs-dir",
+            "--operators",
         ])
+        .arg(operators)
+        .arg("--runs-dir")
         .arg(runs)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -83,8 +108,21 @@ fn start_simulation(runs: &Path) -> (Killed, String) {
     (child, url)
 }
 
-async fn get_json(url: &str) -> Value {
-    let body = reqwest::get(url)
+/// GET `url` as the operator holding `token`.
+async fn get(url: &str, token: &str) -> reqwest::Response {
+    reqwest::Client::new()
+        .get(url)
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+}
+
+async fn get_json(url: &str, token: &str) -> Value {
+    let body = reqwest::Client::new()
+        .get(url)
+        .bearer_auth(token)
+        .send()
         .await
         .and_then(|r| r.error_for_status())
         .unwrap_or_else(|e| panic!("GET {url}: {e}"))
@@ -142,7 +180,10 @@ const PAGE_STATE: &str = r#"(() => {
 async fn the_dashboard_shows_a_live_run_in_a_real_browser() {
     let chromium = chromium();
     let runs = tempfile::tempdir().expect("tempdir");
-    let (_sim, url) = start_simulation(runs.path());
+    let operators = runs.path().join("operators.toml");
+    let admin = add_operator(&operators, "ada", "admin", "default");
+    let viewer = add_operator(&operators, "vic", "viewer", "elsewhere");
+    let (_sim, url) = start_simulation(runs.path(), &operators);
     assert!(
         url.starts_with("http://127.0.0.1:") && url.ends_with('/'),
         "{url}"
@@ -150,17 +191,59 @@ async fn the_dashboard_shows_a_live_run_in_a_real_browser() {
 
     // The API first: the run is live and has rounds.
     let run_id = eventually(Duration::from_secs(120), "two recorded rounds", || async {
-        let runs = get_json(&format!("{url}api/runs")).await;
+        let runs = get_json(&format!("{url}api/runs"), &admin).await;
         let run = runs["runs"].get(0)?.clone();
         (run["live"] == true && run["last_round"].as_u64()? >= 2)
             .then(|| run["id"].as_str().map(str::to_string))?
     })
     .await;
 
+    // Without a token: 401 everywhere but the liveness probe. A viewer of another fleet: no
+    // runs listed, 403 on this run and on /metrics (the default Cedar policy).
+    for path in ["", "api/runs", "api/events", "metrics"] {
+        let status = reqwest::get(format!("{url}{path}"))
+            .await
+            .expect("GET")
+            .status();
+        assert_eq!(status.as_u16(), 401, "/{path} without a token");
+    }
+    let healthz = reqwest::get(format!("{url}healthz")).await.expect("GET");
+    assert_eq!(healthz.status().as_u16(), 200);
+    assert_eq!(
+        get(&format!("{url}api/runs"), "not-a-token")
+            .await
+            .status()
+            .as_u16(),
+        401
+    );
+    let listed = get_json(&format!("{url}api/runs"), &viewer).await;
+    assert_eq!(
+        listed["runs"],
+        json!([]),
+        "a viewer of another fleet sees no runs"
+    );
+    for path in [format!("api/runs/{run_id}"), "metrics".to_string()] {
+        let denied = get(&format!("{url}{path}"), &viewer).await;
+        assert_eq!(
+            denied.status().as_u16(),
+            403,
+            "/{path} as a viewer of another fleet"
+        );
+        let why = denied.text().await.expect("body");
+        assert!(why.contains("operator \"vic\" may not"), "{why}");
+    }
+    let model = get(&format!("{url}api/runs/{run_id}/model"), &admin).await;
+    assert_eq!(model.status().as_u16(), 200);
+    assert!(model.bytes().await.expect("checkpoint").len() > 100_000);
+
     let profile = tempfile::tempdir().expect("tempdir");
     let mut browser = Browser::launch(&chromium, profile.path()).await;
+    // The browser logs in once; the cookie then carries the token (event stream included).
     browser
-        .call("Page.navigate", json!({ "url": url }))
+        .call(
+            "Page.navigate",
+            json!({ "url": format!("{url}login?token={admin}") }),
+        )
         .await
         .expect("navigate");
 
@@ -224,7 +307,7 @@ async fn the_dashboard_shows_a_live_run_in_a_real_browser() {
     );
 
     // The failure count and list agree with the records of the rounds shown.
-    let detail = get_json(&format!("{url}api/runs/{run_id}")).await;
+    let detail = get_json(&format!("{url}api/runs/{run_id}"), &admin).await;
     let shown_rounds = page["rounds"].as_u64().expect("rounds");
     let failed: u64 = detail["rounds"]
         .as_array()
@@ -263,9 +346,8 @@ async fn the_dashboard_shows_a_live_run_in_a_real_browser() {
     eprintln!("screenshot: {}", path.display());
 
     // The same numbers on /metrics, from the same server.
-    let metrics = reqwest::get(format!("{url}metrics"))
+    let metrics = get(&format!("{url}metrics"), &admin)
         .await
-        .expect("GET /metrics")
         .text()
         .await
         .expect("body");

@@ -18,6 +18,9 @@
 //!
 //! [`DeviceStatus`]: pollen_proto::device::DeviceStatus
 
+pub mod consent;
+/// The check every command payload passes before the agent acts on it (fuzzed in `fuzz/`).
+pub use state::parse_command;
 mod outbox;
 mod runtime;
 mod state;
@@ -80,6 +83,8 @@ pub struct AgentOptions {
     pub compute_slots: Option<Arc<Semaphore>>,
     /// Extra properties reported in the status.
     pub properties: ScalarMap,
+    /// The device owner's policy: instructions it does not permit are declined.
+    pub consent: Option<Arc<consent::Consent>>,
 }
 
 impl AgentOptions {
@@ -100,6 +105,7 @@ impl AgentOptions {
             model: String::new(),
             compute_slots: None,
             properties: ScalarMap::new(),
+            consent: None,
         }
     }
 
@@ -118,6 +124,7 @@ enum Outcome {
     get_parameters_done,
     statistics_done,
     failed,
+    declined,
     cancelled,
     expired,
     duplicate,
@@ -142,6 +149,8 @@ pub struct AgentStats {
     pub commands_cancelled: Counter,
     /// Commands whose deadline passed before they could start.
     pub commands_expired: Counter,
+    /// Commands the device owner's consent policy refused.
+    pub commands_declined: Counter,
     pub fits_done: Counter,
     pub evaluations_done: Counter,
     pub parameters_done: Counter,
@@ -169,6 +178,7 @@ impl Default for AgentStats {
             commands_duplicate: member(Outcome::duplicate),
             commands_cancelled: member(Outcome::cancelled),
             commands_expired: member(Outcome::expired),
+            commands_declined: member(Outcome::declined),
             fits_done: member(Outcome::fit_done),
             evaluations_done: member(Outcome::evaluate_done),
             parameters_done: member(Outcome::get_parameters_done),
@@ -190,6 +200,7 @@ pub struct AgentStatsSnapshot {
     pub commands_duplicate: u64,
     pub commands_cancelled: u64,
     pub commands_expired: u64,
+    pub commands_declined: u64,
     pub fits_done: u64,
     pub evaluations_done: u64,
     pub parameters_done: u64,
@@ -208,6 +219,7 @@ impl AgentStats {
             commands_duplicate: self.commands_duplicate.get(),
             commands_cancelled: self.commands_cancelled.get(),
             commands_expired: self.commands_expired.get(),
+            commands_declined: self.commands_declined.get(),
             fits_done: self.fits_done.get(),
             evaluations_done: self.evaluations_done.get(),
             parameters_done: self.parameters_done.get(),
@@ -448,6 +460,8 @@ impl Agent {
         let device = options.device_id.clone();
         let num_examples = info.num_examples;
         let runtime = Runtime {
+            consent: options.consent.clone(),
+            fleet: fleet.clone(),
             info,
             heartbeat: options.heartbeat,
             mqtt: mqtt_client,

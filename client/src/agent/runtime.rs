@@ -86,6 +86,18 @@ pub async fn drive(
                 topic: publish.topic,
                 payload: publish.payload,
             },
+            Ok(Event::Incoming(Packet::SubAck(ack)))
+                if ack
+                    .return_codes
+                    .iter()
+                    .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) =>
+            {
+                // The only subscription is the device's own command topic.
+                tracing::error!(
+                    "the broker refused this agent's subscription to its command topic: its ACL does not give this device's identity (certificate CN or username) that topic, so no work will arrive"
+                );
+                continue;
+            }
             Ok(Event::Outgoing(Outgoing::Disconnect)) => {
                 let _ = events.send(NetEvent::Closed).await;
                 return;
@@ -197,6 +209,8 @@ impl StatusInfo {
 /// The state side of the agent.
 pub struct Runtime {
     pub info: StatusInfo,
+    pub fleet: String,
+    pub consent: Option<Arc<super::consent::Consent>>,
     pub heartbeat: Duration,
     pub mqtt: AsyncClient,
     pub cmd_topic: String,
@@ -319,6 +333,13 @@ impl Runtime {
             "command"
         );
         let now = now_unix_ms();
+        if let Some(why) = self.declined(&command) {
+            self.stats.commands_declined.inc();
+            tracing::info!(request_id = %command.request_id, "declined: {why}");
+            let reply = work::failure(&self.info.device_id, &command, FailureCode::Declined, why);
+            self.deliver(reply, command.deadline_unix_ms, now);
+            return;
+        }
         let request_id = command.request_id.clone();
         match self.scheduler.receive(command, now) {
             Intake::Queued => {}
@@ -349,6 +370,35 @@ impl Runtime {
             }
         }
         self.save_handled();
+    }
+
+    /// Why the device owner's policy refuses `command`, if it does. Cancels are never refused:
+    /// they only stop work.
+    fn declined(&self, command: &Command) -> Option<String> {
+        let consent = self.consent.as_ref()?;
+        let action = match CommandKind::try_from(command.kind).ok()? {
+            CommandKind::Fit => "fit",
+            CommandKind::Evaluate => "evaluate",
+            CommandKind::GetParameters => "get_parameters",
+            CommandKind::Statistics => "statistics",
+            CommandKind::Cancel | CommandKind::Unspecified => return None,
+        };
+        let status = self.info.status(true, ScalarMap::new());
+        let ask = super::consent::Ask {
+            fleet: &self.fleet,
+            device: &self.info.device_id,
+            action,
+            run: &command.run_id,
+            round: command.round,
+            task: command.task.as_ref().map_or("", |t| t.sha256.as_str()),
+            now: chrono::Local::now(),
+            free_disk_bytes: status.free_disk_bytes,
+            busy: self.running.is_some(),
+        };
+        match consent.decide(&ask) {
+            super::consent::Verdict::Accept => None,
+            super::consent::Verdict::Decline(why) => Some(why),
+        }
     }
 
     /// Starts the next queued command if none runs; answers expired ones with `TIMEOUT`.

@@ -248,6 +248,7 @@ pub(crate) fn unexpected(client_id: &str, reply: Reply) -> ClientFailure {
             let reason = match code {
                 FailureCode::Timeout => FailureReason::Timeout,
                 FailureCode::DeviceOffline => FailureReason::Disconnected,
+                FailureCode::Declined => FailureReason::Declined,
                 _ => FailureReason::ClientError,
             };
             ClientFailure::new(client_id, reason, format!("{code:?}: {}", f.message))
@@ -361,8 +362,9 @@ async fn fit_outcome(
         return reject(Rejection::NoExamples, "num_examples is 0".into());
     }
     // FedAvg weighs an update by its examples: a claim above what the client announced for its
-    // data would let it outweigh the others.
-    if check.announced_examples > 0 && res.num_examples > check.announced_examples {
+    // data would let it outweigh the others. A client that announced none has none to claim
+    // (announcing 0 must not lift the cap).
+    if res.num_examples > check.announced_examples {
         return reject(
             Rejection::TooManyExamples,
             format!(

@@ -58,6 +58,8 @@ pub enum FailureReason {
     Disconnected,
     /// The client answered with the wrong kind of message for the request.
     ProtocolError,
+    /// The device owner's policy refused the instruction: not an error of the device.
+    Declined,
 }
 
 impl FailureReason {
@@ -68,6 +70,7 @@ impl FailureReason {
             FailureReason::Rejected => "rejected",
             FailureReason::Disconnected => "disconnected",
             FailureReason::ProtocolError => "protocol_error",
+            FailureReason::Declined => "declined",
         }
     }
 }

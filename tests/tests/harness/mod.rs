@@ -10,13 +10,14 @@ use std::time::Duration;
 
 use pollen_client::agent::{Agent, AgentOptions};
 use pollen_client::{Client, ClientError, ClientEvaluate, ClientFit, Work};
-use pollen_coordinator::server::{FleetServer, serve};
+use pollen_coordinator::server::{FleetServer, serve_tls};
 use pollen_coordinator::storage::embedded::EmbeddedS3;
 use pollen_coordinator::strategy::Evaluation;
 use pollen_coordinator::{
     BlobStore, DriverConfig, FedAvg, FedAvgConfig, Metrics, RoundDriver, RunSummary, S3Store,
 };
 use pollen_dashboard::{HttpSources, serve_http};
+use pollen_proto::grpc_tls::{ClientTls, ServerTls};
 use pollen_proto::mqtt::BrokerConfig;
 use pollen_proto::scalar::ScalarMap;
 use pollen_proto::{NamedTensor, Parameters};
@@ -114,7 +115,30 @@ pub struct Harness {
 
 impl Harness {
     pub async fn start(broker: BrokerConfig) -> Self {
-        Self::start_with_proxies(broker, vec![Selection::default()]).await
+        Self::start_with_proxies(broker, vec![Selection::default()], &unique("t"), None).await
+    }
+
+    /// One proxy (`proxy-0`) for `fleet`, whose devices the test starts with identities of
+    /// their own.
+    pub async fn start_for_fleet(broker: BrokerConfig, fleet: &str) -> Self {
+        Self::start_with_proxies(broker, vec![Selection::default()], fleet, None).await
+    }
+
+    /// [`start_for_fleet`](Self::start_for_fleet) with the Fleet link over TLS: the
+    /// coordinator serves `server`, the proxy connects with `client`.
+    pub async fn start_secure(
+        broker: BrokerConfig,
+        fleet: &str,
+        server: ServerTls,
+        client: ClientTls,
+    ) -> Self {
+        Self::start_with_proxies(
+            broker,
+            vec![Selection::default()],
+            fleet,
+            Some((server, client)),
+        )
+        .await
     }
 
     /// One proxy per shard of the fleet, `proxy-<i>` bridging shard `i/shards`.
@@ -128,10 +152,15 @@ impl Harness {
                 ..Selection::default()
             })
             .collect();
-        Self::start_with_proxies(broker, selections).await
+        Self::start_with_proxies(broker, selections, &unique("t"), None).await
     }
 
-    async fn start_with_proxies(broker: BrokerConfig, selections: Vec<Selection>) -> Self {
+    async fn start_with_proxies(
+        broker: BrokerConfig,
+        selections: Vec<Selection>,
+        fleet: &str,
+        tls: Option<(ServerTls, ClientTls)>,
+    ) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let stop = CancellationToken::new();
         let s3 = EmbeddedS3::start(
@@ -146,9 +175,13 @@ impl Harness {
                 .await
                 .expect("bucket"),
         );
-        let server = serve(SocketAddr::from(([127, 0, 0, 1], 0)), stop.clone())
-            .await
-            .expect("bind port 0");
+        let server = serve_tls(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            tls.as_ref().map(|(server, _)| server),
+            stop.clone(),
+        )
+        .await
+        .expect("bind port 0");
         let metrics = Arc::new(Metrics::new(server.registry.clone()));
         let http = serve_http(
             SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -156,19 +189,24 @@ impl Harness {
                 registry: Some(server.registry.clone()),
                 metrics: Some(metrics.clone()),
                 runs: None,
+                access: None,
             },
             stop.clone(),
         )
         .await
         .expect("bind port 0");
-        let fleet = unique("t");
+        let fleet = fleet.to_string();
         let mut proxies = Vec::new();
         for (i, selection) in selections.into_iter().enumerate() {
             let proxy = Proxy::start(
                 ProxyConfig {
                     fleet: fleet.clone(),
                     proxy_id: format!("proxy-{i}"),
-                    coordinator: format!("http://{}", server.addr),
+                    coordinator: match tls {
+                        Some(_) => format!("https://{}", server.addr),
+                        None => format!("http://{}", server.addr),
+                    },
+                    coordinator_tls: tls.as_ref().map(|(_, c)| c.clone()).unwrap_or_default(),
                     broker: broker.clone(),
                     selection,
                     stale_after: Duration::from_secs(30),

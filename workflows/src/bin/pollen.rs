@@ -28,6 +28,11 @@ enum Command {
     Proxy(fleet::ProxyArgs),
     /// List the devices of a fleet from their retained status messages.
     Devices(fleet::DevicesArgs),
+    /// A fleet's identities and broker policy (`pollen fleet provision`).
+    Fleet {
+        #[command(subcommand)]
+        command: fleet::FleetCommand,
+    },
     /// List the recorded runs, newest first.
     Runs(records::RunsArgs),
     /// A run's rounds: accuracy, loss, participation, failures and durations.
@@ -47,6 +52,18 @@ enum Command {
     /// Serve the web dashboard over the recorded runs (charts, participation, failures,
     /// configs) until Ctrl-C. Live runs serve their own dashboard.
     Dashboard(records::DashboardArgs),
+    /// Operators of the HTTP endpoint (`pollen operator add NAME --roles viewer --fleets F`).
+    Operator {
+        #[command(subcommand)]
+        command: OperatorCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum OperatorCommand {
+    /// Add an operator with a new random bearer token (printed once on stdout; the file
+    /// keeps its SHA-256).
+    Add(records::OperatorAddArgs),
 }
 
 async fn dispatch(command: Command) -> anyhow::Result<()> {
@@ -57,9 +74,13 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Central(a) => train::central(a).await,
         Command::Proxy(a) => fleet::proxy(a).await,
         Command::Devices(a) => fleet::devices(a).await,
+        Command::Fleet { command } => fleet::fleet(command),
         Command::Runs(a) => records::runs(a),
         Command::Status(a) => records::status(a),
         Command::Dashboard(a) => records::dashboard(a).await,
+        Command::Operator {
+            command: OperatorCommand::Add(a),
+        } => records::operator_add(a),
         Command::Data { command } => data::data(command),
     }
 }

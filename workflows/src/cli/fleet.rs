@@ -1,6 +1,8 @@
-//! The commands that talk to a fleet's broker: `pollen proxy` and `pollen devices`.
+//! The commands that talk to a fleet's broker (`pollen proxy`, `pollen devices`), the broker
+//! options they share with `pollen run`, and `pollen fleet provision`.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
@@ -10,14 +12,90 @@ use pollen_proxy::{Proxy, ProxyConfig, ProxyShard, Selection};
 use super::report::print_devices;
 use super::shutdown_on_ctrl_c;
 
+/// Where the fleet's broker is and who this process is to it.
+#[derive(Args, Debug, Clone)]
+pub struct BrokerArgs {
+    /// mqtt://host[:1883], or mqtts://host[:8883] with --broker-ca; a username and password
+    /// may be given in the URL.
+    #[arg(long, env = "POLLEN_BROKER", default_value = "mqtt://127.0.0.1:1883")]
+    pub broker: String,
+    /// PEM file of the CA that signed the broker's certificate (mqtts).
+    #[arg(long, env = "POLLEN_BROKER_CA", value_name = "PEM")]
+    pub broker_ca: Option<PathBuf>,
+    /// PEM client certificate, for brokers that identify clients by certificate (Mosquitto
+    /// with `use_identity_as_username`, AWS IoT Core).
+    #[arg(
+        long,
+        env = "POLLEN_BROKER_CERT",
+        value_name = "PEM",
+        requires = "broker_key"
+    )]
+    pub broker_cert: Option<PathBuf>,
+    /// PEM private key of --broker-cert.
+    #[arg(
+        long,
+        env = "POLLEN_BROKER_KEY",
+        value_name = "PEM",
+        requires = "broker_cert"
+    )]
+    pub broker_key: Option<PathBuf>,
+}
+
+impl BrokerArgs {
+    pub fn config(&self) -> BrokerConfig {
+        BrokerConfig {
+            url: self.broker.clone(),
+            ca_file: self.broker_ca.clone(),
+            cert_file: self.broker_cert.clone(),
+            key_file: self.broker_key.clone(),
+        }
+    }
+}
+
+/// How a proxy reaches an `https://` coordinator.
+#[derive(Args, Debug, Clone)]
+pub struct CoordinatorTlsArgs {
+    /// PEM of the CA that signed the coordinator's certificate.
+    #[arg(long, env = "POLLEN_COORDINATOR_CA", value_name = "PEM")]
+    pub coordinator_ca: Option<PathBuf>,
+    /// PEM client certificate for a coordinator that requires one (`pollen fleet provision`
+    /// writes DIR/proxies/<id>.pem).
+    #[arg(
+        long,
+        env = "POLLEN_COORDINATOR_CERT",
+        value_name = "PEM",
+        requires = "coordinator_key"
+    )]
+    pub coordinator_cert: Option<PathBuf>,
+    #[arg(
+        long,
+        env = "POLLEN_COORDINATOR_KEY",
+        value_name = "PEM",
+        requires = "coordinator_cert"
+    )]
+    pub coordinator_key: Option<PathBuf>,
+}
+
+impl CoordinatorTlsArgs {
+    pub fn config(&self) -> pollen_proto::grpc_tls::ClientTls {
+        pollen_proto::grpc_tls::ClientTls {
+            ca_file: self.coordinator_ca.clone(),
+            cert_file: self.coordinator_cert.clone(),
+            key_file: self.coordinator_key.clone(),
+        }
+    }
+}
+
 /// Arguments of `pollen proxy`.
 #[derive(Args, Debug)]
 pub struct ProxyArgs {
     /// Coordinator Fleet endpoint.
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     pub coordinator: String,
-    #[arg(long, env = "POLLEN_BROKER", default_value = "mqtt://127.0.0.1:1883")]
-    pub broker: String,
+    #[command(flatten)]
+    pub coordinator_tls: CoordinatorTlsArgs,
+    #[command(flatten)]
+    pub broker: BrokerArgs,
     #[arg(long, default_value = "default")]
     pub fleet: String,
     /// Names this proxy's persistent MQTT session; give each proxy of a fleet its own.
@@ -48,7 +126,8 @@ pub async fn proxy(a: ProxyArgs) -> anyhow::Result<()> {
             fleet: a.fleet.clone(),
             proxy_id: a.proxy_id,
             coordinator: a.coordinator.clone(),
-            broker: BrokerConfig::new(a.broker.clone()),
+            coordinator_tls: a.coordinator_tls.config(),
+            broker: a.broker.config(),
             selection: Selection {
                 devices: a.devices.map(|d| d.into_iter().collect()),
                 min_examples: a.min_examples,
@@ -66,7 +145,7 @@ pub async fn proxy(a: ProxyArgs) -> anyhow::Result<()> {
     eprintln!(
         "proxy for fleet {:?}: broker {}, coordinator {}; Ctrl-C to stop",
         a.fleet,
-        pollen_proto::mqtt::redact(&a.broker),
+        pollen_proto::mqtt::redact(&a.broker.broker),
         a.coordinator
     );
     if let Some(addr) = a.http {
@@ -86,8 +165,8 @@ pub async fn proxy(a: ProxyArgs) -> anyhow::Result<()> {
 /// Arguments of `pollen devices`.
 #[derive(Args, Debug)]
 pub struct DevicesArgs {
-    #[arg(long, env = "POLLEN_BROKER", default_value = "mqtt://127.0.0.1:1883")]
-    pub broker: String,
+    #[command(flatten)]
+    pub broker: BrokerArgs,
     #[arg(long, default_value = "default")]
     pub fleet: String,
     /// How long to collect status messages.
@@ -98,7 +177,7 @@ pub struct DevicesArgs {
 }
 
 pub async fn devices(a: DevicesArgs) -> anyhow::Result<()> {
-    let devices = pollen_proxy::discover(&BrokerConfig::new(a.broker), &a.fleet, a.wait).await?;
+    let devices = pollen_proxy::discover(&a.broker.config(), &a.fleet, a.wait).await?;
     if a.json {
         for d in &devices {
             println!("{}", serde_json::to_string(d)?);
@@ -108,4 +187,92 @@ pub async fn devices(a: DevicesArgs) -> anyhow::Result<()> {
         eprintln!("{} devices in fleet {:?}", devices.len(), a.fleet);
     }
     Ok(())
+}
+
+/// `pollen fleet ...`.
+#[derive(clap::Subcommand, Debug)]
+pub enum FleetCommand {
+    /// Make (or extend) a fleet's identities and broker policy in a directory: a fleet CA,
+    /// an X.509 certificate per device (CN = device id), per proxy and per operator, the
+    /// broker's and the coordinator's server certificates, a Mosquitto configuration with its
+    /// ACL (each device confined to its own topics), and AWS IoT Core policy documents. Run
+    /// again with more --devices to add devices; what exists is kept.
+    Provision(ProvisionArgs),
+}
+
+/// Arguments of `pollen fleet provision`.
+#[derive(Args, Debug)]
+pub struct ProvisionArgs {
+    /// Directory holding the fleet's CA, identities and policies.
+    #[arg(long)]
+    pub dir: PathBuf,
+    #[arg(long, default_value = "default")]
+    pub fleet: String,
+    /// Device ids to issue certificates for (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub devices: Vec<String>,
+    /// Proxy ids (their --proxy-id) to issue certificates for.
+    #[arg(long, value_delimiter = ',', default_value = "proxy-0")]
+    pub proxies: Vec<String>,
+    /// Operators who may list the fleet's devices.
+    #[arg(long, value_delimiter = ',', default_value = "admin")]
+    pub operators: Vec<String>,
+    /// Names (DNS or IP) the broker is reached by: its certificate is valid for these.
+    #[arg(long, value_delimiter = ',', default_value = "localhost,127.0.0.1")]
+    pub broker_names: Vec<String>,
+    /// Names (DNS or IP) the coordinator is reached by.
+    #[arg(long, value_delimiter = ',', default_value = "localhost,127.0.0.1")]
+    pub coordinator_names: Vec<String>,
+    /// The broker's mutual-TLS listener in mosquitto.conf.
+    #[arg(long, default_value = "0.0.0.0:8883")]
+    pub listen: SocketAddr,
+    /// Also give every identity a password (DIR/<kind>/<id>.password, hashed in
+    /// mosquitto.passwd) and open a TLS listener on this port for username/password logins
+    /// under the same ACL.
+    #[arg(long, value_name = "PORT")]
+    pub password_port: Option<u16>,
+    /// AWS region and account of the IoT Core policies' ARNs (`*`: any).
+    #[arg(long, default_value = "*")]
+    pub aws_region: String,
+    #[arg(long, default_value = "*")]
+    pub aws_account: String,
+}
+
+pub fn fleet(command: FleetCommand) -> anyhow::Result<()> {
+    match command {
+        FleetCommand::Provision(a) => {
+            let done = pollen_trust::Provision {
+                fleet: a.fleet.clone(),
+                dir: a.dir.clone(),
+                devices: a.devices,
+                proxies: a.proxies,
+                operators: a.operators,
+                broker_names: a.broker_names,
+                coordinator_names: a.coordinator_names,
+                listen_host: a.listen.ip().to_string(),
+                listen_port: a.listen.port(),
+                password_port: a.password_port,
+                aws_region: a.aws_region,
+                aws_account: a.aws_account,
+            }
+            .run()?;
+            eprintln!(
+                "fleet {:?} in {}: {} devices, {} proxies, {} operators ({} files written, {} kept)",
+                a.fleet,
+                a.dir.display(),
+                done.devices,
+                done.proxies,
+                done.operators,
+                done.created.len(),
+                done.kept.len()
+            );
+            eprintln!(
+                "broker: mosquitto -c {}; devices connect to mqtts://<broker>:{} with --broker-ca {}",
+                a.dir.join("mosquitto.conf").display(),
+                a.listen.port(),
+                a.dir.join("ca.pem").display()
+            );
+            Ok(())
+        }
+    }
 }

@@ -158,6 +158,34 @@ pub fn status(a: StatusArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Who may use the HTTP endpoint (dashboard, API, event stream, /metrics).
+#[derive(Args, Debug, Clone)]
+pub struct OperatorArgs {
+    /// Operators and their token digests (TOML, `pollen operator add` writes it): every
+    /// request then needs an operator's token and a policy that permits it. Required to
+    /// listen beyond loopback.
+    #[arg(long, env = "POLLEN_OPERATORS", value_name = "FILE")]
+    pub operators: Option<PathBuf>,
+    /// Cedar policy over operators, actions and runs [default: the built-in one: admin,
+    /// viewer, analyst and scraper roles].
+    #[arg(long, value_name = "FILE", requires = "operators")]
+    pub operator_policy: Option<PathBuf>,
+}
+
+impl OperatorArgs {
+    pub fn access(
+        &self,
+    ) -> anyhow::Result<Option<std::sync::Arc<pollen_dashboard::access::Access>>> {
+        Ok(match &self.operators {
+            Some(file) => Some(std::sync::Arc::new(pollen_dashboard::access::Access::load(
+                file,
+                self.operator_policy.as_deref(),
+            )?)),
+            None => None,
+        })
+    }
+}
+
 /// Arguments of `pollen dashboard`.
 #[derive(Args, Debug)]
 pub struct DashboardArgs {
@@ -166,6 +194,77 @@ pub struct DashboardArgs {
     /// Address to listen on; port 0 picks a free port.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
+    #[command(flatten)]
+    pub operators: OperatorArgs,
+}
+
+/// Arguments of `pollen operator add`.
+#[derive(Args, Debug)]
+pub struct OperatorAddArgs {
+    /// The operators file to create or extend.
+    #[arg(long, default_value = "operators.toml")]
+    pub file: PathBuf,
+    pub name: String,
+    /// Roles of the default policy: admin, viewer, analyst, scraper.
+    #[arg(long, value_delimiter = ',', default_value = "viewer")]
+    pub roles: Vec<String>,
+    /// Fleets whose runs the operator may see.
+    #[arg(long, value_delimiter = ',')]
+    pub fleets: Vec<String>,
+}
+
+/// `pollen operator add`: a new random token for NAME, printed once; the file keeps only its
+/// SHA-256.
+pub fn operator_add(a: OperatorAddArgs) -> anyhow::Result<()> {
+    use std::io::Write;
+    let existing = match std::fs::read_to_string(&a.file) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(anyhow::anyhow!("{}: {e}", a.file.display())),
+    };
+    let table: toml::Table =
+        toml::from_str(&existing).with_context(|| format!("{} is not TOML", a.file.display()))?;
+    let taken = table
+        .get("operator")
+        .and_then(|v| v.as_array())
+        .is_some_and(|ops| {
+            ops.iter()
+                .any(|o| o.get("name").and_then(|n| n.as_str()) == Some(a.name.as_str()))
+        });
+    anyhow::ensure!(
+        !taken,
+        "{} already has an operator {:?}",
+        a.file.display(),
+        a.name
+    );
+    let bytes: [u8; 32] = rand::random();
+    let token = hex::encode(bytes);
+    let mut entry = toml::Table::new();
+    entry.insert("name".into(), a.name.clone().into());
+    entry.insert(
+        "token_sha256".into(),
+        pollen_dashboard::access::token_digest(&token).into(),
+    );
+    entry.insert("roles".into(), a.roles.clone().into());
+    entry.insert("fleets".into(), a.fleets.clone().into());
+    let entry = toml::to_string(&entry)?;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&a.file)
+        .with_context(|| format!("opening {}", a.file.display()))?;
+    write!(file, "\n[[operator]]\n{entry}")?;
+    // Checks the whole file as the server will read it.
+    pollen_dashboard::access::Access::load(&a.file, None)?;
+    eprintln!(
+        "operator {:?} added to {} (roles {:?}, fleets {:?}); its token (shown only now):",
+        a.name,
+        a.file.display(),
+        a.roles,
+        a.fleets
+    );
+    println!("{token}");
+    Ok(())
 }
 
 pub async fn dashboard(a: DashboardArgs) -> anyhow::Result<()> {
@@ -173,6 +272,7 @@ pub async fn dashboard(a: DashboardArgs) -> anyhow::Result<()> {
     let shutdown = shutdown_on_ctrl_c("stopping the dashboard");
     let sources = pollen_dashboard::HttpSources {
         runs: Some(runs),
+        access: a.operators.access()?,
         ..Default::default()
     };
     let server = pollen_dashboard::serve_http(a.listen, sources, shutdown)

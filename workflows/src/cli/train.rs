@@ -109,6 +109,8 @@ pub struct LiveDashboardArgs {
     /// Where the dashboard listens; port 0 picks a free port.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
     pub http: SocketAddr,
+    #[command(flatten)]
+    pub operators: super::records::OperatorArgs,
 }
 
 impl LiveDashboardArgs {
@@ -175,6 +177,7 @@ pub async fn simulate(a: SimulateArgs) -> anyhow::Result<()> {
     options.broker = a.broker.map(BrokerConfig::new);
     options.s3 = a.storage.external();
     options.dashboard = a.dashboard.addr();
+    options.access = a.dashboard.operators.access()?;
     let sim =
         crate::simulate::simulate(&spec, &options, shutdown_on_ctrl_c(RUN_INTERRUPTED), report)
             .await?;
@@ -191,10 +194,23 @@ pub struct CoordinatorArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
+    /// Serve the Fleet API over TLS with this PEM certificate (`pollen fleet provision`
+    /// writes DIR/coordinator.pem); clients then use https://.
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (mutual TLS): a client may join only as
+    /// the id its certificate names, a proxy (pollen-proxy.<id>) as the devices it bridges.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    pub client_ca: Option<PathBuf>,
     /// HTTP endpoint: the web dashboard at /, Prometheus metrics at /metrics; port 0 picks
     /// a free port. The URL is printed at start.
     #[arg(long, default_value = "127.0.0.1:0")]
     pub http: SocketAddr,
+    #[command(flatten)]
+    pub operators: super::records::OperatorArgs,
     #[arg(long, default_value = "runs")]
     pub runs_dir: PathBuf,
     #[command(flatten)]
@@ -218,9 +234,19 @@ pub async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
     } else {
         a.storage.storage(&a.runs_dir)
     };
-    let coordinator = LocalCoordinator::start(a.listen, &storage).await?;
+    let tls = match (a.tls_cert, a.tls_key) {
+        (Some(cert_file), Some(key_file)) => Some(pollen_proto::grpc_tls::ServerTls {
+            cert_file,
+            key_file,
+            client_ca_file: a.client_ca,
+        }),
+        _ => None,
+    };
+    let coordinator = LocalCoordinator::start_tls(a.listen, tls.as_ref(), &storage).await?;
     eprintln!("Fleet gRPC API on {}", coordinator.endpoint());
-    let metrics = coordinator.dashboard(Some(a.http), &a.runs_dir).await?;
+    let metrics = coordinator
+        .dashboard(Some(a.http), &a.runs_dir, a.operators.access()?)
+        .await?;
     eprintln!("object storage: {}", coordinator.storage.describe());
     let manifest = crate::task::resolve_blind(&spec)?;
     let for_data = spec.clone();
@@ -245,8 +271,8 @@ pub async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
 pub struct RunArgs {
     /// Run spec (TOML); the built-in MNIST 2NN spec when absent.
     pub spec: Option<PathBuf>,
-    #[arg(long, env = "POLLEN_BROKER", default_value = "mqtt://127.0.0.1:1883")]
-    pub broker: String,
+    #[command(flatten)]
+    pub broker: super::fleet::BrokerArgs,
     /// Override the spec's fleet.
     #[arg(long)]
     pub fleet: Option<String>,
@@ -277,12 +303,13 @@ pub async fn run(a: RunArgs) -> anyhow::Result<()> {
         }
     })?;
     let options = FleetRunOptions {
-        broker: BrokerConfig::new(a.broker),
+        broker: a.broker.config(),
         storage: a.storage.storage(&a.runs_dir),
         runs_dir: a.runs_dir,
         discovery_wait: a.discovery_wait,
         stale_after: std::time::Duration::from_secs(30),
         dashboard: a.dashboard.addr(),
+        access: a.dashboard.operators.access()?,
     };
     let (bar, report) = reporter(&spec, a.json);
     let fleet_name = spec.devices.fleet.clone();
