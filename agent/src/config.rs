@@ -388,6 +388,45 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_consent_policy_loads_from_a_config_and_decides() {
+        use chrono::TimeZone;
+        use pollen_client::agent::consent::{Ask, Verdict};
+        let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/consent/afternoons.cedar");
+        let cfg = AgentConfig::from_toml(
+            &format!(
+                "device_id = \"gw-1\"\n[consent]\npolicy = {:?}\n[consent.attributes]\non_mains = true\n",
+                policy.display().to_string()
+            ),
+            "a.toml",
+        )
+        .expect("parses");
+        let consent = cfg.consent().expect("policy loads").expect("configured");
+        let at = |hour| Ask {
+            fleet: "utility",
+            device: "gw-1",
+            action: "fit",
+            run: "r",
+            round: 1,
+            task: "",
+            now: chrono::Local
+                .with_ymd_and_hms(2026, 12, 7, hour, 0, 0)
+                .single()
+                .expect("a local time"),
+            free_disk_bytes: 10_000_000_000,
+            busy: false,
+        };
+        assert_eq!(consent.decide(&at(15)), Verdict::Accept);
+        assert!(matches!(consent.decide(&at(18)), Verdict::Decline(_)));
+        let missing = AgentConfig::from_toml(
+            "device_id = \"gw-1\"\n[consent]\npolicy = \"/nonexistent.cedar\"\n",
+            "a.toml",
+        )
+        .expect("parses");
+        let err = missing.consent().expect_err("no file").to_string();
+        assert!(err.contains("/nonexistent.cedar"), "{err}");
+    }
+
+    #[test]
     fn the_default_toml_is_the_default_config() {
         let parsed =
             AgentConfig::from_toml(AgentConfig::default_toml(), "default").expect("parses");
