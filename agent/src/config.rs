@@ -391,7 +391,8 @@ mod tests {
     fn the_shipped_consent_policy_loads_from_a_config_and_decides() {
         use chrono::TimeZone;
         use pollen_client::agent::consent::{Ask, Verdict};
-        let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/consent/afternoons.cedar");
+        let policy =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/consent/afternoons.cedar");
         let cfg = AgentConfig::from_toml(
             &format!(
                 "device_id = \"gw-1\"\n[consent]\npolicy = {:?}\n[consent.attributes]\non_mains = true\n",
