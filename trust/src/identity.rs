@@ -29,15 +29,7 @@ pub fn may_join_as(identity: &str, client_id: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pki::{FleetCa, Usage};
-
-    fn der(pem: &str) -> Vec<u8> {
-        use base64::Engine;
-        let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
-        base64::engine::general_purpose::STANDARD
-            .decode(body)
-            .expect("base64")
-    }
+    use crate::pki::{FleetCa, Usage, der};
 
     #[test]
     fn the_identity_is_the_common_name_and_binds_the_client_id() {

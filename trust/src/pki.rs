@@ -167,17 +167,19 @@ impl IdentityFiles {
     }
 }
 
+/// The DER bytes of a one-certificate PEM (what a TLS peer presents), for tests.
+#[cfg(test)]
+pub(crate) fn der(pem: &str) -> Vec<u8> {
+    use base64::Engine;
+    let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .expect("base64")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn der(pem: &str) -> Vec<u8> {
-        use base64::Engine;
-        let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
-        base64::engine::general_purpose::STANDARD
-            .decode(body)
-            .expect("base64")
-    }
 
     #[test]
     fn a_reloaded_ca_issues_certificates_naming_the_stored_ca_as_issuer() {
