@@ -42,6 +42,16 @@ pub struct AgentConfig {
     pub backend: Backend,
     /// The device owner's policy over the instructions this agent accepts.
     pub consent: ConsentSection,
+    pub storage: StorageSection,
+}
+
+/// `[storage]`: how the agent reaches the object store behind the presigned URLs it is sent.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageSection {
+    /// A PEM CA trusted besides the public roots.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// `[consent]`: a Cedar policy file, and the attributes it may read as `context.device.*`.
@@ -65,6 +75,7 @@ impl Default for AgentConfig {
             data: DataSource::new("data/mnist"),
             backend: Backend::Auto,
             consent: ConsentSection::default(),
+            storage: StorageSection::default(),
         }
     }
 }
@@ -167,7 +178,7 @@ pub enum ConfigError {
 const DEFAULT_TOML: &str = r#"# pollen-agent configuration (MQTT mode). Every field is optional; the values shown are the
 # defaults. Environment variables override the file: POLLEN_DEVICE_ID, POLLEN_FLEET,
 # POLLEN_BROKER (the broker url), POLLEN_BROKER_CA, POLLEN_BROKER_CERT, POLLEN_BROKER_KEY (the
-# [broker] files), POLLEN_WORK_DIR, POLLEN_DATA (the data path; POLLEN_DATA_DIR is the same),
+# [broker] files), POLLEN_STORAGE_CA, POLLEN_WORK_DIR, POLLEN_DATA (the data path; POLLEN_DATA_DIR is the same),
 # POLLEN_SHARD, POLLEN_BACKEND. Relative paths are relative to the directory the agent is
 # started in.
 
@@ -199,6 +210,13 @@ url = "mqtt://127.0.0.1:1883"
 # ca_file = "ca.pem"
 # cert_file = "device.pem.crt"
 # key_file = "device.pem.key"
+
+[storage]
+# Weights and task files move over the presigned URLs the proxy sends; the device never holds
+# storage credentials. For an object store whose HTTPS certificate a private CA signed (the
+# coordinator's embedded S3 server with the fleet's certificates, an on-premises MinIO): that
+# CA (PEM), trusted besides the public roots.
+# ca_file = "ca.pem"
 
 [data]
 # This device's own data: a CSV file with a header (.csv, or gzip-compressed .csv.gz), a .npy
@@ -279,6 +297,9 @@ impl AgentConfig {
         }
         if let Some(v) = get("POLLEN_BROKER_KEY") {
             self.broker.key_file = Some(v.into());
+        }
+        if let Some(v) = get("POLLEN_STORAGE_CA") {
+            self.storage.ca_file = Some(v.into());
         }
         if let Some(v) = get("POLLEN_WORK_DIR") {
             self.work_dir = v.into();
@@ -368,6 +389,7 @@ impl AgentConfig {
             heartbeat: self.heartbeat,
             keep_alive: self.keep_alive,
             work_dir: Some(self.work_dir.clone()),
+            object_store_ca: self.storage.ca_file.clone(),
             ..AgentOptions::new(&self.device_id, &self.fleet, self.broker.clone())
         }
     }
@@ -530,11 +552,13 @@ mod tests {
             ("POLLEN_BROKER_CA", "pki/ca.pem"),
             ("POLLEN_BROKER_CERT", "pki/devices/env-dev.pem"),
             ("POLLEN_BROKER_KEY", "pki/devices/env-dev.key"),
+            ("POLLEN_STORAGE_CA", "pki/ca.pem"),
             ("POLLEN_OTHER", "ignored"),
         ]))
         .expect("applies");
         assert_eq!(cfg.device_id, "env-dev");
         assert_eq!(cfg.broker.ca_file, Some(PathBuf::from("pki/ca.pem")));
+        assert_eq!(cfg.storage.ca_file, Some(PathBuf::from("pki/ca.pem")));
         assert_eq!(
             (
                 cfg.broker.cert_file.as_deref(),

@@ -73,6 +73,10 @@ struct Args {
         requires = "coordinator_cert"
     )]
     coordinator_key: Option<PathBuf>,
+    /// The object store's private CA (PEM), trusted for its HTTPS besides the public roots
+    /// (overrides the config's storage.ca_file).
+    #[arg(long, env = "POLLEN_STORAGE_CA", value_name = "PEM")]
+    storage_ca: Option<PathBuf>,
     /// The device's data: a CSV file, a .npy features file or an MNIST folder [default:
     /// data/mnist, or the config's data.path].
     #[arg(long, alias = "data-dir")]
@@ -148,6 +152,9 @@ fn mqtt_config(args: &Args) -> anyhow::Result<AgentConfig> {
     if let Some(fleet) = &args.fleet {
         config.fleet = fleet.clone();
     }
+    if let Some(ca) = &args.storage_ca {
+        config.storage.ca_file = Some(ca.clone());
+    }
     data_flags(args, &mut config.data)?;
     if let Some(backend) = args.backend {
         config.backend = backend;
@@ -184,6 +191,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                         cert_file: args.coordinator_cert.clone(),
                         key_file: args.coordinator_key.clone(),
                     },
+                    object_store_ca: args.storage_ca.clone(),
                     ..Default::default()
                 },
                 ctrl_c(),

@@ -145,6 +145,7 @@ pub async fn run(options: &RoundsOptions) -> anyhow::Result<RoundsReport> {
         Transport::Device => Storage::Embedded {
             root: scratch.path().join("s3"),
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            tls: None,
         },
     };
     let coordinator =
@@ -170,6 +171,7 @@ pub async fn run(options: &RoundsOptions) -> anyhow::Result<RoundsReport> {
                 }),
             },
             grpc_compression: false,
+            object_store_ca: None,
         },
     )
     .await?;
@@ -353,6 +355,7 @@ pub async fn run_agent(
             compute_slots: None,
             properties: Default::default(),
             consent: None,
+            object_store_ca: None,
         },
         NoOpClient { examples: 10 },
     )?;

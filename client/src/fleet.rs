@@ -86,6 +86,8 @@ pub struct ClientOptions {
     /// TLS to the coordinator (`https://` endpoints): its CA, and this client's certificate,
     /// whose common name must be the client id when the coordinator requires certificates.
     pub tls: pollen_proto::grpc_tls::ClientTls,
+    /// A PEM CA to trust, besides the public roots, for the object store's HTTPS.
+    pub object_store_ca: Option<std::path::PathBuf>,
 }
 
 /// Connects to `endpoint` (`http://host:port`), joins as `client_id` and serves instructions
@@ -198,7 +200,10 @@ pub async fn serve<C: Client>(
     let cancelled: Arc<Mutex<HashSet<u64>>> = Arc::default();
     // Only needed when the coordinator sends weights by reference (presigned URLs): built on
     // first use, so that thousands of simulated clients with inline weights hold none.
-    let http = Arc::new(LazyHttp::default());
+    let http = Arc::new(LazyHttp {
+        client: Default::default(),
+        ca: options.object_store_ca.clone(),
+    });
     let tasks = Arc::new(TaskCache::default());
     let updates = Arc::new(UpdateEncoder::default());
     loop {
@@ -258,13 +263,19 @@ pub async fn serve<C: Client>(
 }
 
 /// The HTTP client for weight transfers, built on first use.
-#[derive(Default)]
-struct LazyHttp(std::sync::OnceLock<Result<reqwest::Client, String>>);
+struct LazyHttp {
+    client: std::sync::OnceLock<Result<reqwest::Client, String>>,
+    /// The object store's private CA, if it has one.
+    ca: Option<std::path::PathBuf>,
+}
 
 impl LazyHttp {
     fn get(&self) -> Result<&reqwest::Client, ClientError> {
-        self.0
-            .get_or_init(|| transfer::http_client().map_err(|e| e.to_string()))
+        self.client
+            .get_or_init(|| {
+                let ca = self.ca.as_deref().map(transfer::read_ca).transpose()?;
+                transfer::http_client(ca.as_deref()).map_err(|e| e.to_string())
+            })
             .as_ref()
             .map_err(|e| {
                 ClientError::training(format!(

@@ -106,13 +106,31 @@ pub fn redact(url: &str) -> String {
 }
 
 /// An HTTP client for presigned URLs: bounded connect and read stalls, no overall timeout (a
-/// large model on a slow link may legitimately take minutes).
-pub fn http_client() -> Result<reqwest::Client, reqwest::Error> {
-    reqwest::Client::builder()
+/// large model on a slow link may legitimately take minutes). `ca_pem` adds a CA (PEM) to the
+/// public roots, for an object store whose certificate a private CA signed (the embedded S3
+/// server serving the fleet's coordinator certificate, an on-premises MinIO).
+pub fn http_client(ca_pem: Option<&[u8]>) -> Result<reqwest::Client, reqwest::Error> {
+    let mut builder = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(10))
         .read_timeout(Duration::from_secs(60))
-        .user_agent(concat!("pollen-agent/", env!("CARGO_PKG_VERSION")))
-        .build()
+        .user_agent(concat!("pollen-agent/", env!("CARGO_PKG_VERSION")));
+    if let Some(pem) = ca_pem {
+        for ca in reqwest::Certificate::from_pem_bundle(pem)? {
+            builder = builder.add_root_certificate(ca);
+        }
+    }
+    builder.build()
+}
+
+/// Reads the PEM CA file an [`http_client`] is to trust; the error names the file.
+pub fn read_ca(path: &std::path::Path) -> Result<Vec<u8>, String> {
+    let pem =
+        std::fs::read(path).map_err(|e| format!("object store CA {path:?} cannot be read: {e}"))?;
+    match reqwest::Certificate::from_pem_bundle(&pem) {
+        Ok(certs) if !certs.is_empty() => Ok(pem),
+        Ok(_) => Err(format!("object store CA {path:?} holds no PEM certificate")),
+        Err(e) => Err(format!("object store CA {path:?} is not PEM: {e}")),
+    }
 }
 
 /// Tries of a request that fails before any answer arrives.

@@ -340,6 +340,7 @@ async fn fleet_of(dir: &Path, files: &[&Path]) -> Fleet {
     let storage = Storage::Embedded {
         root: dir.join("s3"),
         listen: "127.0.0.1:0".parse().expect("address"),
+        tls: None,
     };
     let coordinator = LocalCoordinator::start("127.0.0.1:0".parse().expect("address"), &storage)
         .await
@@ -363,6 +364,7 @@ async fn fleet_of(dir: &Path, files: &[&Path]) -> Fleet {
             compute_slots: std::sync::Arc::new(tokio::sync::Semaphore::new(2)),
             agent_process: None,
             grpc_compression: false,
+            object_store_ca: None,
         },
     )
     .await

@@ -43,7 +43,9 @@ struct TrustedFleet {
 }
 
 impl TrustedFleet {
-    fn start(devices: &[&str], proxies: &[&str]) -> Self {
+    /// `conf` is one of the generated broker configurations: `mosquitto.conf` (ACL file) or
+    /// `mosquitto-dynsec.conf` (dynamic-security plugin).
+    fn start(conf: &str, devices: &[&str], proxies: &[&str]) -> Self {
         let fleet = unique("trust");
         let dir = tempfile::tempdir().expect("tempdir");
         let (port, password_port) = (free_port(), free_port());
@@ -60,12 +62,13 @@ impl TrustedFleet {
             password_port: Some(password_port),
             aws_region: "*".into(),
             aws_account: "*".into(),
+            dynsec_plugin: pollen_trust::dynsec::DEBIAN_PLUGIN.into(),
         }
         .run()
         .expect("provision");
         // The generated configuration as is; only `user root` is added because the test runs
         // as root and Mosquitto would otherwise switch to a user that cannot read the keys.
-        let conf = std::fs::read_to_string(dir.path().join("mosquitto.conf")).expect("conf");
+        let conf = std::fs::read_to_string(dir.path().join(conf)).expect("conf");
         let test_conf = dir.path().join("test-mosquitto.conf");
         std::fs::write(&test_conf, format!("user root\n{conf}")).expect("write conf");
         let child = std::process::Command::new("mosquitto")
@@ -142,11 +145,9 @@ impl TrustedFleet {
     }
 
     fn agent(&self, id: &str, client: impl Client + 'static, stop: &CancellationToken) {
-        let agent = Agent::new(
-            test_agent_options(id, &self.fleet, &self.identity("devices", id)),
-            client,
-        )
-        .expect("agent options");
+        let mut options = test_agent_options(id, &self.fleet, &self.identity("devices", id));
+        options.object_store_ca = Some(self.path("ca.pem"));
+        let agent = Agent::new(options, client).expect("agent options");
         let t = stop.child_token();
         tokio::spawn(async move {
             let _ = agent.run(t).await;
@@ -282,7 +283,11 @@ fn forged_status(device: &str, online: bool) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_with_its_own_certificate_cannot_impersonate_another_over_mutual_tls() {
     mosquitto();
-    let t = TrustedFleet::start(&["dev-a", "dev-b", "dev-c", "evil"], &["proxy-0", "spy"]);
+    let t = TrustedFleet::start(
+        "mosquitto-dynsec.conf",
+        &["dev-a", "dev-b", "dev-c", "evil"],
+        &["proxy-0", "spy"],
+    );
     let fleet = t.fleet.clone();
 
     // A client without a certificate does not get in at all.
@@ -296,18 +301,26 @@ async fn a_device_with_its_own_certificate_cannot_impersonate_another_over_mutua
     );
 
     // The impersonator: a provisioned device with a valid certificate of its own. It tries to
-    // listen to everything; Mosquitto's ACL file grants the SUBSCRIBE and checks every message
-    // at delivery, so what it may not read never reaches it (asserted at the end).
+    // listen to everything; the broker refuses every subscription but its own command topic
+    // (and what it could not subscribe to never reaches it: asserted at the end).
     let evil = RawClient::connect(&t.identity("devices", "evil"), "pollen-agent-evil").await;
     for filter in [
         topics::command(&fleet, "dev-b"),
         format!("pollen/{fleet}/+/cmd"),
         topics::all_replies(&fleet),
         format!("pollen/{fleet}/#"),
-        topics::command(&fleet, "evil"),
+        "#".to_string(),
     ] {
-        evil.subscribe(&filter).await;
+        assert_eq!(
+            evil.subscribe(&filter).await,
+            SubscribeReasonCode::Failure,
+            "evil's subscription to {filter} must be refused"
+        );
     }
+    assert!(matches!(
+        evil.subscribe(&topics::command(&fleet, "evil")).await,
+        SubscribeReasonCode::Success(_)
+    ));
 
     // A listener with the proxy's rights sees what the proxy would.
     let spy = RawClient::connect(&t.identity("proxies", "spy"), "pollen-proxy-spy").await;
@@ -430,6 +443,33 @@ async fn a_device_with_its_own_certificate_cannot_impersonate_another_over_mutua
     }
     assert_close(&summary.parameters, 3.0);
 
+    // The weights went over HTTPS under the fleet CA: a client that does not trust that CA
+    // gets no connection, one that does gets the S3 server's answer.
+    assert!(h.s3_endpoint.starts_with("https://"), "{}", h.s3_endpoint);
+    let refused = pollen_client::transfer::http_client(None)
+        .expect("client")
+        .get(&h.s3_endpoint)
+        .send()
+        .await
+        .expect_err("the fleet CA is not a public root");
+    assert!(
+        error_chain(&refused).contains("UnknownIssuer"),
+        "{}",
+        error_chain(&refused)
+    );
+    let ca = std::fs::read(t.path("ca.pem")).expect("ca");
+    let answered = pollen_client::transfer::http_client(Some(&ca))
+        .expect("client")
+        .get(&h.s3_endpoint)
+        .send()
+        .await
+        .expect("TLS with the fleet CA");
+    assert_eq!(
+        answered.status(),
+        reqwest::StatusCode::FORBIDDEN,
+        "an unsigned request is refused by S3, over TLS"
+    );
+
     // Nothing evil published on another device's topics reached a proxy's subscription.
     let claims = |payloads: Vec<Bytes>| {
         payloads
@@ -481,14 +521,26 @@ async fn a_device_with_its_own_certificate_cannot_impersonate_another_over_mutua
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn password_logins_get_the_same_acl_and_wrong_passwords_are_refused() {
-    let t = TrustedFleet::start(&["dev-a", "dev-b"], &["proxy-0"]);
+    password_logins("mosquitto.conf").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn password_logins_get_the_same_rules_from_the_dynamic_security_plugin() {
+    password_logins("mosquitto-dynsec.conf").await;
+}
+
+async fn password_logins(conf: &str) {
+    let t = TrustedFleet::start(conf, &["dev-a", "dev-b"], &["proxy-0"]);
     let password = std::fs::read_to_string(t.path("devices/dev-a.password")).expect("password");
     let dev_a = RawClient::connect(&t.login("dev-a", password.trim()), "pollen-agent-pw").await;
     assert!(matches!(
         dev_a.subscribe(&topics::command(&t.fleet, "dev-a")).await,
         SubscribeReasonCode::Success(_)
     ));
-    dev_a.subscribe(&topics::command(&t.fleet, "dev-b")).await;
+    // The plugin refuses the subscription; the ACL file grants it and delivers nothing.
+    let refuses = conf == "mosquitto-dynsec.conf";
+    let code = dev_a.subscribe(&topics::command(&t.fleet, "dev-b")).await;
+    assert_eq!(code == SubscribeReasonCode::Failure, refuses, "{code:?}");
     // The proxy (by password too) commands both devices; dev-a hears only its own.
     let proxy_password =
         std::fs::read_to_string(t.path("proxies/proxy-0.password")).expect("password");
@@ -531,7 +583,8 @@ async fn password_logins_get_the_same_acl_and_wrong_passwords_are_refused() {
         admin.subscribe(&topics::all_status(&t.fleet)).await,
         SubscribeReasonCode::Success(_)
     ));
-    admin.subscribe(&topics::all_replies(&t.fleet)).await;
+    let code = admin.subscribe(&topics::all_replies(&t.fleet)).await;
+    assert_eq!(code == SubscribeReasonCode::Failure, refuses, "{code:?}");
     proxy
         .publish(&topics::reply(&t.fleet, "dev-a"), false, b"x".to_vec())
         .await;
@@ -571,7 +624,7 @@ async fn join(endpoint: &str, id: &str, tls: ClientTls) -> Result<(), FleetClien
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fleet_link_admits_only_certificates_naming_the_client_id() {
-    let t = TrustedFleet::start(&["dev-a"], &["proxy-0"]);
+    let t = TrustedFleet::start("mosquitto.conf", &["dev-a"], &["proxy-0"]);
     let stop = CancellationToken::new();
     let server = pollen_coordinator::server::serve_tls(
         SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -620,6 +673,17 @@ async fn the_fleet_link_admits_only_certificates_naming_the_client_id() {
 }
 
 /// Every weight of `p` is `expected` (within float rounding of the averages).
+/// An error and every cause under it, for asserting on the root cause.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    text
+}
+
 fn assert_close(p: &Parameters, expected: f32) {
     let v = values(p);
     assert!(

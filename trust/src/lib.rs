@@ -4,12 +4,15 @@
 //!   operators, the broker and the coordinator.
 //! - [`policy`]: the broker policies that confine each identity to its own topics (a
 //!   Mosquitto ACL and AWS IoT Core policy documents).
+//! - [`dynsec`]: the same rules for Mosquitto's dynamic-security plugin, which also refuses
+//!   subscriptions.
 //! - [`identity`]: a TLS peer's identity (its certificate's common name) and what it may join as.
 //! - [`passwords`]: Mosquitto password-file entries, for username/password deployments.
 //! - [`provision`]: `pollen fleet provision`, which writes all of the above to a directory.
 
 use std::path::{Path, PathBuf};
 
+pub mod dynsec;
 pub mod identity;
 pub mod passwords;
 pub mod pki;

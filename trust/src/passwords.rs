@@ -10,20 +10,53 @@ use base64::engine::general_purpose::STANDARD;
 /// Iterations `mosquitto_passwd` uses by default.
 pub const ITERATIONS: u32 = 101;
 
-/// One password-file line (without the newline) for `user` with `password`.
-pub fn entry(user: &str, password: &str) -> String {
-    let salt: [u8; 12] = rand::random();
-    entry_with_salt(user, password, &salt, ITERATIONS)
+/// A password as Mosquitto stores it: PBKDF2-HMAC-SHA512 with a random 12-byte salt. The
+/// password file and the dynamic-security plugin's JSON hold the same three fields.
+#[derive(Debug, Clone)]
+pub struct Hashed {
+    pub iterations: u32,
+    pub salt: Vec<u8>,
+    pub hash: [u8; 64],
 }
 
-fn entry_with_salt(user: &str, password: &str, salt: &[u8], iterations: u32) -> String {
-    let mut hash = [0u8; 64];
-    pbkdf2::pbkdf2_hmac::<sha2::Sha512>(password.as_bytes(), salt, iterations, &mut hash);
-    format!(
-        "{user}:$7${iterations}${}${}",
-        STANDARD.encode(salt),
-        STANDARD.encode(hash)
-    )
+impl Hashed {
+    pub fn new(password: &str) -> Self {
+        let salt: [u8; 12] = rand::random();
+        Self::with_salt(password, &salt, ITERATIONS)
+    }
+
+    fn with_salt(password: &str, salt: &[u8], iterations: u32) -> Self {
+        let mut hash = [0u8; 64];
+        pbkdf2::pbkdf2_hmac::<sha2::Sha512>(password.as_bytes(), salt, iterations, &mut hash);
+        Self {
+            iterations,
+            salt: salt.to_vec(),
+            hash,
+        }
+    }
+
+    /// The salt and the hash in base64, as both Mosquitto formats write them.
+    pub fn salt_b64(&self) -> String {
+        STANDARD.encode(&self.salt)
+    }
+    pub fn hash_b64(&self) -> String {
+        STANDARD.encode(self.hash)
+    }
+
+    /// This password's line of a password file (without the newline), for `user`.
+    pub fn entry(&self, user: &str) -> String {
+        format!(
+            "{user}:$7${}${}${}",
+            self.iterations,
+            self.salt_b64(),
+            self.hash_b64()
+        )
+    }
+}
+
+/// One password-file line (without the newline) for `user` with `password`.
+pub fn entry(user: &str, password: &str) -> String {
+    Hashed::new(password).entry(user)
 }
 
 /// A random password: 24 bytes of entropy, URL-safe so it survives config files and URLs.
@@ -40,7 +73,7 @@ mod tests {
     fn entries_follow_mosquitto_2s_pbkdf2_format() {
         // PBKDF2-HMAC-SHA512 test vector (RFC 6070's inputs, SHA-512 output from the
         // Python hashlib.pbkdf2_hmac reference): password "password", salt "salt", 1 iteration.
-        let line = entry_with_salt("dev-1", "password", b"salt", 1);
+        let line = Hashed::with_salt("password", b"salt", 1).entry("dev-1");
         let fields: Vec<&str> = line.splitn(2, ':').collect();
         assert_eq!(fields[0], "dev-1");
         let parts: Vec<&str> = fields[1].split('$').collect();

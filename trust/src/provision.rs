@@ -12,15 +12,17 @@
 //! DIR/proxies/<id>.pem .key      CN = pollen-proxy.<id>
 //! DIR/operators/<name>.pem .key  CN = pollen-operator.<name>
 //! DIR/*/<name>.password          with --passwords: that identity's broker password
-//! DIR/mosquitto.conf .acl .passwd
+//! DIR/mosquitto.conf .acl .passwd     the broker with an ACL file
+//! DIR/mosquitto-dynsec.conf          the broker with the dynamic-security plugin over
+//! DIR/dynamic-security.json          this JSON: refuses subscriptions too
 //! DIR/aws-iot-device-policy.json aws-iot-proxy-policy.json
 //! ```
 
 use std::path::{Path, PathBuf};
 
 use crate::pki::{FleetCa, IdentityFiles, Usage};
-use crate::policy::{self, AwsScope, ListenerFiles};
-use crate::{TrustError, passwords, write_private, write_public};
+use crate::policy::{self, Access, AwsScope, ListenerFiles};
+use crate::{TrustError, dynsec, passwords, write_private, write_public};
 
 /// What to provision.
 #[derive(Debug, Clone)]
@@ -41,6 +43,8 @@ pub struct Provision {
     pub password_port: Option<u16>,
     pub aws_region: String,
     pub aws_account: String,
+    /// Where the broker host has Mosquitto's dynamic-security plugin.
+    pub dynsec_plugin: String,
 }
 
 /// Which files provisioning wrote and which it found and kept.
@@ -187,6 +191,7 @@ impl Provision {
         (out.devices, out.proxies, out.operators) = (devices.len(), proxies.len(), operators.len());
 
         let passwd = dir.join("mosquitto.passwd");
+        let mut hashed = std::collections::BTreeMap::new();
         if self.password_port.is_some() {
             let mut lines = String::new();
             for (kind, names) in [
@@ -209,8 +214,10 @@ impl Provision {
                         PROXIES => policy::proxy_identity(name),
                         _ => policy::operator_identity(name),
                     };
-                    lines.push_str(&passwords::entry(&user, &password));
+                    let hash = passwords::Hashed::new(&password);
+                    lines.push_str(&hash.entry(&user));
                     lines.push('\n');
+                    hashed.insert(user, hash);
                 }
             }
             write_private(&passwd, lines.as_bytes())?;
@@ -222,28 +229,53 @@ impl Provision {
             &acl,
             policy::mosquitto_acl(&self.fleet, &proxies, &operators).as_bytes(),
         )?;
+        // Password hashes: private, like the password file.
+        let dynsec_json = dir.join("dynamic-security.json");
+        let dynsec = dynsec::config(&self.fleet, &devices, &proxies, &operators, &hashed);
+        let text =
+            serde_json::to_string_pretty(&dynsec).map_err(|e| TrustError::Input(e.to_string()))?;
+        write_private(&dynsec_json, text.as_bytes())?;
+
         let path = |p: &Path| p.display().to_string();
-        let (ca_pem, broker_pem, broker_key, acl_s, passwd_s) = (
+        let (ca_pem, broker_pem, broker_key, acl_s, passwd_s, dynsec_s) = (
             path(&ca_files.cert),
             path(&dir.join("broker.pem")),
             path(&dir.join("broker.key")),
             path(&acl),
             path(&passwd),
+            path(&dynsec_json),
         );
-        let conf = policy::mosquitto_conf(
-            &self.fleet,
-            &self.listen_host,
-            self.listen_port,
-            self.password_port,
-            &ListenerFiles {
-                ca: &ca_pem,
-                cert: &broker_pem,
-                key: &broker_key,
-                acl: &acl_s,
-                passwords: self.password_port.map(|_| passwd_s.as_str()),
-            },
-        );
-        write_public(&dir.join("mosquitto.conf"), conf.as_bytes())?;
+        for (file, access) in [
+            (
+                "mosquitto.conf",
+                Access::AclFile {
+                    acl: &acl_s,
+                    passwords: self.password_port.map(|_| passwd_s.as_str()),
+                },
+            ),
+            (
+                "mosquitto-dynsec.conf",
+                Access::DynamicSecurity {
+                    plugin: &self.dynsec_plugin,
+                    config: &dynsec_s,
+                    passwords: self.password_port.is_some(),
+                },
+            ),
+        ] {
+            let conf = policy::mosquitto_conf(
+                &self.fleet,
+                &self.listen_host,
+                self.listen_port,
+                self.password_port,
+                &ListenerFiles {
+                    ca: &ca_pem,
+                    cert: &broker_pem,
+                    key: &broker_key,
+                    access,
+                },
+            );
+            write_public(&dir.join(file), conf.as_bytes())?;
+        }
         let scope = AwsScope {
             region: &self.aws_region,
             account: &self.aws_account,
@@ -266,6 +298,8 @@ impl Provision {
             [
                 "mosquitto.acl",
                 "mosquitto.conf",
+                "mosquitto-dynsec.conf",
+                "dynamic-security.json",
                 "aws-iot-device-policy.json",
                 "aws-iot-proxy-policy.json",
             ]
@@ -293,6 +327,7 @@ mod tests {
             password_port: Some(8884),
             aws_region: "*".into(),
             aws_account: "*".into(),
+            dynsec_plugin: crate::dynsec::DEBIAN_PLUGIN.into(),
         }
     }
 

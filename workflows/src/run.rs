@@ -16,7 +16,7 @@ use pollen_coordinator::privacy::{CentralDp, LocalDp, Mechanism};
 use pollen_coordinator::records::RunHandle;
 use pollen_coordinator::registry::Registry;
 use pollen_coordinator::server::FleetServer;
-use pollen_coordinator::storage::embedded::EmbeddedS3;
+use pollen_coordinator::storage::embedded::{EmbeddedS3, EmbeddedTls};
 use pollen_coordinator::{
     BlobStore, DriverConfig, FedAvg, Metrics, RoundDriver, RoundRecord, RunStore, RunSummary,
     S3Store, StoreConfig,
@@ -35,9 +35,14 @@ use crate::task::{self, FinalTask};
 /// Where weight blobs go.
 #[derive(Debug, Clone)]
 pub enum Storage {
-    /// The in-process S3 server over `root`, listening on `listen` (port 0: any free port).
-    /// Devices on other hosts need `listen` to be an address they can reach.
-    Embedded { root: PathBuf, listen: SocketAddr },
+    /// The in-process S3 server over `root`, listening on `listen` (port 0: any free port),
+    /// over HTTPS with `tls`. Devices on other hosts need `listen` to be an address they can
+    /// reach.
+    Embedded {
+        root: PathBuf,
+        listen: SocketAddr,
+        tls: Option<EmbeddedTls>,
+    },
     /// An S3-compatible service (AWS S3, MinIO, ...).
     External(StoreConfig),
     /// No object storage: weights travel inline in gRPC messages (direct clients only).
@@ -82,8 +87,8 @@ pub async fn open_storage(
                 embedded: None,
             })
         }
-        Storage::Embedded { root, listen } => {
-            let embedded = EmbeddedS3::start(root, *listen, shutdown).await?;
+        Storage::Embedded { root, listen, tls } => {
+            let embedded = EmbeddedS3::start(root, *listen, tls.as_ref(), shutdown).await?;
             let store = S3Store::connect(&embedded.store_config("pollen")).await?;
             Ok(OpenStorage {
                 store: Some(Arc::new(store)),
@@ -416,6 +421,7 @@ pub async fn run_on_fleet(
         coordinator.storage.store.is_some(),
         "devices reached over MQTT need object storage; configure S3 or use the embedded store"
     );
+    eprintln!("object storage: {}", coordinator.storage.describe());
     let metrics = coordinator
         .dashboard(options.dashboard, &options.runs_dir, options.access.clone())
         .await?;

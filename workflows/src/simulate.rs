@@ -124,6 +124,7 @@ pub async fn simulate(
             None => Storage::Embedded {
                 root: options.runs_dir.join("s3"),
                 listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+                tls: None,
             },
         },
     };
@@ -156,6 +157,7 @@ pub async fn simulate(
             compute_slots: slots,
             agent_process: None,
             grpc_compression: options.grpc_compression,
+            object_store_ca: options.s3.as_ref().and_then(|s3| s3.ca_file.clone()),
         },
     )
     .await?;
@@ -233,6 +235,8 @@ pub struct FleetOptions {
     pub agent_process: Option<AgentProcess>,
     /// Direct gRPC clients: zstd on their streams.
     pub grpc_compression: bool,
+    /// Device path: the object store's private CA (PEM), which the devices trust.
+    pub object_store_ca: Option<PathBuf>,
 }
 
 /// A command that runs one device's edge agent: `program args.. --broker URL --fleet F
@@ -400,7 +404,11 @@ impl SimulatedFleet {
         options: &FleetOptions,
         stop_all: &CancellationToken,
     ) -> anyhow::Result<()> {
-        let http = pollen_client::transfer::http_client()
+        let ca = match &options.object_store_ca {
+            Some(path) => Some(pollen_client::transfer::read_ca(path).map_err(anyhow::Error::msg)?),
+            None => None,
+        };
+        let http = pollen_client::transfer::http_client(ca.as_deref())
             .context("building the HTTP client for weight transfers")?;
         for (i, client) in clients.into_iter().enumerate() {
             let agent = Agent::new(
@@ -415,6 +423,7 @@ impl SimulatedFleet {
                     compute_slots: Some(options.compute_slots.clone()),
                     properties: Default::default(),
                     consent: None,
+                    object_store_ca: None,
                 },
                 client,
             )?

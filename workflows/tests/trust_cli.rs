@@ -1,7 +1,9 @@
 //! The trust commands as an operator runs them: `pollen fleet provision`, then Mosquitto with
 //! the configuration it wrote, then `pollen devices` and `pollen run` against that broker with
-//! their client certificates. The two gateways are edge agents in this process, training the
-//! built-in MNIST spec on halves of `data/mnist`. Needs the `mosquitto` binary.
+//! their client certificates, its embedded S3 server serving HTTPS with the provisioned
+//! coordinator certificate. The two gateways are edge agents in this process, training the
+//! built-in MNIST spec on halves of `data/mnist` and trusting the fleet CA for the object
+//! store. Needs the `mosquitto` binary.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -20,7 +22,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// Kills the broker when the test ends, however it ends.
+/// Kills the process (the broker, a proxy) when the test ends, however it ends.
 struct Broker(std::process::Child);
 
 impl Drop for Broker {
@@ -110,6 +112,7 @@ async fn devices_and_run_work_against_the_provisioned_tls_broker() {
             .expect("MNIST share");
         let mut options = AgentOptions::new(&id, &fleet, broker);
         options.heartbeat = Duration::from_secs(5);
+        options.object_store_ca = Some(pki.join("ca.pem"));
         let agent = Agent::new(options, client).expect("agent");
         let token = stop.clone();
         tokio::spawn(async move {
@@ -175,17 +178,27 @@ async fn devices_and_run_work_against_the_provisioned_tls_broker() {
             &cert("proxies/proxy-0.pem"),
             "--broker-key",
             &cert("proxies/proxy-0.key"),
+            "--s3-tls-cert",
+            &cert("coordinator.pem"),
+            "--s3-tls-key",
+            &cert("coordinator.key"),
+            "--s3-ca",
+            &ca,
             "--runs-dir",
             &runs,
             "--json",
         ],
         &repo,
     );
-    stop.cancel();
     assert!(
         run.status.success(),
         "{}",
         String::from_utf8_lossy(&run.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        stderr.contains("object storage: embedded S3 at https://127.0.0.1:"),
+        "{stderr}"
     );
     let stdout = String::from_utf8_lossy(&run.stdout);
     let round: serde_json::Value =
@@ -196,4 +209,87 @@ async fn devices_and_run_work_against_the_provisioned_tls_broker() {
         round["accuracy"].as_f64().expect("accuracy") > 0.8,
         "{stdout}"
     );
+
+    // The same fleet with the coordinator and the proxy as processes of their own, every link
+    // over TLS: the Fleet link mutual (the proxy's certificate), the broker mutual, the object
+    // store HTTPS.
+    let port = free_port();
+    let coordinator = Command::new(env!("CARGO_BIN_EXE_pollen"))
+        .args([
+            "coordinator",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--rounds",
+            "1",
+            "--tls-cert",
+            &cert("coordinator.pem"),
+            "--tls-key",
+            &cert("coordinator.key"),
+            "--client-ca",
+            &ca,
+            "--s3-tls-cert",
+            &cert("coordinator.pem"),
+            "--s3-tls-key",
+            &cert("coordinator.key"),
+            "--s3-ca",
+            &ca,
+            "--wait-for-clients",
+            "60s",
+            "--runs-dir",
+            &runs,
+            "--json",
+        ])
+        .current_dir(&repo)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("pollen coordinator starts");
+    let _proxy = Broker(
+        Command::new(env!("CARGO_BIN_EXE_pollen"))
+            .args([
+                "proxy",
+                "--coordinator",
+                &format!("https://127.0.0.1:{port}"),
+                "--coordinator-ca",
+                &ca,
+                "--coordinator-cert",
+                &cert("proxies/proxy-0.pem"),
+                "--coordinator-key",
+                &cert("proxies/proxy-0.key"),
+                "--fleet",
+                &fleet,
+                "--broker",
+                &url,
+                "--broker-ca",
+                &ca,
+                "--broker-cert",
+                &cert("proxies/proxy-0.pem"),
+                "--broker-key",
+                &cert("proxies/proxy-0.key"),
+            ])
+            .current_dir(&repo)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("pollen proxy starts"),
+    );
+    let done = tokio::time::timeout(
+        Duration::from_secs(240),
+        tokio::task::spawn_blocking(move || coordinator.wait_with_output()),
+    )
+    .await
+    .expect("the coordinator finishes its round")
+    .expect("join")
+    .expect("coordinator output");
+    stop.cancel();
+    let stderr = String::from_utf8_lossy(&done.stderr);
+    assert!(done.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("Fleet gRPC API on https://127.0.0.1:{port}")),
+        "{stderr}"
+    );
+    let stdout = String::from_utf8_lossy(&done.stdout);
+    let round: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().expect("a round line")).expect("JSON");
+    assert_eq!(round["succeeded"], 2, "{stdout}");
 }

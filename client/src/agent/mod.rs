@@ -85,6 +85,8 @@ pub struct AgentOptions {
     pub properties: ScalarMap,
     /// The device owner's policy: instructions it does not permit are declined.
     pub consent: Option<Arc<consent::Consent>>,
+    /// A PEM CA to trust, besides the public roots, for the object store's HTTPS.
+    pub object_store_ca: Option<PathBuf>,
 }
 
 impl AgentOptions {
@@ -106,6 +108,7 @@ impl AgentOptions {
             compute_slots: None,
             properties: ScalarMap::new(),
             consent: None,
+            object_store_ca: None,
         }
     }
 
@@ -289,6 +292,8 @@ pub enum AgentError {
     },
     #[error("cannot build the HTTP client for presigned URLs: {0}")]
     Http(#[from] reqwest::Error),
+    #[error("{0}")]
+    ObjectStoreCa(String),
 }
 
 /// A device's edge agent. Build it with [`Agent::new`], then [`Agent::run`] it.
@@ -324,6 +329,12 @@ impl Agent {
     pub fn new(options: AgentOptions, client: impl Client) -> Result<Self, AgentError> {
         check_id("device id", &options.device_id)?;
         check_id("fleet", &options.fleet)?;
+        let ca = options
+            .object_store_ca
+            .as_deref()
+            .map(transfer::read_ca)
+            .transpose()
+            .map_err(AgentError::ObjectStoreCa)?;
         if options.heartbeat.is_zero() {
             return Err(AgentError::Option {
                 field: "heartbeat",
@@ -409,7 +420,7 @@ impl Agent {
             }
         };
         Ok(Self {
-            http: transfer::http_client()?,
+            http: transfer::http_client(ca.as_deref())?,
             options,
             mqtt,
             client: Box::new(client),

@@ -39,6 +39,10 @@ pub struct StoreConfig {
     /// Static credentials (access key id, secret). Never sent to devices.
     #[serde(skip)]
     pub credentials: Option<(String, String)>,
+    /// A PEM CA trusted besides the platform's roots, for an endpoint whose certificate a
+    /// private CA signed (the embedded server with the fleet's certificates, MinIO on site).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 fn default_region() -> String {
@@ -60,6 +64,7 @@ impl std::fmt::Debug for StoreConfig {
             .field("prefix", &self.prefix)
             .field("path_style", &self.path_style)
             .field("create_bucket", &self.create_bucket)
+            .field("ca_file", &self.ca_file)
             .field(
                 "credentials",
                 &self.credentials.as_ref().map(|(id, _)| (id, "***")),
@@ -78,6 +83,7 @@ impl Default for StoreConfig {
             path_style: true,
             create_bucket: true,
             credentials: None,
+            ca_file: None,
         }
     }
 }
@@ -101,13 +107,36 @@ impl std::fmt::Debug for S3Store {
     }
 }
 
-/// The SDK's own HTTPS client (hyper + rustls, the platform's trust roots), on ring: the
-/// SDK's default would link a second crypto backend, aws-lc-rs.
-fn https_client() -> aws_sdk_s3::config::SharedHttpClient {
-    use aws_smithy_http_client::tls::{Provider, rustls_provider::CryptoMode};
-    aws_smithy_http_client::Builder::new()
+/// The SDK's own HTTPS client (hyper + rustls, the platform's trust roots plus `ca_pem`), on
+/// ring: the SDK's default would link a second crypto backend, aws-lc-rs.
+fn https_client(ca_pem: Option<Vec<u8>>) -> Result<aws_sdk_s3::config::SharedHttpClient, String> {
+    use aws_smithy_http_client::tls::{
+        Provider, TlsContext, TrustStore, rustls_provider::CryptoMode,
+    };
+    let mut trust = TrustStore::default();
+    if let Some(pem) = ca_pem {
+        trust = trust.with_pem_certificate(pem);
+    }
+    let context = TlsContext::builder()
+        .with_trust_store(trust)
+        .build()
+        .map_err(|e| e.to_string())?;
+    Ok(aws_smithy_http_client::Builder::new()
         .tls_provider(Provider::Rustls(CryptoMode::Ring))
-        .build_https()
+        .tls_context(context)
+        .build_https())
+}
+
+/// The PEM CA file at `path`, checked to hold a certificate; the error names the file.
+fn read_ca(path: &std::path::Path) -> Result<Vec<u8>, String> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let pem = std::fs::read(path).map_err(|e| format!("CA file {path:?} cannot be read: {e}"))?;
+    match CertificateDer::pem_slice_iter(&pem).next() {
+        Some(Ok(_)) => Ok(pem),
+        Some(Err(e)) => Err(format!("CA file {path:?} is not PEM: {e}")),
+        None => Err(format!("CA file {path:?} holds no PEM certificate")),
+    }
 }
 
 fn sdk_message<E: std::error::Error>(e: E) -> String {
@@ -126,7 +155,16 @@ fn failed<E: std::error::Error>(op: &'static str, key: &str) -> impl FnOnce(E) -
 impl S3Store {
     /// Builds the S3 client and makes sure the bucket exists.
     pub async fn connect(config: &StoreConfig) -> Result<Self, StoreError> {
-        let http = https_client();
+        let ca_error = |message: String| StoreError::Bucket {
+            endpoint: config.endpoint.clone().unwrap_or_default(),
+            bucket: config.bucket.clone(),
+            message,
+        };
+        let ca = match &config.ca_file {
+            Some(path) => Some(read_ca(path).map_err(ca_error)?),
+            None => None,
+        };
+        let http = https_client(ca).map_err(ca_error)?;
         let mut builder = match &config.credentials {
             Some((key, secret)) => aws_sdk_s3::config::Builder::new()
                 .behavior_version(BehaviorVersion::latest())

@@ -11,7 +11,7 @@ use std::time::Duration;
 use pollen_client::agent::{Agent, AgentOptions};
 use pollen_client::{Client, ClientError, ClientEvaluate, ClientFit, Work};
 use pollen_coordinator::server::{FleetServer, serve_tls};
-use pollen_coordinator::storage::embedded::EmbeddedS3;
+use pollen_coordinator::storage::embedded::{EmbeddedS3, EmbeddedTls};
 use pollen_coordinator::strategy::Evaluation;
 use pollen_coordinator::{
     BlobStore, DriverConfig, FedAvg, FedAvgConfig, Metrics, RoundDriver, RunSummary, S3Store,
@@ -105,6 +105,8 @@ pub struct Harness {
     pub server: FleetServer,
     pub store: Arc<dyn BlobStore>,
     pub s3_secret: String,
+    /// `http(s)://127.0.0.1:PORT`: the embedded S3 server.
+    pub s3_endpoint: String,
     /// One proxy, or one per shard of the fleet.
     pub proxies: Vec<ProxyHandle>,
     pub metrics: Arc<Metrics>,
@@ -163,9 +165,19 @@ impl Harness {
     ) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let stop = CancellationToken::new();
+        // With TLS on the Fleet link, the object store serves HTTPS with the same certificate.
+        let s3_tls = tls.as_ref().map(|(server, _)| EmbeddedTls {
+            cert_file: server.cert_file.clone(),
+            key_file: server.key_file.clone(),
+            ca_file: server
+                .client_ca_file
+                .clone()
+                .expect("a secure harness has a fleet CA"),
+        });
         let s3 = EmbeddedS3::start(
             &dir.path().join("s3"),
             SocketAddr::from(([127, 0, 0, 1], 0)),
+            s3_tls.as_ref(),
             stop.clone(),
         )
         .await
@@ -226,6 +238,7 @@ impl Harness {
             server,
             store,
             s3_secret: s3.secret_key().to_string(),
+            s3_endpoint: s3.endpoint.clone(),
             proxies,
             metrics,
             http: format!("http://{}", http.addr),

@@ -236,6 +236,10 @@ pub struct ProvisionArgs {
     pub aws_region: String,
     #[arg(long, default_value = "*")]
     pub aws_account: String,
+    /// Where the broker host has Mosquitto's dynamic-security plugin, for
+    /// mosquitto-dynsec.conf (the eclipse-mosquitto image: /usr/lib/mosquitto_dynamic_security.so).
+    #[arg(long, default_value = pollen_trust::dynsec::DEBIAN_PLUGIN)]
+    pub dynsec_plugin: String,
 }
 
 pub fn fleet(command: FleetCommand) -> anyhow::Result<()> {
@@ -254,6 +258,7 @@ pub fn fleet(command: FleetCommand) -> anyhow::Result<()> {
                 password_port: a.password_port,
                 aws_region: a.aws_region,
                 aws_account: a.aws_account,
+                dynsec_plugin: a.dynsec_plugin,
             }
             .run()?;
             eprintln!(
@@ -267,8 +272,9 @@ pub fn fleet(command: FleetCommand) -> anyhow::Result<()> {
                 done.kept.len()
             );
             eprintln!(
-                "broker: mosquitto -c {}; devices connect to mqtts://<broker>:{} with --broker-ca {}",
+                "broker: mosquitto -c {} (or {}, which also refuses subscriptions beyond an identity's topics); devices connect to mqtts://<broker>:{} with --broker-ca {}",
                 a.dir.join("mosquitto.conf").display(),
+                a.dir.join("mosquitto-dynsec.conf").display(),
                 a.listen.port(),
                 a.dir.join("ca.pem").display()
             );

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 use pollen_coordinator::StoreConfig;
+use pollen_coordinator::storage::embedded::EmbeddedTls;
 use pollen_proto::mqtt::BrokerConfig;
 use pollen_train::Backend;
 
@@ -74,6 +75,17 @@ pub struct StorageArgs {
     /// address, so it must be reachable from them.
     #[arg(long, default_value = "127.0.0.1:0")]
     pub s3_listen: SocketAddr,
+    /// Serve the embedded S3 server over HTTPS with this PEM certificate (valid for the
+    /// --s3-listen address; `pollen fleet provision`'s coordinator.pem) and its key. Needs
+    /// --s3-ca; devices trust that CA with [storage] ca_file (POLLEN_STORAGE_CA).
+    #[arg(long, value_name = "PEM", requires_all = ["s3_tls_key", "s3_ca"])]
+    pub s3_tls_cert: Option<PathBuf>,
+    #[arg(long, value_name = "PEM", requires = "s3_tls_cert")]
+    pub s3_tls_key: Option<PathBuf>,
+    /// A PEM CA trusted for the object store's HTTPS besides the platform's roots: the one
+    /// that signed --s3-tls-cert, or a private CA of --s3-endpoint.
+    #[arg(long, env = "POLLEN_S3_CA", value_name = "PEM")]
+    pub s3_ca: Option<PathBuf>,
 }
 
 impl StorageArgs {
@@ -83,6 +95,7 @@ impl StorageArgs {
             region: self.s3_region.clone(),
             bucket: self.s3_bucket.clone(),
             path_style: !self.s3_virtual_hosted,
+            ca_file: self.s3_ca.clone(),
             ..StoreConfig::default()
         })
     }
@@ -94,6 +107,14 @@ impl StorageArgs {
             None => Storage::Embedded {
                 root: runs_dir.join("s3"),
                 listen: self.s3_listen,
+                tls: match (&self.s3_tls_cert, &self.s3_tls_key, &self.s3_ca) {
+                    (Some(cert), Some(key), Some(ca)) => Some(EmbeddedTls {
+                        cert_file: cert.clone(),
+                        key_file: key.clone(),
+                        ca_file: ca.clone(),
+                    }),
+                    _ => None,
+                },
             },
         }
     }
@@ -175,6 +196,10 @@ pub async fn simulate(a: SimulateArgs) -> anyhow::Result<()> {
     options.grpc_compression = a.grpc_compression;
     options.backend = a.backend;
     options.broker = a.broker.map(BrokerConfig::new);
+    anyhow::ensure!(
+        a.storage.s3_tls_cert.is_none(),
+        "--s3-tls-cert serves the embedded S3 server over HTTPS to devices on other hosts (pollen coordinator, pollen run); simulate's devices share its process"
+    );
     options.s3 = a.storage.external();
     options.dashboard = a.dashboard.addr();
     options.access = a.dashboard.operators.access()?;
