@@ -132,6 +132,26 @@ async fn get_json(url: &str, token: &str) -> Value {
     serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {url}: not JSON: {e}: {body}"))
 }
 
+/// What the event stream at `url` sends `token`'s operator until its first `round` event, or
+/// until `limit`.
+async fn events_until_round(url: &str, token: &str, limit: Duration) -> String {
+    use futures::StreamExt;
+    let response = get(url, token).await;
+    assert_eq!(response.status().as_u16(), 200, "{url}");
+    let mut stream = response.bytes_stream();
+    let mut heard = String::new();
+    let _ = tokio::time::timeout(limit, async {
+        while let Some(Ok(chunk)) = stream.next().await {
+            heard.push_str(&String::from_utf8_lossy(&chunk));
+            if heard.contains("event: round") {
+                break;
+            }
+        }
+    })
+    .await;
+    heard
+}
+
 /// Polls `check` every 200 ms until it returns `Some`, failing after `limit` with `what`.
 async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
     limit: Duration,
@@ -232,6 +252,18 @@ async fn the_dashboard_shows_a_live_run_in_a_real_browser() {
         let why = denied.text().await.expect("body");
         assert!(why.contains("operator \"vic\" may not"), "{why}");
     }
+    // The event stream: both may watch, but the viewer of another fleet hears none of this
+    // run's rounds while the admin hears them.
+    let events = format!("{url}api/events");
+    let (admin_heard, viewer_heard) = tokio::join!(
+        events_until_round(&events, &admin, Duration::from_secs(60)),
+        events_until_round(&events, &viewer, Duration::from_secs(20)),
+    );
+    assert!(admin_heard.contains("event: round"), "{admin_heard}");
+    assert!(admin_heard.contains(&run_id), "{admin_heard}");
+    assert!(!viewer_heard.contains("event: round"), "{viewer_heard}");
+    assert!(!viewer_heard.contains(&run_id), "{viewer_heard}");
+
     let model = get(&format!("{url}api/runs/{run_id}/model"), &admin).await;
     assert_eq!(model.status().as_u16(), 200);
     assert!(model.bytes().await.expect("checkpoint").len() > 100_000);

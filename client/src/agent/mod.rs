@@ -24,6 +24,7 @@ pub use state::parse_command;
 mod outbox;
 mod runtime;
 mod state;
+mod wire;
 mod work;
 
 use std::path::PathBuf;
@@ -48,8 +49,9 @@ use crate::client::Client;
 use crate::task::TaskCache;
 use crate::transfer;
 use outbox::Outbox;
-use runtime::{Runtime, StatusInfo};
+use runtime::Runtime;
 use state::Scheduler;
+use wire::StatusInfo;
 use work::Worker;
 
 /// Longest device or fleet id accepted: ids travel in every reply and status, which must stay
