@@ -386,7 +386,8 @@ impl Fleet {
     async fn run(&self, spec: &RunSpec, data: &Path) -> pollen_coordinator::RunSummary {
         let raw = pollen_train::DataSource::new(data).read().expect("reads");
         let manifest = pollen_workflows::task::resolve_with_data(spec, &raw).expect("resolves");
-        let run = pollen_workflows::run::create_run(spec, &self.runs).expect("records");
+        let run = pollen_workflows::run::create_run(spec, &self.runs, &Default::default())
+            .expect("records");
         pollen_workflows::run::drive(
             spec,
             manifest,

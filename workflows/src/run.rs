@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use pollen_coordinator::privacy::{CentralDp, LocalDp, Mechanism};
-use pollen_coordinator::records::RunHandle;
+use pollen_coordinator::records::{Database, Liveness, RunHandle};
 use pollen_coordinator::registry::Registry;
 use pollen_coordinator::server::FleetServer;
 use pollen_coordinator::storage::embedded::{EmbeddedS3, EmbeddedTls};
@@ -142,10 +142,23 @@ pub fn build_strategy(
     Ok(strategy)
 }
 
-/// Opens the run database and creates this run's records.
-pub fn create_run(spec: &RunSpec, runs_dir: &std::path::Path) -> anyhow::Result<Arc<RunHandle>> {
-    let store = RunStore::open(runs_dir)
-        .with_context(|| format!("opening the run records in {}", runs_dir.display()))?;
+/// Opens the run records: the runs directory and the run table in `database`.
+pub fn open_records(
+    runs_dir: &std::path::Path,
+    database: &Database,
+) -> anyhow::Result<Arc<RunStore>> {
+    let liveness = Liveness::from_env().map_err(anyhow::Error::msg)?;
+    RunStore::open_with(runs_dir, database, liveness)
+        .with_context(|| format!("opening the run records in {}", runs_dir.display()))
+}
+
+/// Opens the run records and creates this run's.
+pub fn create_run(
+    spec: &RunSpec,
+    runs_dir: &std::path::Path,
+    database: &Database,
+) -> anyhow::Result<Arc<RunHandle>> {
+    let store = open_records(runs_dir, database)?;
     Ok(Arc::new(store.create_run(
         &spec.name,
         &spec.to_toml(),
@@ -159,13 +172,13 @@ pub fn create_run(spec: &RunSpec, runs_dir: &std::path::Path) -> anyhow::Result<
 async fn serve_dashboard(
     addr: SocketAddr,
     runs_dir: &std::path::Path,
+    database: &Database,
     registry: &Arc<Registry>,
     metrics: &Arc<Metrics>,
     access: Option<Arc<pollen_dashboard::access::Access>>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<HttpServer> {
-    let runs = RunStore::open(runs_dir)
-        .with_context(|| format!("opening the run records in {}", runs_dir.display()))?;
+    let runs = open_records(runs_dir, database)?;
     let sources = HttpSources {
         registry: Some(registry.clone()),
         metrics: Some(metrics.clone()),
@@ -324,6 +337,7 @@ impl LocalCoordinator {
         &self,
         addr: Option<SocketAddr>,
         runs_dir: &std::path::Path,
+        database: &Database,
         access: Option<Arc<pollen_dashboard::access::Access>>,
     ) -> anyhow::Result<Option<Arc<Metrics>>> {
         let Some(addr) = addr else {
@@ -333,6 +347,7 @@ impl LocalCoordinator {
         serve_dashboard(
             addr,
             runs_dir,
+            database,
             &self.server.registry,
             &metrics,
             access,
@@ -357,6 +372,8 @@ pub struct FleetRunOptions {
     pub broker: BrokerConfig,
     pub storage: Storage,
     pub runs_dir: PathBuf,
+    /// Where the run table is (SQLite in `runs_dir` by default).
+    pub database: Database,
     /// How long to listen for retained device statuses before selecting.
     pub discovery_wait: Duration,
     /// Heartbeat staleness after which a device counts as offline.
@@ -423,11 +440,16 @@ pub async fn run_on_fleet(
     );
     eprintln!("object storage: {}", coordinator.storage.describe());
     let metrics = coordinator
-        .dashboard(options.dashboard, &options.runs_dir, options.access.clone())
+        .dashboard(
+            options.dashboard,
+            &options.runs_dir,
+            &options.database,
+            options.access.clone(),
+        )
         .await?;
     let spec_for_data = spec.clone();
     let server = tokio::task::spawn_blocking(move || task::server_data(&spec_for_data)).await??;
-    let run = create_run(spec, &options.runs_dir)?;
+    let run = create_run(spec, &options.runs_dir, &options.database)?;
     let (run_id, run_dir) = (run.id().to_string(), run.dir().to_path_buf());
     let proxy = Proxy::start(
         ProxyConfig {

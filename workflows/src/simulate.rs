@@ -56,6 +56,8 @@ impl Transport {
 pub struct SimulateOptions {
     /// Records go to `<runs_dir>/<run-id>/` and `<runs_dir>/pollen.db`.
     pub runs_dir: PathBuf,
+    /// Where the run table is (SQLite in `runs_dir` by default).
+    pub database: pollen_coordinator::records::Database,
     /// Clients training at once; defaults to the number of cores.
     pub parallelism: Option<usize>,
     pub transport: Transport,
@@ -79,6 +81,7 @@ impl SimulateOptions {
     pub fn new(runs_dir: impl Into<PathBuf>) -> Self {
         Self {
             runs_dir: runs_dir.into(),
+            database: Default::default(),
             parallelism: None,
             transport: Transport::Device,
             broker: None,
@@ -110,7 +113,7 @@ pub async fn simulate(
         .await?
         .context("preparing the simulation's data")?;
 
-    let run = crate::run::create_run(spec, &options.runs_dir)?;
+    let run = crate::run::create_run(spec, &options.runs_dir, &options.database)?;
     let run_id = run.id().to_string();
     let run_dir = run.dir().to_path_buf();
     run.write_file("partition.json", &serde_json::to_vec_pretty(&data.report)?)
@@ -133,7 +136,12 @@ pub async fn simulate(
     // Clients, agents and the proxy stop with the coordinator (also on an early return).
     let stop_all = coordinator.token();
     let metrics = coordinator
-        .dashboard(options.dashboard, &options.runs_dir, options.access.clone())
+        .dashboard(
+            options.dashboard,
+            &options.runs_dir,
+            &options.database,
+            options.access.clone(),
+        )
         .await?;
 
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());

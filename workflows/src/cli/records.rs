@@ -7,18 +7,19 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Args;
 use pollen_coordinator::RunStore;
-use pollen_coordinator::records::RunRow;
+use pollen_coordinator::records::{Database, RunRow};
 
 use super::report::show_metric;
 use super::shutdown_on_ctrl_c;
 
-fn open_records(runs_dir: &Path) -> anyhow::Result<Arc<RunStore>> {
+fn open_records(runs_dir: &Path, database: Option<&str>) -> anyhow::Result<Arc<RunStore>> {
+    let database = Database::parse(database).map_err(anyhow::Error::msg)?;
     anyhow::ensure!(
-        runs_dir.join("pollen.db").exists(),
+        database != Database::Sqlite || runs_dir.join("pollen.db").exists(),
         "no run records in {}: start a run first (pollen simulate), or pass --runs-dir",
         runs_dir.display()
     );
-    Ok(RunStore::open(runs_dir)?)
+    crate::run::open_records(runs_dir, &database)
 }
 
 /// The run `wanted` names: an exact id, a unique prefix, or "latest".
@@ -49,13 +50,17 @@ fn find_run(runs: &[RunRow], wanted: &str) -> anyhow::Result<RunRow> {
 pub struct RunsArgs {
     #[arg(long, default_value = "runs")]
     pub runs_dir: PathBuf,
+    /// The run table's database: postgres://user:password@host:port/db, or SQLite in
+    /// --runs-dir (the default). Checkpoints and logs stay in --runs-dir either way.
+    #[arg(long, env = "POLLEN_DATABASE", value_name = "URL")]
+    pub database: Option<String>,
     /// One JSON object per run on stdout.
     #[arg(long)]
     pub json: bool,
 }
 
 pub fn runs(a: RunsArgs) -> anyhow::Result<()> {
-    let store = open_records(&a.runs_dir)?;
+    let store = open_records(&a.runs_dir, a.database.as_deref())?;
     let runs = store.overviews()?;
     if !a.json {
         println!(
@@ -97,13 +102,17 @@ pub struct StatusArgs {
     pub run: String,
     #[arg(long, default_value = "runs")]
     pub runs_dir: PathBuf,
+    /// The run table's database: postgres://user:password@host:port/db, or SQLite in
+    /// --runs-dir (the default). Checkpoints and logs stay in --runs-dir either way.
+    #[arg(long, env = "POLLEN_DATABASE", value_name = "URL")]
+    pub database: Option<String>,
     /// One JSON object ({"run": ..., "rounds": [...]}) on stdout.
     #[arg(long)]
     pub json: bool,
 }
 
 pub fn status(a: StatusArgs) -> anyhow::Result<()> {
-    let store = open_records(&a.runs_dir)?;
+    let store = open_records(&a.runs_dir, a.database.as_deref())?;
     let row = find_run(&store.list_runs()?, &a.run)?;
     let rounds = store.rounds(&row.id)?;
     if a.json {
@@ -191,6 +200,10 @@ impl OperatorArgs {
 pub struct DashboardArgs {
     #[arg(long, default_value = "runs")]
     pub runs_dir: PathBuf,
+    /// The run table's database: postgres://user:password@host:port/db, or SQLite in
+    /// --runs-dir (the default). Checkpoints and logs stay in --runs-dir either way.
+    #[arg(long, env = "POLLEN_DATABASE", value_name = "URL")]
+    pub database: Option<String>,
     /// Address to listen on; port 0 picks a free port.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
@@ -268,7 +281,7 @@ pub fn operator_add(a: OperatorAddArgs) -> anyhow::Result<()> {
 }
 
 pub async fn dashboard(a: DashboardArgs) -> anyhow::Result<()> {
-    let runs = open_records(&a.runs_dir)?;
+    let runs = open_records(&a.runs_dir, a.database.as_deref())?;
     let shutdown = shutdown_on_ctrl_c("stopping the dashboard");
     let sources = pollen_dashboard::HttpSources {
         runs: Some(runs),

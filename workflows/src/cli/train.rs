@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 use pollen_coordinator::StoreConfig;
+use pollen_coordinator::records::Database;
 use pollen_coordinator::storage::embedded::EmbeddedTls;
 use pollen_proto::mqtt::BrokerConfig;
 use pollen_train::Backend;
@@ -173,6 +174,10 @@ pub struct SimulateArgs {
     /// Where run records go.
     #[arg(long, default_value = "runs")]
     pub runs_dir: PathBuf,
+    /// The run table's database: postgres://user:password@host:port/db, or SQLite in
+    /// --runs-dir (the default). Checkpoints and logs stay in --runs-dir either way.
+    #[arg(long, env = "POLLEN_DATABASE", value_name = "URL")]
+    pub database: Option<String>,
     #[command(flatten)]
     pub dashboard: LiveDashboardArgs,
 }
@@ -188,6 +193,7 @@ pub async fn simulate(a: SimulateArgs) -> anyhow::Result<()> {
     })?;
     let (bar, report) = reporter(&spec, a.json);
     let mut options = SimulateOptions::new(a.runs_dir);
+    options.database = Database::parse(a.database.as_deref()).map_err(anyhow::Error::msg)?;
     options.transport = a.transport;
     anyhow::ensure!(
         !a.grpc_compression || a.transport == Transport::Grpc,
@@ -238,6 +244,10 @@ pub struct CoordinatorArgs {
     pub operators: super::records::OperatorArgs,
     #[arg(long, default_value = "runs")]
     pub runs_dir: PathBuf,
+    /// The run table's database: postgres://user:password@host:port/db, or SQLite in
+    /// --runs-dir (the default). Checkpoints and logs stay in --runs-dir either way.
+    #[arg(long, env = "POLLEN_DATABASE", value_name = "URL")]
+    pub database: Option<String>,
     #[command(flatten)]
     pub storage: StorageArgs,
     /// No object storage: weights travel inline in gRPC (direct clients only).
@@ -253,6 +263,7 @@ pub struct CoordinatorArgs {
 
 pub async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
     let spec = a.spec.load(|_| {})?;
+    let database = Database::parse(a.database.as_deref()).map_err(anyhow::Error::msg)?;
     let shutdown = shutdown_on_ctrl_c(RUN_INTERRUPTED);
     let storage = if a.inline_weights {
         Storage::Inline
@@ -270,13 +281,13 @@ pub async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
     let coordinator = LocalCoordinator::start_tls(a.listen, tls.as_ref(), &storage).await?;
     eprintln!("Fleet gRPC API on {}", coordinator.endpoint());
     let metrics = coordinator
-        .dashboard(Some(a.http), &a.runs_dir, a.operators.access()?)
+        .dashboard(Some(a.http), &a.runs_dir, &database, a.operators.access()?)
         .await?;
     eprintln!("object storage: {}", coordinator.storage.describe());
     let manifest = crate::task::resolve_blind(&spec)?;
     let for_data = spec.clone();
     let server = tokio::task::spawn_blocking(move || crate::task::server_data(&for_data)).await??;
-    let run = crate::run::create_run(&spec, &a.runs_dir)?;
+    let run = crate::run::create_run(&spec, &a.runs_dir, &database)?;
     let (run_id, run_dir) = (run.id().to_string(), run.dir().to_path_buf());
     let (bar, report) = reporter(&spec, a.json);
     let options = DriveOptions {
@@ -310,6 +321,10 @@ pub struct RunArgs {
     pub storage: StorageArgs,
     #[arg(long, default_value = "runs")]
     pub runs_dir: PathBuf,
+    /// The run table's database: postgres://user:password@host:port/db, or SQLite in
+    /// --runs-dir (the default). Checkpoints and logs stay in --runs-dir either way.
+    #[arg(long, env = "POLLEN_DATABASE", value_name = "URL")]
+    pub database: Option<String>,
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     pub discovery_wait: std::time::Duration,
     #[arg(long)]
@@ -331,6 +346,7 @@ pub async fn run(a: RunArgs) -> anyhow::Result<()> {
         broker: a.broker.config(),
         storage: a.storage.storage(&a.runs_dir),
         runs_dir: a.runs_dir,
+        database: Database::parse(a.database.as_deref()).map_err(anyhow::Error::msg)?,
         discovery_wait: a.discovery_wait,
         stale_after: std::time::Duration::from_secs(30),
         dashboard: a.dashboard.addr(),

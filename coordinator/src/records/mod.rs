@@ -1,8 +1,13 @@
-//! Run records: a directory per run and an embedded SQLite database of runs and rounds.
+//! Run records: a directory per run and a database of runs and rounds: SQLite in the runs
+//! directory (the embedded default) or PostgreSQL ([`Database`]), behind one interface
+//! ([`db::RunDb`]) with versioned schema migrations.
+//!
+//! A running run's coordinator beats a heartbeat into its row; a `running` run whose
+//! heartbeat is older than the lease is shown as `interrupted` (its coordinator died).
 //!
 //! ```text
 //! runs/
-//!   pollen.db                      runs and rounds (SQLite), for listing and resuming
+//!   pollen.db                      runs and rounds (SQLite), unless in PostgreSQL
 //!   <run-id>/
 //!     spec.toml                    the run spec exactly as used, seed included
 //!     metrics.jsonl                one RoundRecord per line
@@ -14,11 +19,17 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
 use crate::counters::CountersSnapshot;
+
+pub mod db;
+mod postgres;
+mod sqlite;
+
+use db::{NewRun, RoundRow, RunDb};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
@@ -27,11 +38,8 @@ pub enum RecordError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("run database {path}: {source}")]
-    Db {
-        path: PathBuf,
-        source: rusqlite::Error,
-    },
+    #[error(transparent)]
+    Db(#[from] db::DbError),
     #[error("run record could not be serialized: {0}")]
     Json(#[from] serde_json::Error),
 }
@@ -177,25 +185,76 @@ pub fn lower_is_better(metric: &str) -> bool {
     matches!(metric, "rmse" | "mae" | "loss" | "mean_score") || metric.ends_with("loss")
 }
 
+/// Where the run table lives.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Database {
+    /// `pollen.db` in the runs directory.
+    #[default]
+    Sqlite,
+    /// `postgres://user:password@host:port/database`.
+    Postgres(String),
+}
+
+impl Database {
+    /// `None` or `sqlite`: the file in the runs directory; `postgres://...`: that database.
+    pub fn parse(url: Option<&str>) -> Result<Self, String> {
+        match url {
+            None | Some("" | "sqlite") => Ok(Self::Sqlite),
+            Some(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => {
+                Ok(Self::Postgres(u.to_string()))
+            }
+            Some(u) => Err(format!(
+                "database {:?}: give postgres://user:password@host:port/database, or leave it out for SQLite in the runs directory",
+                postgres::redact(u)
+            )),
+        }
+    }
+}
+
+/// How a running run shows that its coordinator is alive.
+#[derive(Debug, Clone, Copy)]
+pub struct Liveness {
+    /// How often the coordinator beats.
+    pub every: Duration,
+    /// A `running` run with no beat for this long is `interrupted`.
+    pub lease: Duration,
+}
+
+impl Default for Liveness {
+    fn default() -> Self {
+        Self::beating_every(Duration::from_secs(10))
+    }
+}
+
+impl Liveness {
+    /// Beats every `every`; three missed beats make a run interrupted.
+    pub fn beating_every(every: Duration) -> Self {
+        Self {
+            every,
+            lease: every * 3,
+        }
+    }
+
+    /// `POLLEN_HEARTBEAT` (e.g. `10s`, the default), which the coordinator and whoever
+    /// reads the records must agree on.
+    pub fn from_env() -> Result<Self, String> {
+        match std::env::var("POLLEN_HEARTBEAT") {
+            Ok(v) if !v.is_empty() => match humantime::parse_duration(&v) {
+                Ok(d) if !d.is_zero() => Ok(Self::beating_every(d)),
+                _ => Err(format!(
+                    "POLLEN_HEARTBEAT={v:?}: give a duration longer than zero, e.g. 10s"
+                )),
+            },
+            _ => Ok(Self::default()),
+        }
+    }
+}
+
 /// The runs directory and its database.
 pub struct RunStore {
     root: PathBuf,
-    db_path: PathBuf,
-    db: Mutex<Connection>,
-}
-
-/// A `runs` row selected as `id, name, created_at, status, seed, num_rounds, last_round, dir`.
-fn run_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRow> {
-    Ok(RunRow {
-        id: r.get(0)?,
-        name: r.get(1)?,
-        created_at: r.get(2)?,
-        status: r.get(3)?,
-        seed: r.get::<_, i64>(4)? as u64,
-        num_rounds: r.get::<_, i64>(5)? as u64,
-        last_round: r.get::<_, i64>(6)? as u64,
-        dir: r.get(7)?,
-    })
+    db: Arc<dyn RunDb>,
+    liveness: Liveness,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RecordError + '_ {
@@ -205,70 +264,64 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RecordError + '_ {
     }
 }
 
+fn now() -> String {
+    chrono::Utc::now().to_rfc3339()
+}
+
 impl RunStore {
     /// Opens (creating if needed) `root` and `root/pollen.db`.
     pub fn open(root: impl Into<PathBuf>) -> Result<Arc<Self>, RecordError> {
+        Self::open_with(root, &Database::Sqlite, Liveness::default())
+    }
+
+    /// Opens `root` with the run table in `database`, migrating its schema to this build's.
+    pub fn open_with(
+        root: impl Into<PathBuf>,
+        database: &Database,
+        liveness: Liveness,
+    ) -> Result<Arc<Self>, RecordError> {
         let root = root.into();
         fs::create_dir_all(&root).map_err(io(&root))?;
-        let db_path = root.join("pollen.db");
-        let db_err = |source| RecordError::Db {
-            path: db_path.clone(),
-            source,
+        let db: Arc<dyn RunDb> = match database {
+            Database::Sqlite => Arc::new(sqlite::SqliteDb::open(&root.join("pollen.db"))?),
+            Database::Postgres(url) => Arc::new(postgres::PostgresDb::open(url)?),
         };
-        let conn = Connection::open(&db_path).map_err(db_err)?;
-        // WAL + NORMAL: a round's record survives a process crash, and a commit costs no fsync
-        // of the main database file on the round's critical path.
-        conn.execute_batch(
-            "PRAGMA journal_mode = WAL;
-             PRAGMA synchronous = NORMAL;
-             PRAGMA busy_timeout = 5000;
-             CREATE TABLE IF NOT EXISTS runs (
-                 id TEXT PRIMARY KEY,
-                 name TEXT NOT NULL,
-                 created_at TEXT NOT NULL,
-                 status TEXT NOT NULL,
-                 seed INTEGER NOT NULL,
-                 num_rounds INTEGER NOT NULL,
-                 last_round INTEGER NOT NULL DEFAULT 0,
-                 dir TEXT NOT NULL,
-                 spec TEXT NOT NULL
-             );
-             CREATE TABLE IF NOT EXISTS rounds (
-                 run_id TEXT NOT NULL REFERENCES runs(id),
-                 round INTEGER NOT NULL,
-                 status TEXT NOT NULL,
-                 accuracy REAL,
-                 loss REAL,
-                 checkpoint TEXT,
-                 record TEXT NOT NULL,
-                 PRIMARY KEY (run_id, round)
-             );",
-        )
-        .map_err(db_err)?;
-        Ok(Arc::new(Self {
-            root,
-            db_path,
-            db: Mutex::new(conn),
-        }))
+        Ok(Arc::new(Self { root, db, liveness }))
     }
 
     pub fn root(&self) -> &Path {
         &self.root
     }
 
-    fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
-        self.db.lock().unwrap_or_else(|e| e.into_inner())
+    /// The database, for messages (no password).
+    pub fn database(&self) -> String {
+        self.db.describe()
     }
 
-    fn db_err(&self) -> impl FnOnce(rusqlite::Error) -> RecordError + '_ {
-        move |source| RecordError::Db {
-            path: self.db_path.clone(),
-            source,
+    /// The schema version the database is at.
+    pub fn schema_version(&self) -> Result<u32, RecordError> {
+        Ok(self.db.schema_version()?)
+    }
+
+    /// `running` becomes `interrupted` when the heartbeat is older than the lease.
+    fn shown(&self, (mut row, beat): (RunRow, Option<String>)) -> RunRow {
+        if row.status == "running" {
+            let alive = beat
+                .and_then(|b| chrono::DateTime::parse_from_rfc3339(&b).ok())
+                .is_some_and(|b| {
+                    let age = chrono::Utc::now().signed_duration_since(b);
+                    age.to_std().unwrap_or_default() <= self.liveness.lease
+                });
+            if !alive {
+                row.status = "interrupted".into();
+            }
         }
+        row
     }
 
     /// Creates a run: its directory, its spec file and its row. The id is
-    /// `<name>-<UTC yyyymmdd-hhmmss>-<4 hex>`.
+    /// `<name>-<UTC yyyymmdd-hhmmss>-<4 hex>`. Until the handle is dropped, a thread beats the
+    /// run's heartbeat.
     pub fn create_run(
         self: &Arc<Self>,
         name: &str,
@@ -290,44 +343,33 @@ impl RunStore {
             .append(true)
             .open(&metrics_path)
             .map_err(io(&metrics_path))?;
-        self.db()
-            .execute(
-                "INSERT INTO runs (id, name, created_at, status, seed, num_rounds, dir, spec)
-                 VALUES (?1, ?2, ?3, 'running', ?4, ?5, ?6, ?7)",
-                params![
-                    id,
-                    name,
-                    now.to_rfc3339(),
-                    seed as i64,
-                    num_rounds as i64,
-                    dir.display().to_string(),
-                    spec_toml
-                ],
-            )
-            .map_err(self.db_err())?;
+        self.db.insert_run(&NewRun {
+            id: &id,
+            name,
+            created_at: &now.to_rfc3339(),
+            seed,
+            num_rounds,
+            dir: &dir.display().to_string(),
+            spec: spec_toml,
+        })?;
+        let beating = heartbeat(self.db.clone(), id.clone(), self.liveness.every);
         Ok(RunHandle {
             id,
             dir,
             store: self.clone(),
             metrics: Mutex::new(metrics),
+            _beating: beating,
         })
     }
 
     /// All runs, newest first.
     pub fn list_runs(&self) -> Result<Vec<RunRow>, RecordError> {
-        let db = self.db();
-        let mut stmt = db
-            .prepare(
-                "SELECT id, name, created_at, status, seed, num_rounds, last_round, dir
-                 FROM runs ORDER BY created_at DESC, id DESC",
-            )
-            .map_err(self.db_err())?;
-        let rows = stmt
-            .query_map([], run_row)
-            .map_err(self.db_err())?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(self.db_err())?;
-        Ok(rows)
+        Ok(self
+            .db
+            .list_runs()?
+            .into_iter()
+            .map(|r| self.shown(r))
+            .collect())
     }
 
     /// All runs with their latest and best accuracy, newest first.
@@ -340,19 +382,7 @@ impl RunStore {
 
     /// `run` with its latest and best accuracy.
     pub fn overview(&self, run: RunRow) -> Result<RunOverview, RecordError> {
-        let db = self.db();
-        let mut stmt = db
-            .prepare_cached(
-                "SELECT (SELECT accuracy FROM rounds WHERE run_id = ?1 AND accuracy IS NOT NULL
-                         ORDER BY round DESC LIMIT 1),
-                        (SELECT MAX(accuracy) FROM rounds WHERE run_id = ?1)",
-            )
-            .map_err(self.db_err())?;
-        let (accuracy, best_accuracy) = stmt
-            .query_row([&run.id], |r| Ok((r.get(0)?, r.get(1)?)))
-            .map_err(self.db_err())?;
-        drop(stmt);
-        drop(db);
+        let (accuracy, best_accuracy) = self.db.accuracies(&run.id)?;
         let rounds = self.rounds(&run.id)?;
         let metric = rounds.iter().rev().find_map(|r| r.primary_metric.clone());
         let values: Vec<f64> = match &metric {
@@ -381,42 +411,45 @@ impl RunStore {
 
     /// One run's row and its spec (TOML), if it exists.
     pub fn run(&self, run_id: &str) -> Result<Option<(RunRow, String)>, RecordError> {
-        self.db()
-            .query_row(
-                "SELECT id, name, created_at, status, seed, num_rounds, last_round, dir, spec
-                 FROM runs WHERE id = ?1",
-                [run_id],
-                |r| Ok((run_row(r)?, r.get(8)?)),
-            )
-            .optional()
-            .map_err(self.db_err())
+        Ok(self
+            .db
+            .run(run_id)?
+            .map(|(row, beat, spec)| (self.shown((row, beat)), spec)))
     }
 
     /// The recorded rounds of a run, in order.
     pub fn rounds(&self, run_id: &str) -> Result<Vec<RoundRecord>, RecordError> {
-        let db = self.db();
-        let mut stmt = db
-            .prepare("SELECT record FROM rounds WHERE run_id = ?1 ORDER BY round")
-            .map_err(self.db_err())?;
-        let json: Vec<String> = stmt
-            .query_map([run_id], |r| r.get(0))
-            .map_err(self.db_err())?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(self.db_err())?;
-        json.iter()
+        self.db
+            .round_records(run_id)?
+            .iter()
             .map(|j| serde_json::from_str(j).map_err(RecordError::from))
             .collect()
     }
 
     /// The status of a run, if it exists.
     pub fn run_status(&self, run_id: &str) -> Result<Option<String>, RecordError> {
-        self.db()
-            .query_row("SELECT status FROM runs WHERE id = ?1", [run_id], |r| {
-                r.get(0)
-            })
-            .optional()
-            .map_err(self.db_err())
+        Ok(self.run(run_id)?.map(|(row, _)| row.status))
     }
+}
+
+/// Beats `id`'s heartbeat every `every` on a thread of its own until the returned sender is
+/// dropped. A failed beat is logged: the run goes on, and shows as interrupted if beats keep
+/// failing.
+fn heartbeat(db: Arc<dyn RunDb>, id: String, every: Duration) -> std::sync::mpsc::Sender<()> {
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let spawned = std::thread::Builder::new()
+        .name("pollen-heartbeat".into())
+        .spawn(move || {
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(every) {
+                if let Err(e) = db.heartbeat(&id, &now()) {
+                    tracing::warn!("run {id}: heartbeat not recorded: {e}");
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("no heartbeat thread: {e}");
+    }
+    tx
 }
 
 /// An open run: appends round records and checkpoints.
@@ -425,6 +458,8 @@ pub struct RunHandle {
     dir: PathBuf,
     store: Arc<RunStore>,
     metrics: Mutex<File>,
+    /// Dropping it stops the heartbeat.
+    _beating: std::sync::mpsc::Sender<()>,
 }
 
 impl RunHandle {
@@ -471,26 +506,18 @@ impl RunHandle {
             RoundStatus::Ok => "ok",
             RoundStatus::Failed => "failed",
         };
-        let db = self.store.db();
-        db.execute(
-            "INSERT OR REPLACE INTO rounds (run_id, round, status, accuracy, loss, checkpoint, record)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![
-                self.id,
-                record.round as i64,
+        self.store.db.commit_round(
+            &RoundRow {
+                run_id: &self.id,
+                round: record.round,
                 status,
-                record.accuracy,
-                record.loss,
-                checkpoint,
-                line
-            ],
-        )
-        .map_err(self.store.db_err())?;
-        db.execute(
-            "UPDATE runs SET last_round = MAX(last_round, ?2) WHERE id = ?1",
-            params![self.id, record.round as i64],
-        )
-        .map_err(self.store.db_err())?;
+                accuracy: record.accuracy,
+                loss: record.loss,
+                checkpoint: checkpoint.as_deref(),
+                record: &line,
+            },
+            &now(),
+        )?;
         Ok(())
     }
 
@@ -506,13 +533,10 @@ impl RunHandle {
 
     /// Marks the run finished (`completed`, `failed`, `cancelled`).
     pub fn finish(&self, status: &str) -> Result<(), RecordError> {
-        self.store
-            .db()
-            .execute(
-                "UPDATE runs SET status = ?2 WHERE id = ?1",
-                params![self.id, status],
-            )
-            .map_err(self.store.db_err())?;
+        self.store.db.set_status(&self.id, status)?;
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests;
