@@ -124,6 +124,9 @@ pub struct RoundsReport {
     pub machine: Machine,
 }
 
+/// How long the fleet and the coordinator get to stop after the rounds.
+const SHUTDOWN_LIMIT: Duration = Duration::from_secs(30);
+
 pub async fn run(options: &RoundsOptions) -> anyhow::Result<RoundsReport> {
     anyhow::ensure!(options.clients >= 1, "--clients must be at least 1");
     anyhow::ensure!(options.params >= 1, "--params must be at least 1");
@@ -205,10 +208,17 @@ pub async fn run(options: &RoundsOptions) -> anyhow::Result<RoundsReport> {
     // Each round's record, the proxy's MQTT message count and the time when it ended.
     type Ended = (RoundRecord, Option<u64>, std::time::Instant);
     let records: Arc<Mutex<Vec<Ended>>> = Arc::default();
+    // The first round that is not a clean success ends the benchmark: its numbers would mean
+    // nothing, and the remaining rounds would only delay the error.
+    let stop = CancellationToken::new();
     let stats_at_round = {
         let records = records.clone();
         let proxy = fleet.mqtt_messages();
+        let stop = stop.clone();
         move |r: &RoundRecord| {
+            if r.status != RoundStatus::Ok || r.succeeded != sampled {
+                stop.cancel();
+            }
             let messages = proxy.as_ref().map(|f| f());
             records.lock().unwrap_or_else(|e| e.into_inner()).push((
                 r.clone(),
@@ -233,17 +243,23 @@ pub async fn run(options: &RoundsOptions) -> anyhow::Result<RoundsReport> {
     if let Some(store) = coordinator.storage.store.clone() {
         driver = driver.with_store(store);
     }
-    let summary = driver.run(CancellationToken::new()).await;
+    let summary = driver.run(stop).await;
     let peak_rss_bytes = peak_rss_bytes();
-    coordinator.token().cancel();
-    fleet.join().await;
-    coordinator.shut_down().await;
-    summary.context("driving the rounds")?;
-
     let records = std::mem::take(&mut *records.lock().unwrap_or_else(|e| e.into_inner()));
-    for (r, _, _) in &records {
-        anyhow::ensure!(
-            r.status == RoundStatus::Ok && r.succeeded == sampled,
+    let failed = records
+        .iter()
+        .find(|(r, _, _)| r.status != RoundStatus::Ok || r.succeeded != sampled);
+    // Thousands of agents stop in a bounded time, or are left to the process's exit.
+    coordinator.token().cancel();
+    let stopped = async {
+        fleet.join().await;
+        coordinator.shut_down().await;
+    };
+    if tokio::time::timeout(SHUTDOWN_LIMIT, stopped).await.is_err() {
+        eprintln!("the simulated fleet did not stop within {SHUTDOWN_LIMIT:?}; leaving it");
+    }
+    if let Some((r, _, _)) = failed {
+        anyhow::bail!(
             "round {} did not succeed with all {sampled} sampled clients ({} succeeded, failures {:?}{})",
             r.round,
             r.succeeded,
@@ -251,6 +267,7 @@ pub async fn run(options: &RoundsOptions) -> anyhow::Result<RoundsReport> {
             r.error.as_ref().map_or(String::new(), |e| format!(": {e}"))
         );
     }
+    summary.context("driving the rounds")?;
     // Round 1 is the warm-up: connections, caches and allocator pools fill there.
     let timed = &records[1..];
     let seconds: Vec<f64> = timed.iter().map(|(r, _, _)| r.seconds).collect();

@@ -161,3 +161,37 @@ fn bench_mnist_stops_at_the_target_accuracy() {
     );
     stats_ok(&v["round_seconds"], round);
 }
+
+/// A benchmark whose round fails ends at once with that round's error, however many rounds it
+/// was asked for and however many agents it must stop.
+#[test]
+fn a_failed_round_ends_the_benchmark_promptly_with_its_error() {
+    let start = std::time::Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_pollen-bench"))
+        .args([
+            "rounds",
+            "--clients",
+            "200",
+            "--params",
+            "100000",
+            "--rounds",
+            "1000",
+            "--transport",
+            "device",
+            // No device answers in time: round 1 fails.
+            "--round-timeout",
+            "1ms",
+            "--json",
+        ])
+        .output()
+        .expect("pollen-bench runs");
+    let took = start.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("error: round 1 did not succeed with all 200 sampled clients"),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty(), "no report for a failed benchmark");
+    assert!(took < std::time::Duration::from_secs(60), "took {took:?}");
+}

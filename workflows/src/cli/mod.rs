@@ -36,12 +36,16 @@ pub fn main(command: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(command) {
+    let outcome = rt.block_on(command);
+    if let Err(e) = &outcome {
+        eprintln!("error: {e:#}");
+    }
+    // Dropping the runtime would wait for every blocking task (a training step, a device's
+    // file read) however long it takes: a command that has finished, or failed, exits now.
+    rt.shutdown_timeout(std::time::Duration::from_secs(2));
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
+        Err(_) => ExitCode::FAILURE,
     }
 }
 
