@@ -30,5 +30,6 @@ pub mod simulate;
 pub mod spec;
 pub mod task;
 pub mod torchscript;
+pub mod warm;
 
 pub use spec::RunSpec;

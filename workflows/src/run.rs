@@ -225,6 +225,23 @@ pub async fn drive(
         wait_for_clients,
         metrics,
     } = options;
+    let warm = match &spec.warm_start {
+        Some(w) => {
+            let runs_dir = run
+                .dir()
+                .parent()
+                .context("a run directory lies in a runs directory")?;
+            let path = w.path(runs_dir)?;
+            let parameters = crate::warm::load(&path, &manifest)?;
+            eprintln!(
+                "warm start: {} ({} parameters)",
+                path.display(),
+                parameters.num_params()
+            );
+            Some(parameters)
+        }
+        None => None,
+    };
     let done = FinalTask::default();
     let mut strategy = build_strategy(spec, &manifest, server, &done)?;
     let primary = manifest.task.kind.primary_metric().to_string();
@@ -264,7 +281,20 @@ pub async fn drive(
     if let Some(metrics) = metrics {
         driver = driver.with_metrics(metrics);
     }
-    Ok(driver.run(shutdown).await?)
+    let warm_started = warm.is_some();
+    if let Some(parameters) = warm {
+        driver = driver.with_warm_start(parameters);
+    }
+    let summary = driver.run(shutdown).await?;
+    if warm_started && let Some(e) = &summary.initial_evaluation {
+        let accuracy = e.metrics.get("accuracy").copied();
+        eprintln!(
+            "warm start: before round 1, loss {:.4}{}",
+            e.loss,
+            accuracy.map_or(String::new(), |a| format!(", accuracy {a:.4}"))
+        );
+    }
+    Ok(summary)
 }
 
 /// A coordinator started in this process for one run: the Fleet gRPC service and the run's

@@ -55,6 +55,9 @@ pub struct RunSpec {
     /// How simulated devices behave (`pollen simulate` only).
     #[serde(default)]
     pub simulation: SimulationSpec,
+    /// Start from an earlier run's checkpoint instead of fresh weights.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm_start: Option<crate::warm::WarmStartSpec>,
 }
 
 /// The `[compression]` table: codecs beside f32 safetensors.
@@ -314,6 +317,9 @@ impl RunSpec {
         }
         if self.rounds == 0 {
             return Err("rounds must be at least 1".into());
+        }
+        if let Some(w) = &self.warm_start {
+            w.validate()?;
         }
         if self.data.clients == Some(0) {
             return Err("data.clients must be at least 1".into());

@@ -542,3 +542,99 @@ fn agents_on_files_of_their_own_train_two_runs_of_different_models() {
         );
     }
 }
+
+/// A spec's `[warm_start]` starts a run from an earlier run's last checkpoint (its accuracy
+/// before round 1 is the earlier run's, not a fresh model's), and refuses another model's.
+#[test]
+fn a_warm_started_run_begins_from_the_earlier_runs_model() {
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let runs = tempfile::tempdir().expect("tempdir");
+    let pollen = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_pollen"))
+            .args(args)
+            .arg("--runs-dir")
+            .arg(runs.path())
+            .current_dir(&repo)
+            .output()
+            .expect("pollen runs")
+    };
+    let first = pollen(&[
+        "simulate",
+        "--transport",
+        "in-process",
+        "--rounds",
+        "3",
+        "--clients",
+        "10",
+        "--json",
+    ]);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let last: serde_json::Value = serde_json::from_str(
+        String::from_utf8_lossy(&first.stdout)
+            .lines()
+            .last()
+            .expect("rounds"),
+    )
+    .expect("JSON");
+    let earlier = last["accuracy"].as_f64().expect("accuracy");
+    let run_id = last["run_id"].as_str().expect("run id").to_string();
+
+    let spec = std::fs::read_to_string(repo.join("workflows/mnist-2nn.toml")).expect("spec");
+    let warm = runs.path().join("warm.toml");
+    std::fs::write(&warm, format!("{spec}\n[warm_start]\nrun = \"{run_id}\"\n")).expect("write");
+    let second = pollen(&[
+        "simulate",
+        "--config",
+        warm.to_str().expect("utf-8"),
+        "--transport",
+        "in-process",
+        "--rounds",
+        "1",
+        "--clients",
+        "10",
+    ]);
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(second.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{run_id}/models/round-0003.safetensors")),
+        "{stderr}"
+    );
+    let before: f64 = stderr
+        .split("before round 1, ")
+        .nth(1)
+        .and_then(|rest| rest.split("accuracy ").nth(1))
+        .and_then(|a| a.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no accuracy before round 1: {stderr}"));
+    // The same model evaluated on the same holdout: the earlier run's final accuracy, where
+    // fresh weights score about 0.1.
+    assert!((before - earlier).abs() < 1e-3, "{before} vs {earlier}");
+
+    let other = runs.path().join("other.toml");
+    std::fs::write(
+        &other,
+        format!(
+            "{}\n[warm_start]\nrun = \"{run_id}\"\n",
+            spec.replace("model = \"mnist-2nn\"", "model = \"mnist-cnn\"")
+        ),
+    )
+    .expect("write");
+    let refused = pollen(&[
+        "simulate",
+        "--config",
+        other.to_str().expect("utf-8"),
+        "--transport",
+        "in-process",
+        "--rounds",
+        "1",
+        "--clients",
+        "2",
+    ]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(stderr.contains("this run trains a"), "{stderr}");
+}

@@ -151,6 +151,8 @@ pub struct RoundDriver {
     fit_manifest: Option<FitManifest>,
     /// The initial model a statistics phase produced.
     fitted_initial: Option<Parameters>,
+    /// An earlier run's model to start from: before the fitted and the strategy's.
+    warm_start: Option<Parameters>,
 }
 
 /// Largest blob accepted as a client's initial model (no shapes to check it against yet).
@@ -180,6 +182,7 @@ impl RoundDriver {
             task_files: Vec::new(),
             fit_manifest: None,
             fitted_initial: None,
+            warm_start: None,
         }
     }
 
@@ -195,6 +198,13 @@ impl RoundDriver {
     /// Reports every finished round to `metrics` (Prometheus).
     pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
         self.metrics = Some(metrics);
+        self
+    }
+
+    /// Starts from `parameters` (an earlier run's model), whatever the strategy or the task's
+    /// statistics would start from.
+    pub fn with_warm_start(mut self, parameters: Parameters) -> Self {
+        self.warm_start = Some(parameters);
         self
     }
 
@@ -332,7 +342,8 @@ impl RoundDriver {
     async fn initial_parameters(&mut self) -> Result<Parameters, DriverError> {
         // The strategy's initial model is taken either way, so that it never lingers.
         let from_strategy = lock(&self.strategy).initialize_parameters();
-        if let Some(p) = self.fitted_initial.take().or(from_strategy) {
+        let fitted = self.fitted_initial.take();
+        if let Some(p) = self.warm_start.take().or(fitted).or(from_strategy) {
             return Ok(p);
         }
         let task = self.task_ref().await?;
