@@ -10,7 +10,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use pollen_client::{Client, ClientError, ClientEvaluate, ClientFit, Work};
 use pollen_coordinator::fedavg::FedAvgConfig;
 use pollen_coordinator::records::RoundStatus;
 use pollen_coordinator::{DriverConfig, FedAvg, RoundDriver, RoundRecord};
@@ -40,42 +39,7 @@ pub struct RoundsOptions {
     pub agent_processes: bool,
 }
 
-/// Answers every fit with the model it received.
-pub struct NoOpClient {
-    pub examples: u64,
-}
-
-impl Client for NoOpClient {
-    fn num_examples(&self) -> u64 {
-        self.examples
-    }
-
-    fn get_parameters(&mut self, _work: &Work<'_>) -> Result<Parameters, ClientError> {
-        Err(ClientError::training(
-            "a no-op client holds no model of its own",
-        ))
-    }
-
-    fn fit(&mut self, _work: &Work<'_>, parameters: Parameters) -> Result<ClientFit, ClientError> {
-        Ok(ClientFit {
-            parameters,
-            num_examples: self.examples,
-            metrics: Default::default(),
-        })
-    }
-
-    fn evaluate(
-        &mut self,
-        _work: &Work<'_>,
-        _parameters: Parameters,
-    ) -> Result<ClientEvaluate, ClientError> {
-        Ok(ClientEvaluate {
-            loss: 0.0,
-            num_examples: self.examples,
-            metrics: Default::default(),
-        })
-    }
-}
+pub use pollen_workflows::fleet_sim::NoOpClient;
 
 /// Where the embedded S3 server keeps objects for the benchmark (removed when dropped):
 /// tmpfs when the machine has one with room for a round's objects. Every round creates and
@@ -154,7 +118,10 @@ pub async fn run(options: &RoundsOptions) -> anyhow::Result<RoundsReport> {
     let coordinator =
         LocalCoordinator::start(SocketAddr::from(([127, 0, 0, 1], 0)), &storage).await?;
     let clients: Vec<NoOpClient> = (0..options.clients)
-        .map(|_| NoOpClient { examples: 10 })
+        .map(|_| NoOpClient {
+            examples: 10,
+            schema: None,
+        })
         .collect();
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let fleet = SimulatedFleet::start(
@@ -374,7 +341,10 @@ pub async fn run_agent(
             consent: None,
             object_store_ca: None,
         },
-        NoOpClient { examples: 10 },
+        NoOpClient {
+            examples: 10,
+            schema: None,
+        },
     )?;
     let stop = CancellationToken::new();
     // A plain thread: tokio's stdin would keep the runtime from shutting down while it reads.

@@ -24,6 +24,7 @@ pub mod central;
 pub mod cli;
 pub mod data;
 pub mod device;
+pub mod fleet_sim;
 pub mod run;
 pub mod shares;
 pub mod simulate;

@@ -74,7 +74,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Central(a) => train::central(a).await,
         Command::Proxy(a) => fleet::proxy(a).await,
         Command::Devices(a) => fleet::devices(a).await,
-        Command::Fleet { command } => fleet::fleet(command),
+        Command::Fleet { command } => fleet::fleet(command).await,
         Command::Runs(a) => records::runs(a),
         Command::Status(a) => records::status(a),
         Command::Dashboard(a) => records::dashboard(a).await,

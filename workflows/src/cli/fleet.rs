@@ -198,6 +198,75 @@ pub enum FleetCommand {
     /// ACL (each device confined to its own topics), and AWS IoT Core policy documents. Run
     /// again with more --devices to add devices; what exists is kept.
     Provision(ProvisionArgs),
+    /// Run simulated edge agents in this process against a broker (and the object store its
+    /// coordinator hands out), over the real protocols: shard INDEX/COUNT of a fleet of
+    /// --devices, so that a large simulated fleet spreads over processes or pods. Prints one
+    /// JSON line once every device of the shard is online (agents, start-up time, memory,
+    /// open files), then serves until Ctrl-C.
+    Simulate(FleetSimulateArgs),
+}
+
+/// Arguments of `pollen fleet simulate`.
+#[derive(Args, Debug)]
+pub struct FleetSimulateArgs {
+    /// Devices in the whole simulated fleet, over every shard.
+    #[arg(long)]
+    pub devices: usize,
+    /// This process's part of them, INDEX/COUNT (device k is here when k % COUNT = INDEX).
+    #[arg(long, value_name = "INDEX/COUNT", default_value = "0/1")]
+    pub shard: pollen_train::Shard,
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    #[arg(long, default_value = "default")]
+    pub fleet: String,
+    /// Device ids are PREFIX-000000, PREFIX-000001, ...
+    #[arg(long, default_value = "sim")]
+    pub prefix: String,
+    /// train: the spec's model on each device's share of the spec's data; noop: answer with
+    /// the model received (load tests).
+    #[arg(long, value_enum, default_value_t = crate::fleet_sim::Workload::Train)]
+    pub workload: crate::fleet_sim::Workload,
+    /// The spec whose data (split over --devices) and model the devices train; the built-in
+    /// MNIST 2NN when absent.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[arg(long, default_value = "auto", value_parser = pollen_train::Backend::parse)]
+    pub backend: pollen_train::Backend,
+    /// The object store's private CA (PEM), which the devices trust.
+    #[arg(long, env = "POLLEN_STORAGE_CA", value_name = "PEM")]
+    pub storage_ca: Option<PathBuf>,
+    /// How long the devices may take to come online.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    pub wait_online: std::time::Duration,
+}
+
+/// `pollen fleet simulate`.
+pub async fn simulate(a: FleetSimulateArgs) -> anyhow::Result<()> {
+    let spec = match &a.config {
+        Some(path) => crate::spec::RunSpec::load(path)?.0,
+        None => crate::spec::RunSpec::default_spec(),
+    };
+    let options = crate::fleet_sim::FleetSimOptions {
+        devices: a.devices,
+        shard: a.shard,
+        broker: a.broker.config(),
+        fleet: a.fleet,
+        prefix: a.prefix,
+        workload: a.workload,
+        spec,
+        backend: a.backend,
+        object_store_ca: a.storage_ca,
+        wait_online: a.wait_online,
+    };
+    crate::fleet_sim::run(
+        options,
+        |report| match serde_json::to_string(report) {
+            Ok(line) => println!("{line}"),
+            Err(e) => eprintln!("report not printed: {e}"),
+        },
+        shutdown_on_ctrl_c("stopping the simulated devices"),
+    )
+    .await
 }
 
 /// Arguments of `pollen fleet provision`.
@@ -242,8 +311,9 @@ pub struct ProvisionArgs {
     pub dynsec_plugin: String,
 }
 
-pub fn fleet(command: FleetCommand) -> anyhow::Result<()> {
+pub async fn fleet(command: FleetCommand) -> anyhow::Result<()> {
     match command {
+        FleetCommand::Simulate(a) => simulate(a).await,
         FleetCommand::Provision(a) => {
             let done = pollen_trust::Provision {
                 fleet: a.fleet.clone(),
