@@ -388,11 +388,20 @@ impl Registry {
     }
 
     /// Sends a message to every connected client (e.g. Stop at shutdown).
-    pub fn broadcast(&self, msg: ServerMessage) {
-        let senders: Vec<ClientSender> =
-            self.lock().clients.values().map(|c| c.tx.clone()).collect();
-        for tx in senders {
+    /// Tells every client to stop and forgets them at once, as if each had disconnected: their
+    /// streams close in their own time, and one that comes back joins anew. The next run on
+    /// this registry then counts only clients that are really there, not sessions that are
+    /// closing (a proxy's bridges rejoin after a run's stop).
+    pub fn stop_all(&self, msg: ServerMessage) {
+        let sessions: Vec<(String, u64, ClientSender)> = self
+            .lock()
+            .clients
+            .iter()
+            .map(|(id, c)| (id.clone(), c.session, c.tx.clone()))
+            .collect();
+        for (id, session, tx) in sessions {
             let _ = tx.try_send(Ok(msg.clone()));
+            self.unregister(&id, session);
         }
     }
 }

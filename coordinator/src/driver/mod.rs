@@ -253,7 +253,7 @@ impl RoundDriver {
         if let Some(m) = &self.metrics {
             m.observe_run(&self.run_id, status);
         }
-        self.registry.broadcast(ServerMessage {
+        self.registry.stop_all(ServerMessage {
             msg: Some(ServerMsg::Stop(Stop {
                 reason: format!("run {} {status}", self.run_id),
                 reconnect: false,
