@@ -43,7 +43,7 @@ pub mod strategy;
 pub mod task;
 
 pub use counters::Counters;
-pub use driver::{DriverConfig, DriverError, RoundDriver, RunSummary};
+pub use driver::{DriverConfig, DriverError, Resume, RoundDriver, RunSummary};
 pub use metrics::Metrics;
 pub use records::{RoundRecord, RunStore};
 pub use registry::Registry;

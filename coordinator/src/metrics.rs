@@ -434,6 +434,7 @@ mod tests {
             failures: vec![],
             privacy: None,
             asynchronous: None,
+            rng_word_pos: None,
             finished_at: String::new(),
         }
     }

@@ -570,6 +570,7 @@ mod tests {
                 .collect(),
             privacy: None,
             asynchronous: None,
+            rng_word_pos: None,
             finished_at: String::new(),
         }
     }

@@ -142,6 +142,21 @@ fn mqtt_commands() {
     });
 }
 
+/// Proxy announcements as another proxy receives them: accepted ones name their topic's proxy.
+#[test]
+fn proxy_announcements() {
+    check!().with_test_time(TEST_TIME).for_each(|input: &[u8]| {
+        let topic = "pollen/f/pollen-proxy.p-1/proxy";
+        if let Some(Some(status)) =
+            pollen_proxy::decode_proxy_status(topic, "pollen-proxy.p-1", input)
+        {
+            assert_eq!(status.proxy_id, "p-1");
+        }
+        // A level that is no proxy's identity is refused whatever the payload.
+        assert!(pollen_proxy::decode_proxy_status("pollen/f/gw-1/proxy", "gw-1", input).is_none());
+    });
+}
+
 /// MQTT replies and statuses as a proxy receives them: accepted ones name their topic's device.
 #[test]
 fn mqtt_replies_and_statuses() {

@@ -62,6 +62,22 @@ pub fn all_replies(fleet: &str) -> String {
     format!("{ROOT}/{fleet}/+/reply")
 }
 
+/// The channel proxies announce themselves on.
+pub const PROXY_CHANNEL: &str = "proxy";
+
+/// The retained status (and last-will) of proxy `proxy_id` of `fleet`. Its level is the
+/// proxy's broker identity, `pollen-proxy.<id>`, a name no device may take (`pollen fleet
+/// provision` refuses device ids starting with `pollen-`), and its channel is not one a device
+/// may write.
+pub fn proxy_status(fleet: &str, proxy_id: &str) -> String {
+    format!("{ROOT}/{fleet}/pollen-proxy.{proxy_id}/{PROXY_CHANNEL}")
+}
+
+/// Subscription filter for every proxy's status in a fleet.
+pub fn all_proxy_status(fleet: &str) -> String {
+    format!("{ROOT}/{fleet}/+/{PROXY_CHANNEL}")
+}
+
 /// Splits a topic into `(fleet, device, channel)` if it is a Pollen device topic.
 pub fn parse(topic: &str) -> Option<(&str, &str, &str)> {
     let mut parts = topic.split('/');
@@ -81,6 +97,10 @@ mod tests {
     fn topics_round_trip_through_parse() {
         assert_eq!(command("f1", "dev-7"), "pollen/f1/dev-7/cmd");
         assert_eq!(parse(&reply("f1", "dev-7")), Some(("f1", "dev-7", "reply")));
+        assert_eq!(
+            parse(&proxy_status("f1", "p-2")),
+            Some(("f1", "pollen-proxy.p-2", PROXY_CHANNEL))
+        );
         assert_eq!(parse("pollen/f1/dev-7"), None);
         assert_eq!(parse("other/f1/dev-7/cmd"), None);
         assert_eq!(parse("pollen/f1/dev-7/cmd/extra"), None);

@@ -12,6 +12,9 @@ use crate::devices::{DEFAULT_STALE_AFTER, Selection};
 
 /// MQTT keep-alive of the proxy's connection unless configured.
 pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(30);
+/// Announcement interval of an auto-sharded proxy unless configured: a proxy whose host
+/// vanishes without a last-will loses its devices to the others within three of these.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
 
 /// Configuration of one proxy process.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -43,6 +46,15 @@ pub struct ProxyConfig {
     /// behind on the broker queueing messages for nobody.
     #[serde(default = "default_true")]
     pub persistent_session: bool,
+    /// Share the fleet with the other live proxies that set it: they announce themselves on
+    /// the broker and split the devices by rendezvous hashing over their ids, taking over a
+    /// dead proxy's devices (`--shard auto`; see `membership`). Excludes `selection.shard`.
+    #[serde(default)]
+    pub auto_shard: bool,
+    /// How often an auto-sharded proxy repeats its announcement; the others count it as gone
+    /// after three missed.
+    #[serde(default = "default_heartbeat", with = "humantime_serde")]
+    pub heartbeat: Duration,
 }
 
 fn default_true() -> bool {
@@ -61,7 +73,79 @@ fn default_keep_alive() -> Duration {
     DEFAULT_KEEP_ALIVE
 }
 
+fn default_heartbeat() -> Duration {
+    DEFAULT_HEARTBEAT
+}
+
+/// The commented default configuration; [`ProxyConfig::default_toml`] returns it.
+const DEFAULT_TOML: &str = r#"# pollen proxy configuration (`pollen proxy --config proxy.toml`). The values shown are the
+# defaults; flags given on the command line override the file. Durations are humantime
+# ("500ms", "30s", "2m"). Relative paths are relative to the directory the proxy starts in.
+
+# The fleet whose devices this proxy bridges: it reads pollen/<fleet>/+/status and +/reply and
+# writes pollen/<fleet>/<device>/cmd.
+fleet = "default"
+# Names this proxy among the fleet's proxies: part of its MQTT client id
+# (pollen-proxy-<fleet>-<proxy_id>) and, under auto_shard, of its announcement. Give each proxy
+# of a fleet its own.
+proxy_id = "proxy-0"
+# The coordinator's Fleet gRPC endpoint (https:// with [coordinator_tls]).
+coordinator = "http://127.0.0.1:50051"
+# A device not heard from for this long counts as offline and its bridge leaves.
+stale_after = "30s"
+# MQTT keep-alive, 0 (off) or whole seconds from 1s to 65535s. The broker publishes the proxy's
+# last-will 1.5 times this after its host goes silent.
+keep_alive = "30s"
+# Keep the MQTT session (subscriptions, replies queued while away) across restarts.
+persistent_session = true
+# Share the fleet with every other live proxy that sets it: the proxies announce themselves on
+# pollen/<fleet>/pollen-proxy.<proxy_id>/proxy (retained, last-will offline) and split the
+# devices by rendezvous hashing over their ids; a dead proxy's devices move to the others about
+# a second after its connection drops, and at most 3 heartbeats (+1s) after it falls silent.
+auto_shard = false
+# How often an auto-sharded proxy repeats its announcement.
+heartbeat = "5s"
+
+[broker]
+# mqtt://host:port or mqtts://host:port; user:password@ may be given in the URL.
+url = "mqtt://127.0.0.1:1883"
+# mqtts: the PEM CA of the broker's certificate, and the proxy's client certificate and key
+# (`pollen fleet provision` writes proxies/<proxy_id>.pem and .key).
+# ca_file = "ca.pem"
+# cert_file = "proxies/proxy-0.pem"
+# key_file = "proxies/proxy-0.key"
+
+# [coordinator_tls]
+# For an https:// coordinator: the CA of its certificate and this proxy's client certificate.
+# ca_file = "ca.pem"
+# cert_file = "proxies/proxy-0.pem"
+# key_file = "proxies/proxy-0.key"
+
+[selection]
+# Which online devices get a bridge. Only these ids, when given:
+# devices = ["gw-0001", "gw-0002"]
+# Skip devices announcing fewer local examples.
+min_examples = 0
+# At most this many bridges:
+# max_devices = 1000
+# A static share of the fleet, "INDEX/COUNT" (run COUNT proxies, indexes 0..COUNT); excludes
+# auto_shard:
+# shard = "0/3"
+"#;
+
 impl ProxyConfig {
+    /// The commented default configuration (`pollen proxy --print-default-config`).
+    pub fn default_toml() -> &'static str {
+        DEFAULT_TOML
+    }
+
+    /// Reads and parses a configuration file; does not validate (apply overrides first).
+    pub fn load(path: &std::path::Path) -> Result<Self, ProxyError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ProxyError::Config(format!("cannot read {}: {e}", path.display())))?;
+        toml::from_str(&text).map_err(|e| ProxyError::Config(format!("{}: {e}", path.display())))
+    }
+
     /// A config with defaults for everything but the fleet, the coordinator and the broker.
     pub fn new(
         fleet: impl Into<String>,
@@ -78,6 +162,8 @@ impl ProxyConfig {
             stale_after: DEFAULT_STALE_AFTER,
             keep_alive: DEFAULT_KEEP_ALIVE,
             persistent_session: true,
+            auto_shard: false,
+            heartbeat: DEFAULT_HEARTBEAT,
         }
     }
 
@@ -117,6 +203,17 @@ impl ProxyConfig {
                 "selection.shard {shard}: the index must be below the count"
             )));
         }
+        if self.auto_shard && self.selection.shard.is_some() {
+            return Err(ProxyError::Config(
+                "auto_shard and selection.shard both set; shard automatically or statically, not both".into(),
+            ));
+        }
+        if self.heartbeat < Duration::from_millis(100) {
+            return Err(ProxyError::Config(format!(
+                "heartbeat {:?} is too short; use 100ms or more, e.g. 5s",
+                self.heartbeat
+            )));
+        }
         pollen_proto::mqtt::parse_url(&self.broker.url)?;
         Ok(())
     }
@@ -153,6 +250,33 @@ mod tests {
         let mut c = config();
         c.broker.url = "http://x".into();
         assert!(c.validate().unwrap_err().to_string().contains("scheme"));
+        let mut c = config();
+        c.auto_shard = true;
+        c.selection.shard = Some("0/2".parse().expect("shard"));
+        assert!(c.validate().unwrap_err().to_string().contains("auto_shard"));
+    }
+
+    #[test]
+    fn the_printed_default_config_is_the_default() {
+        let printed: ProxyConfig = toml::from_str(ProxyConfig::default_toml()).expect("parses");
+        printed.validate().expect("valid");
+        assert_eq!(
+            printed,
+            ProxyConfig::new(
+                "default",
+                "http://127.0.0.1:50051",
+                BrokerConfig::new("mqtt://127.0.0.1:1883")
+            )
+        );
+    }
+
+    #[test]
+    fn a_misspelt_field_is_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("proxy.toml");
+        std::fs::write(&path, "fleet = \"f\"\ncoordinator = \"http://c:1\"\nhaertbeat = \"1s\"\n[broker]\nurl = \"mqtt://b\"\n").expect("write");
+        let e = ProxyConfig::load(&path).unwrap_err().to_string();
+        assert!(e.contains("haertbeat") && e.contains("proxy.toml"), "{e}");
     }
 
     #[test]

@@ -25,7 +25,10 @@
 //! - `bridge`: the per-device task driving a `RequestBook` between the gRPC stream and MQTT.
 //! - `mqtt`: the proxy's MQTT connection and the dispatcher routing replies and statuses.
 //! - `proxy`: [`Proxy::start`] and [`ProxyHandle`]: which devices get a bridge, and shutdown.
-//! - [`shard`]: [`ProxyShard`], which devices of a fleet split across proxies are this one's.
+//! - [`shard`]: [`ProxyShard`], which devices of a fleet split statically across proxies are
+//!   this one's.
+//! - [`membership`]: automatic sharding, the live proxies of a fleet and which devices each
+//!   owns, kept from the proxies' retained announcements and last-wills.
 //! - `stats`: [`ProxyStatsSnapshot`], the proxy's counters.
 //!
 //! [`Command`]: pollen_proto::device::Command
@@ -34,6 +37,7 @@ mod book;
 mod bridge;
 pub mod config;
 pub mod devices;
+pub mod membership;
 mod mqtt;
 mod proxy;
 pub mod shard;
@@ -42,7 +46,7 @@ mod stats;
 pub use config::ProxyConfig;
 pub use devices::{DataRequirement, DataView, DeviceRecord, DeviceRegistry, Selection, discover};
 /// The checks every device message passes before the proxy acts on it (fuzzed in `fuzz/`).
-pub use mqtt::{StatusUpdate, decode_reply, decode_status};
+pub use mqtt::{StatusUpdate, decode_proxy_status, decode_reply, decode_status};
 pub use proxy::{Proxy, ProxyHandle};
 pub use shard::ProxyShard;
 pub use stats::ProxyStatsSnapshot;

@@ -4,12 +4,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use pollen_proto::device::{DeviceStatus, Reply};
+use pollen_proto::device::{DeviceStatus, ProxyStatus, Reply};
 use pollen_proto::topics;
 use prost::Message;
 use rumqttc::{
-    AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS, Request, Subscribe,
-    SubscribeFilter,
+    AsyncClient, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, Publish, QoS, Request,
+    Subscribe, SubscribeFilter,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -36,6 +36,22 @@ pub(crate) fn connect(config: &ProxyConfig) -> Result<(AsyncClient, EventLoop), 
         .set_clean_session(!config.persistent_session)
         .set_keep_alive(config.keep_alive)
         .set_inflight(INFLIGHT);
+    if config.auto_shard {
+        // What the broker announces for a proxy that dies without saying goodbye, so that the
+        // others take its devices over.
+        let will = ProxyStatus {
+            proxy_id: config.proxy_id.clone(),
+            online: false,
+            heartbeat_ms: u64::try_from(config.heartbeat.as_millis()).unwrap_or(u64::MAX),
+            ..ProxyStatus::default()
+        };
+        options.set_last_will(LastWill::new(
+            topics::proxy_status(&config.fleet, &config.proxy_id),
+            will.encode_to_vec(),
+            QoS::AtLeastOnce,
+            true,
+        ));
+    }
     Ok(pollen_proto::mqtt::client(options, REQUEST_CAPACITY))
 }
 
@@ -74,6 +90,32 @@ pub fn decode_status(topic: &str, device: &str, payload: &[u8]) -> StatusUpdate 
     }
 }
 
+/// Decodes a proxy's announcement received on `topic`, whose level is `identity`
+/// (`pollen-proxy.<id>`): `Some(None)` when cleared, `None` (logged) when malformed.
+pub fn decode_proxy_status(
+    topic: &str,
+    identity: &str,
+    payload: &[u8],
+) -> Option<Option<ProxyStatus>> {
+    if payload.is_empty() {
+        return identity
+            .strip_prefix("pollen-proxy.")
+            .is_some()
+            .then_some(None);
+    }
+    match ProxyStatus::decode(payload) {
+        Err(e) => {
+            tracing::warn!(%topic, "proxy status dropped: it does not decode as ProxyStatus: {e}");
+            None
+        }
+        Ok(s) if identity.strip_prefix("pollen-proxy.") != Some(s.proxy_id.as_str()) => {
+            tracing::warn!(%topic, proxy_id = %s.proxy_id, "proxy status dropped: it names another proxy than its topic");
+            None
+        }
+        Ok(s) => Some(Some(s)),
+    }
+}
+
 /// Decodes a reply of `device` received on `topic`; `None` (logged) if it is malformed.
 pub fn decode_reply(topic: &str, device: &str, payload: &[u8]) -> Option<Reply> {
     match Reply::decode(payload) {
@@ -97,10 +139,13 @@ pub(crate) async fn run_dispatcher(
     shared: Arc<Shared>,
     stop: CancellationToken,
 ) {
-    let filters = [
+    let mut filters = vec![
         topics::all_replies(&shared.fleet),
         topics::all_status(&shared.fleet),
     ];
+    if shared.membership.is_some() {
+        filters.push(topics::all_proxy_status(&shared.fleet));
+    }
     let mut backoff = BACKOFF_START;
     let mut connected_before = false;
     loop {
@@ -128,6 +173,12 @@ pub(crate) async fn run_dispatcher(
                         .map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce)),
                 );
                 eventloop.pending.push_back(Request::Subscribe(subscribe));
+                shared.on_connection(true);
+                if let Some((topic, payload)) = shared.announcement(true) {
+                    let mut publish = Publish::new(topic, QoS::AtLeastOnce, payload);
+                    publish.retain = true;
+                    eventloop.pending.push_back(Request::Publish(publish));
+                }
             }
             Ok(Event::Incoming(Packet::Publish(p))) => route(&shared, &p),
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
@@ -153,6 +204,7 @@ pub(crate) async fn run_dispatcher(
             Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
             Ok(_) => {}
             Err(e) => {
+                shared.on_connection(false);
                 if shared.shutdown.is_cancelled() {
                     break;
                 }
@@ -183,6 +235,7 @@ fn route(shared: &Arc<Shared>, p: &rumqttc::Publish) {
                 .selection
                 .shard
                 .is_some_and(|s| !crate::shard::owns(s, device))
+                || !shared.owns(device, crate::now_unix_ms())
             {
                 return;
             }
@@ -199,6 +252,15 @@ fn route(shared: &Arc<Shared>, p: &rumqttc::Publish) {
                 shared.stats.status_malformed.inc();
             }
             update => shared.on_status(device, update, p.retain),
+        },
+        topics::PROXY_CHANNEL => match decode_proxy_status(&p.topic, device, &p.payload) {
+            Some(status) => {
+                let id = device.strip_prefix("pollen-proxy.").unwrap_or(device);
+                shared.on_proxy_status(id, status.as_ref());
+            }
+            None => {
+                shared.stats.status_malformed.inc();
+            }
         },
         _ => {}
     }

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::devices::{DeviceRecord, DeviceRegistry, Selection};
+use crate::membership::Membership;
 use crate::mqtt::StatusUpdate;
 use crate::stats::{ProxyStatsSnapshot, Stats};
 use crate::{ProxyConfig, ProxyError, bridge};
@@ -46,6 +47,9 @@ pub(crate) struct Shared {
     pub registry: Arc<Mutex<DeviceRegistry>>,
     bridges: Mutex<Bridges>,
     pub mqtt: AsyncClient,
+    /// The live proxies sharing the fleet, when it is shared automatically.
+    pub membership: Option<Mutex<Membership>>,
+    pub proxy_id: String,
     /// One HTTP/2 connection multiplexes every bridge's Join stream.
     pub channel: tonic::transport::Channel,
     /// Random per process, so that command ids never repeat across proxy restarts.
@@ -96,6 +100,87 @@ impl Shared {
         }
     }
 
+    /// Whether this proxy bridges `device` now (always, unless the fleet is shared
+    /// automatically; a static shard is part of the selection).
+    pub fn owns(&self, device: &str, now: u64) -> bool {
+        self.membership
+            .as_ref()
+            .is_none_or(|m| lock(m).owns_at(device, now))
+    }
+
+    /// Applies another proxy's announcement (`None`: cleared) and moves devices accordingly.
+    pub fn on_proxy_status(
+        self: &Arc<Self>,
+        proxy_id: &str,
+        status: Option<&pollen_proto::device::ProxyStatus>,
+    ) {
+        let Some(membership) = &self.membership else {
+            return;
+        };
+        let now = crate::now_unix_ms();
+        lock(membership).update(proxy_id, status, now);
+        self.rebalance(now);
+    }
+
+    /// Records the broker connection's state for the membership.
+    pub fn on_connection(&self, up: bool) {
+        if let Some(membership) = &self.membership {
+            let now = crate::now_unix_ms();
+            let mut m = lock(membership);
+            if up {
+                m.connected(now)
+            } else {
+                m.disconnected(now)
+            }
+        }
+    }
+
+    /// This proxy's announcement: its topic and payload.
+    pub fn announcement(&self, online: bool) -> Option<(String, Vec<u8>)> {
+        let membership = self.membership.as_ref()?;
+        let status =
+            lock(membership).status(online, self.stats.bridges_open.get(), crate::now_unix_ms());
+        Some((
+            pollen_proto::topics::proxy_status(&self.fleet, &self.proxy_id),
+            prost::Message::encode_to_vec(&status),
+        ))
+    }
+
+    /// Under automatic sharding: closes the bridges of devices another live proxy owns now,
+    /// and starts those of online devices that became this proxy's.
+    fn rebalance(self: &Arc<Self>, now: u64) {
+        let Some(membership) = &self.membership else {
+            return;
+        };
+        let (moved, live) = {
+            let m = lock(membership);
+            let bridged: Vec<String> = lock(&self.bridges).by_device.keys().cloned().collect();
+            let moved: Vec<(String, Option<String>)> = bridged
+                .into_iter()
+                .filter(|d| !m.owns_at(d, now))
+                .map(|d| {
+                    let owner = m.owner_at(&d, now);
+                    (d, owner)
+                })
+                .collect();
+            (moved, m.live_at(now).len())
+        };
+        self.stats.live_proxies.set(live as u64);
+        for (device, owner) in moved {
+            let why = match owner {
+                Some(owner) => format!("is proxy {owner}'s now"),
+                None => "has no live proxy: this one lost the broker".to_string(),
+            };
+            if self.leave(&device, &why) {
+                self.stats.handed_off.inc();
+            }
+        }
+        let candidates = lock(&self.registry).select_at(&self.selection, now);
+        for record in candidates {
+            self.start_bridge(&record.device_id, now);
+        }
+    }
+
     /// Hands a reply to its device's bridge without waiting: the dispatcher must keep polling
     /// the MQTT connection whatever one bridge does.
     pub fn route_reply(&self, device: &str, reply: Reply) {
@@ -129,7 +214,7 @@ impl Shared {
         let admitted = lock(&self.registry)
             .get_at(device, now)
             .is_some_and(|r| self.selection.admits(&r));
-        if !admitted {
+        if !admitted || !self.owns(device, now) {
             return;
         }
         let (generation, inbox, offline) = {
@@ -156,21 +241,25 @@ impl Shared {
             (generation, rx, offline)
         };
         tracing::info!(%device, "device online; starting its bridge");
-        let shared = self.clone();
-        let device = device.to_string();
+        let ended = Ended {
+            shared: self.clone(),
+            device: device.to_string(),
+            generation,
+        };
         self.tracker.spawn(async move {
-            bridge::run(&shared, &device, inbox, offline).await;
-            shared.bridge_ended(&device, generation);
+            bridge::run(&ended.shared, &ended.device, inbox, offline).await;
         });
     }
 
-    /// Tells the bridge of `device`, if any, that the device is gone.
-    fn leave(&self, device: &str, why: &str) {
+    /// Tells the bridge of `device`, if any, that the device is gone; whether it had one.
+    fn leave(&self, device: &str, why: &str) -> bool {
         let entry = lock(&self.bridges).by_device.remove(device);
         if let Some(entry) = entry {
             tracing::info!(%device, "device {why}; its bridge leaves the coordinator");
             entry.offline.cancel();
+            return true;
         }
+        false
     }
 
     fn bridge_ended(&self, device: &str, generation: u64) {
@@ -185,22 +274,48 @@ impl Shared {
     }
 
     /// Retires bridges of devices that fell silent, and fills free places under
-    /// `max_devices` with online devices seen earlier.
+    /// `max_devices` with online devices seen earlier; under automatic sharding, also moves
+    /// devices as proxies settle, fall silent or lose the broker.
     fn sweep(self: &Arc<Self>) {
         let now = crate::now_unix_ms();
-        let (stale, candidates) = {
-            let registry = lock(&self.registry);
-            (
-                registry.stale_at(now),
-                registry.select_at(&self.selection, now),
-            )
-        };
+        let stale = lock(&self.registry).stale_at(now);
         for device in stale {
             self.leave(&device, "missed its heartbeats");
         }
+        if self.membership.is_some() {
+            self.rebalance(now);
+            return;
+        }
+        let candidates = lock(&self.registry).select_at(&self.selection, now);
         for record in candidates {
             self.start_bridge(&record.device_id, now);
         }
+    }
+
+    /// Publishes this proxy's announcement (retained), if it shares the fleet automatically.
+    fn announce(&self, online: bool) {
+        if let Some((topic, payload)) = self.announcement(online)
+            && let Err(e) = self
+                .mqtt
+                .try_publish(topic, rumqttc::QoS::AtLeastOnce, true, payload)
+        {
+            // The next heartbeat repeats it; the others wait three before giving up on us.
+            tracing::warn!("proxy announcement not queued: {e}");
+        }
+    }
+}
+
+/// Forgets a bridge when its task ends, however it ends: a bridge that panicked must not
+/// keep its device's place, or the device would never be bridged again.
+struct Ended {
+    shared: Arc<Shared>,
+    device: String,
+    generation: u64,
+}
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        self.shared.bridge_ended(&self.device, self.generation);
     }
 }
 
@@ -245,6 +360,10 @@ impl Proxy {
             registry: Arc::new(Mutex::new(DeviceRegistry::new(config.stale_after))),
             bridges: Mutex::new(Bridges::default()),
             mqtt,
+            membership: config
+                .auto_shard
+                .then(|| Mutex::new(Membership::new(config.proxy_id.clone(), config.heartbeat))),
+            proxy_id: config.proxy_id.clone(),
             channel,
             session: crate::random_hex(6),
             next_join: AtomicU64::new(1),
@@ -266,27 +385,41 @@ impl Proxy {
         ));
         let sweep_every =
             (config.stale_after / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
-        let supervisor = tokio::spawn(supervise(shared.clone(), dispatcher, stop, sweep_every));
+        let supervisor = tokio::spawn(supervise(
+            shared.clone(),
+            dispatcher,
+            stop,
+            sweep_every,
+            config.heartbeat,
+        ));
         Ok(ProxyHandle { shared, supervisor })
     }
 }
 
-/// Sweeps stale devices until shutdown, then winds down in order: bridges first (they
-/// publish their CANCELs), then the MQTT connection.
+/// Sweeps stale devices (and, sharing the fleet automatically, repeats the proxy's
+/// announcement) until shutdown, then winds down in order: the announcement that this proxy
+/// leaves, so that the others take its devices at once; bridges (they publish their
+/// CANCELs); the MQTT connection.
 async fn supervise(
     shared: Arc<Shared>,
     mut dispatcher: JoinHandle<()>,
     stop: CancellationToken,
     sweep_every: Duration,
+    heartbeat: Duration,
 ) {
     let mut ticker = tokio::time::interval(sweep_every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut beat = tokio::time::interval(heartbeat);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = ticker.tick() => shared.sweep(),
+            // The first tick is immediate; the dispatcher announces on connecting anyway.
+            _ = beat.tick(), if shared.membership.is_some() => shared.announce(true),
             _ = shared.shutdown.cancelled() => break,
         }
     }
+    shared.announce(false);
     shared.tracker.close();
     shared.tracker.wait().await;
     let _ = shared.mqtt.try_disconnect();

@@ -1,6 +1,7 @@
-//! Static sharding of one fleet across several proxy processes: proxy `i` of `n` bridges the
-//! devices whose rendezvous hash picks shard `i`, so that every device has exactly one bridge
-//! and the shards need no coordination. Rendezvous (highest random weight) hashing moves only
+//! Sharding of one fleet across several proxy processes. Statically (`--shard i/n`), proxy `i`
+//! of `n` bridges the devices whose rendezvous hash picks shard `i`, so that every device has
+//! exactly one bridge and the shards need no coordination; automatically (`--shard auto`), the
+//! live proxies split the fleet by the same hash over their ids ([`crate::membership`]). Rendezvous (highest random weight) hashing moves only
 //! the devices of the added or removed shard when `n` changes. The hash is FNV-1a, fixed by
 //! this file, so that every proxy build agrees on it (std's hasher is randomly keyed).
 
@@ -10,7 +11,7 @@ pub type ProxyShard = pollen_proto::Part;
 /// The shard that owns `device_id` among `count` shards.
 pub fn owner(device_id: &str, count: u32) -> u32 {
     (0..count)
-        .max_by_key(|&shard| (weight(device_id, shard), shard))
+        .max_by_key(|&shard| (weight(device_id, &shard.to_le_bytes()), shard))
         .unwrap_or(0)
 }
 
@@ -19,11 +20,12 @@ pub fn owns(shard: ProxyShard, device_id: &str) -> bool {
     owner(device_id, shard.count) == shard.index
 }
 
-/// FNV-1a over the device id and the shard number, finished with a 64-bit mix (splitmix64's)
-/// so that ids differing in their last bytes still spread over all shards.
-fn weight(device_id: &str, shard: u32) -> u64 {
+/// FNV-1a over the device id and the shard (a static shard's number, or a live proxy's id),
+/// finished with a 64-bit mix (splitmix64's) so that ids differing in their last bytes still
+/// spread over all shards.
+pub(crate) fn weight(device_id: &str, shard: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in device_id.bytes().chain(shard.to_le_bytes()) {
+    for b in device_id.bytes().chain(shard.iter().copied()) {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }

@@ -48,6 +48,8 @@ pub(crate) struct Stats {
     pub bridges_open: Gauge<u64, AtomicU64>,
     pub reconnects: Counter,
     pub subscriptions_refused: Counter,
+    pub handed_off: Counter,
+    pub live_proxies: Gauge<u64, AtomicU64>,
     /// Woken whenever `bridges_open` changes, for [`crate::ProxyHandle::wait_for_bridges`].
     pub bridges_changed: Notify,
     /// `replies_duplicate` to `replies_dropped` are its members (a counter's clones share its
@@ -73,6 +75,8 @@ impl Default for Stats {
             bridges_open: Gauge::default(),
             reconnects: Counter::default(),
             subscriptions_refused: Counter::default(),
+            handed_off: Counter::default(),
+            live_proxies: Gauge::default(),
             bridges_changed: Notify::new(),
             dropped_by_reason,
         }
@@ -95,6 +99,8 @@ impl Stats {
             bridges_open: self.bridges_open.get(),
             reconnects: self.reconnects.get(),
             subscriptions_refused: self.subscriptions_refused.get(),
+            handed_off: self.handed_off.get(),
+            live_proxies: self.live_proxies.get(),
         }
     }
 
@@ -146,6 +152,11 @@ impl Stats {
                 "Topic filters the broker refused to subscribe the proxy to (its ACL)",
                 &self.subscriptions_refused,
             ),
+            (
+                "pollen_proxy_devices_handed_off",
+                "Bridges closed because another live proxy of the fleet owns the device now",
+                &self.handed_off,
+            ),
         ] {
             registry.register(name, help, counter.clone());
         }
@@ -158,6 +169,11 @@ impl Stats {
             "pollen_proxy_bridges",
             "Devices bridged to the coordinator now (one Fleet stream each)",
             self.bridges_open.clone(),
+        );
+        registry.register(
+            "pollen_proxy_live_proxies",
+            "Live proxies sharing the fleet, this one included (auto sharding; 0 otherwise)",
+            self.live_proxies.clone(),
         );
         registry.register_collector(Box::new(DevicesCollector(devices)));
         registry
@@ -238,6 +254,10 @@ pub struct ProxyStatsSnapshot {
     /// Topic filters the broker refused (SUBACK failure): its ACL does not let the proxy's
     /// identity read replies or statuses, so none will arrive.
     pub subscriptions_refused: u64,
+    /// Bridges closed because another live proxy owns their device now (auto sharding).
+    pub handed_off: u64,
+    /// Live proxies sharing the fleet, this one included (auto sharding; 0 otherwise).
+    pub live_proxies: u64,
 }
 
 #[cfg(test)]

@@ -86,6 +86,11 @@ pub fn config(
     let mut proxy_acls: Vec<Value> = read(&topics::all_replies(fleet), true).into();
     proxy_acls.extend(read(&topics::all_status(fleet), true));
     proxy_acls.push(write(&all_cmd));
+    // One role serves every proxy, so each may write any proxy's announcement: the proxies
+    // are the operator's own processes. (The ACL file confines each to its own.)
+    let all_proxies = topics::all_proxy_status(fleet);
+    proxy_acls.extend(read(&all_proxies, true));
+    proxy_acls.push(write(&all_proxies));
     roles.push(json!({"rolename": PROXY_ROLE, "acls": proxy_acls}));
     let operator_acls: Vec<Value> = read(&topics::all_status(fleet), true).into();
     roles.push(json!({"rolename": OPERATOR_ROLE, "acls": operator_acls}));

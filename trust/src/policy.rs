@@ -3,7 +3,9 @@
 //!
 //! The rules, for fleet `F` (topics in `pollen_proto::topics`):
 //! - a device reads only `pollen/F/<itself>/cmd` and writes only its own `reply` and `status`;
-//! - a proxy writes every device's `cmd` and reads every `reply` and `status`;
+//! - a proxy writes every device's `cmd` and reads every `reply` and `status`; it announces
+//!   itself on its own `pollen-proxy.<id>/proxy` topic and reads the other proxies' (automatic
+//!   sharding);
 //! - an operator (`pollen devices`) reads statuses only.
 //!
 //! With these enforced by the broker, the topic a message arrives on names its sender, which
@@ -42,12 +44,17 @@ pub fn mosquitto_acl(fleet: &str, proxies: &[String], operators: &[String]) -> S
     );
     for proxy in proxies {
         acl.push_str(&format!(
-            "\n# Proxy {proxy:?}: commands to every device, every reply and status.\n\
+            "\n# Proxy {proxy:?}: commands to every device, every reply and status; its own\n\
+             # announcement, and the other proxies' (pollen proxy --shard auto).\n\
              user {user}\n\
              topic write {root}/{fleet}/+/cmd\n\
              topic read {root}/{fleet}/+/reply\n\
-             topic read {root}/{fleet}/+/status\n",
-            user = proxy_identity(proxy)
+             topic read {root}/{fleet}/+/status\n\
+             topic read {root}/{fleet}/+/{channel}\n\
+             topic write {own}\n",
+            user = proxy_identity(proxy),
+            channel = topics::PROXY_CHANNEL,
+            own = topics::proxy_status(fleet, proxy),
         ));
     }
     for operator in operators {
@@ -222,7 +229,8 @@ pub fn aws_proxy_policy(fleet: &str, scope: &AwsScope<'_>) -> serde_json::Value 
                 "Action": "iot:Subscribe",
                 "Resource": [
                     scope.arn(&format!("topicfilter/{root}/{fleet}/+/reply")),
-                    scope.arn(&format!("topicfilter/{root}/{fleet}/+/status"))
+                    scope.arn(&format!("topicfilter/{root}/{fleet}/+/status")),
+                    scope.arn(&format!("topicfilter/{root}/{fleet}/+/proxy"))
                 ]
             },
             {
@@ -230,13 +238,19 @@ pub fn aws_proxy_policy(fleet: &str, scope: &AwsScope<'_>) -> serde_json::Value 
                 "Action": "iot:Receive",
                 "Resource": [
                     scope.arn(&format!("topic/{root}/{fleet}/*/reply")),
-                    scope.arn(&format!("topic/{root}/{fleet}/*/status"))
+                    scope.arn(&format!("topic/{root}/{fleet}/*/status")),
+                    scope.arn(&format!("topic/{root}/{fleet}/*/proxy"))
                 ]
             },
             {
                 "Effect": "Allow",
                 "Action": "iot:Publish",
                 "Resource": scope.arn(&format!("topic/{root}/{fleet}/*/cmd"))
+            },
+            {
+                "Effect": "Allow",
+                "Action": ["iot:Publish", "iot:RetainPublish"],
+                "Resource": scope.arn(&format!("topic/{root}/{fleet}/pollen-proxy.*/proxy"))
             }
         ]
     })
@@ -263,6 +277,8 @@ mod tests {
                 "topic write pollen/f1/+/cmd",
                 "topic read pollen/f1/+/reply",
                 "topic read pollen/f1/+/status",
+                "topic read pollen/f1/+/proxy",
+                "topic write pollen/f1/pollen-proxy.proxy-0/proxy",
                 "user pollen-operator.ops",
                 "topic read pollen/f1/+/status",
             ]

@@ -14,6 +14,7 @@
 //!   (proxy, MQTT, S3) or direct gRPC.
 //! - [`run`]: storage, strategy and driver wiring shared by every command; `pollen run` on a
 //!   real fleet (discover, select, bridge, train).
+//! - [`resume`]: crash resume, a run continued from its records by a new coordinator.
 //! - [`broker`]: the embedded MQTT broker (rumqttd).
 //! - [`cli`]: the `pollen` commands (arguments, handlers, output) and what the binaries'
 //!   `main` does around a command (tracing, runtime, errors).
@@ -25,6 +26,7 @@ pub mod cli;
 pub mod data;
 pub mod device;
 pub mod fleet_sim;
+pub mod resume;
 pub mod run;
 pub mod shares;
 pub mod simulate;

@@ -207,6 +207,8 @@ pub struct DriveOptions {
     pub wait_for_clients: Duration,
     /// Prometheus metrics to report each round to.
     pub metrics: Option<Arc<Metrics>>,
+    /// Continue a reopened run from its records instead of starting it.
+    pub resume: Option<crate::resume::ResumeFrom>,
 }
 
 /// Drives the spec's rounds of `manifest`'s task over the clients in `options.registry`.
@@ -224,8 +226,33 @@ pub async fn drive(
         server,
         wait_for_clients,
         metrics,
+        resume,
     } = options;
+    let done = FinalTask::default();
+    // A resumed run's task is the one its rounds used, fitted or not.
+    let (manifest, recorded_setup) = match resume.as_ref().and_then(|r| r.task.clone()) {
+        Some(bytes) => {
+            let (manifest, setup) = task::setup_recorded(bytes, done.clone())?;
+            (manifest, Some(setup))
+        }
+        None => (manifest, None),
+    };
+    let resumed = match &resume {
+        Some(r) => match &r.checkpoint {
+            Some((path, model_round)) => Some(pollen_coordinator::Resume {
+                parameters: crate::warm::load(path, &manifest)?,
+                completed: r.completed,
+                model_round: *model_round,
+                rng_word_pos: r.rng_word_pos,
+            }),
+            None => None,
+        },
+        None => None,
+    };
     let warm = match &spec.warm_start {
+        // Resuming continues from the run's own checkpoint; the warm-start source may have
+        // moved on (a `run` without a round means its latest).
+        _ if resume.is_some() => None,
         Some(w) => {
             let runs_dir = run
                 .dir()
@@ -242,10 +269,12 @@ pub async fn drive(
         }
         None => None,
     };
-    let done = FinalTask::default();
     let mut strategy = build_strategy(spec, &manifest, server, &done)?;
     let primary = manifest.task.kind.primary_metric().to_string();
-    let setup = task::setup(manifest, done.clone())?;
+    let setup = match recorded_setup {
+        Some(setup) => setup,
+        None => task::setup(manifest, done.clone())?,
+    };
     if setup.statistics.is_none()
         && let Some(task) = done.get()
         && let Some(initial) = crate::torchscript::initial_parameters(task)?
@@ -284,6 +313,15 @@ pub async fn drive(
     let warm_started = warm.is_some();
     if let Some(parameters) = warm {
         driver = driver.with_warm_start(parameters);
+    }
+    if let Some(resume) = resumed {
+        eprintln!(
+            "resuming after round {} from the model of round {} (sha256 {})",
+            resume.completed,
+            resume.model_round,
+            resume.parameters.encode().sha256
+        );
+        driver = driver.with_resume(resume);
     }
     let summary = driver.run(shutdown).await?;
     if warm_started && let Some(e) = &summary.initial_evaluation {
@@ -357,6 +395,7 @@ impl LocalCoordinator {
             server,
             wait_for_clients: Duration::from_secs(60),
             metrics: None,
+            resume: None,
         }
     }
 
@@ -498,6 +537,8 @@ pub async fn run_on_fleet(
             stale_after: options.stale_after,
             keep_alive: Duration::from_secs(30),
             persistent_session: false,
+            auto_shard: false,
+            heartbeat: pollen_proxy::config::DEFAULT_HEARTBEAT,
         },
         coordinator.token(),
     )

@@ -393,6 +393,8 @@ impl SimulatedFleet {
                             stale_after: Duration::from_secs(60),
                             keep_alive: Duration::from_secs(30),
                             persistent_session: false,
+                            auto_shard: false,
+                            heartbeat: pollen_proxy::config::DEFAULT_HEARTBEAT,
                         },
                         stop_all,
                     )

@@ -204,6 +204,20 @@ pub fn setup(manifest: TaskManifest, done: FinalTask) -> anyhow::Result<TaskSetu
     })
 }
 
+/// The coordinator's task for a resumed run: the manifest its rounds used (`task.json`), byte
+/// for byte so that its digest (and the devices' cached copies) stay the same, with no
+/// statistics phase. The manifest parsed, and the setup.
+pub fn setup_recorded(
+    bytes: Vec<u8>,
+    done: FinalTask,
+) -> anyhow::Result<(TaskManifest, TaskSetup)> {
+    let manifest = TaskManifest::parse(&bytes).context("the run's recorded task.json")?;
+    let files = torchscript::files(&manifest)?;
+    let task = torchscript::task_with_files(manifest.clone(), &files)?;
+    let _ = done.set(task);
+    Ok((manifest, TaskSetup::fixed(bytes).with_files(files)))
+}
+
 /// Federated evaluation metrics of this kind of task, aggregated exactly.
 pub fn metrics_aggregation(m: &TaskManifest) -> MetricsAggregationFn {
     let (kind, quantile) = (m.task.kind, m.task.threshold_quantile);

@@ -109,6 +109,8 @@ pub enum DriverError {
     Store(#[from] StoreError),
     #[error("encoding the global model: {0}")]
     Encode(String),
+    #[error("resuming: {0}")]
+    Resume(String),
 }
 
 /// What a finished run returns.
@@ -153,6 +155,22 @@ pub struct RoundDriver {
     fitted_initial: Option<Parameters>,
     /// An earlier run's model to start from: before the fitted and the strategy's.
     warm_start: Option<Parameters>,
+    /// The run continues after this many recorded rounds (crash resume).
+    resumed_after: Option<u64>,
+}
+
+/// Where a resumed run stood when its coordinator stopped: read back from its records.
+#[derive(Debug, Clone)]
+pub struct Resume {
+    /// The global model after the last recorded round (its checkpoint, or that of the last
+    /// successful round before it, or the initial one).
+    pub parameters: Parameters,
+    /// Rounds recorded; the run goes on with the next.
+    pub completed: u64,
+    /// The round that produced `parameters` (0: the initial model).
+    pub model_round: u64,
+    /// The sampler's position after the last recorded round.
+    pub rng_word_pos: u64,
 }
 
 /// Largest blob accepted as a client's initial model (no shapes to check it against yet).
@@ -183,7 +201,19 @@ impl RoundDriver {
             fit_manifest: None,
             fitted_initial: None,
             warm_start: None,
+            resumed_after: None,
         }
+    }
+
+    /// Continues a run after its recorded rounds (crash resume): from their model, with the
+    /// sampler where they left it, without evaluating or checkpointing the starting model
+    /// again. Synchronous rounds only (FedBuff's versions in flight are not recorded).
+    pub fn with_resume(mut self, resume: Resume) -> Self {
+        self.warm_start = Some(resume.parameters);
+        self.global_round = resume.model_round;
+        self.rng.set_word_pos(u128::from(resume.rng_word_pos));
+        self.resumed_after = Some(resume.completed);
+        self
     }
 
     /// Every instruction references this task; with a statistics phase, the manifest is fitted
@@ -277,13 +307,25 @@ impl RoundDriver {
             self.fitted_initial = initial;
         }
         self.record_task()?;
+        let resumed = self.resumed_after.is_some();
+        if resumed && self.config.fedbuff.is_some() {
+            return Err(DriverError::Resume(
+                "FedBuff runs cannot be resumed: the versions in flight are not recorded".into(),
+            ));
+        }
         let mut global = Arc::new(self.initial_parameters().await?);
         tracing::info!(
             tensors = global.tensors.len(),
             params = global.num_params(),
-            "initial global model ready"
+            after_round = self.resumed_after.unwrap_or(0),
+            "global model ready"
         );
-        let initial_evaluation = self.evaluate_centralized(0, &global).await?;
+        let initial_evaluation = if resumed {
+            None
+        } else {
+            self.checkpoint_initial(&global).await?;
+            self.evaluate_centralized(0, &global).await?
+        };
         if let Some(config) = self.config.fedbuff.clone() {
             let (rounds, parameters, cancelled) =
                 self.run_fedbuff(config, global, shutdown).await?;
@@ -295,7 +337,7 @@ impl RoundDriver {
             });
         }
         let mut rounds = Vec::new();
-        for round in 1..=self.config.num_rounds {
+        for round in self.resumed_after.unwrap_or(0) + 1..=self.config.num_rounds {
             if shutdown.is_cancelled() {
                 return Ok(RunSummary {
                     rounds,
@@ -321,6 +363,23 @@ impl RoundDriver {
             parameters: global,
             cancelled: false,
         })
+    }
+
+    /// Writes the starting model as the run's round-0 checkpoint, so that a run resumed before
+    /// any round succeeded starts from exactly it (it may have come from a client, or from a
+    /// warm-start source that has moved since).
+    async fn checkpoint_initial(&mut self, global: &Arc<Parameters>) -> Result<(), DriverError> {
+        let Some(run) = self.run.clone() else {
+            return Ok(());
+        };
+        let model = global.clone();
+        let meta = self.checkpoint_metadata(0);
+        tokio::task::spawn_blocking(move || {
+            run.write_checkpoint(0, &model.encode_with_metadata(meta))
+        })
+        .await?
+        .map_err(|source| DriverError::Record { round: 0, source })?;
+        Ok(())
     }
 
     async fn wait_for_clients(&self) -> Result<(), DriverError> {

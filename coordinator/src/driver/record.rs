@@ -52,6 +52,9 @@ impl RoundDriver {
             other => other?,
         };
         let evaluate_seconds = eval_started.elapsed().as_secs_f64();
+        // Federated evaluation samples too: the position after it is where the next round's
+        // sampling starts.
+        let rng_word_pos = u64::try_from(self.rng.get_word_pos()).ok();
         let evaluation = match (&central, &federated) {
             (Some(_), _) => Some("centralized".to_string()),
             (None, Some(_)) => Some("federated".to_string()),
@@ -120,6 +123,7 @@ impl RoundDriver {
                 .collect(),
             privacy,
             asynchronous,
+            rng_word_pos,
             finished_at: chrono::Utc::now().to_rfc3339(),
         }
         .with_counters(&delta);
@@ -165,7 +169,7 @@ impl RoundDriver {
 impl RoundDriver {
     /// What a checkpoint's safetensors header says about it, for whoever loads it back (a
     /// PyTorch user: `python/pollen_models.py` rebuilds the module from the manifest).
-    fn checkpoint_metadata(&self, round: u64) -> HashMap<String, String> {
+    pub(super) fn checkpoint_metadata(&self, round: u64) -> HashMap<String, String> {
         let mut meta = HashMap::from([
             ("format".to_string(), "pt".to_string()),
             ("pollen.run_id".to_string(), self.run_id.clone()),

@@ -495,3 +495,77 @@ async fn fedbuff_publishes_a_version_every_k_updates_and_drops_stale_ones() {
         "the records count what the counter counts"
     );
 }
+
+/// A run resumed after round 2 (a new driver, as a restarted coordinator builds it from the
+/// records: round 2's model and sampler position) samples and trains rounds 3 and 4 exactly
+/// as the uninterrupted run did.
+#[tokio::test]
+async fn a_resumed_run_samples_and_trains_as_the_uninterrupted_run() {
+    let registry = Arc::new(Registry::new(Arc::default()));
+    let store = Arc::new(MemoryStore::new("t/"));
+    let fleet = |registry: &Arc<Registry>| {
+        for i in 0..6 {
+            device(registry, &store, &format!("dev-{i}"), Answer::Shift(1.0));
+        }
+    };
+    let driver = |registry: &Arc<Registry>| {
+        let strategy = FedAvg::new(FedAvgConfig {
+            fraction_fit: 0.5,
+            fraction_evaluate: 0.0,
+            min_fit_clients: 1,
+            min_available_clients: 6,
+            ..Default::default()
+        })
+        .with_initial_parameters(model(0.0));
+        RoundDriver::new(
+            registry.clone(),
+            Box::new(strategy),
+            DriverConfig {
+                num_rounds: 4,
+                seed: 7,
+                round_timeout: Duration::from_secs(10),
+                wait_for_clients: Duration::from_secs(5),
+                ..DriverConfig::default()
+            },
+        )
+        .with_store(store.clone())
+    };
+    fleet(&registry);
+    let whole = driver(&registry)
+        .run(CancellationToken::new())
+        .await
+        .expect("the whole run");
+    let sampled = |r: &crate::records::RoundRecord| {
+        let mut p = r.participants.clone();
+        p.sort();
+        p
+    };
+    // Three of six each round, not always the same three: the sampler's position matters.
+    assert!(whole.rounds.iter().all(|r| r.participants.len() == 3));
+    assert_ne!(sampled(&whole.rounds[2]), sampled(&whole.rounds[3]));
+
+    // The run ends by stopping its clients; the fleet joins again for the resumed run.
+    fleet(&registry);
+    let after_two = &whole.rounds[1];
+    let resumed = driver(&registry)
+        .with_resume(super::Resume {
+            parameters: model(2.0),
+            completed: 2,
+            model_round: 2,
+            rng_word_pos: after_two.rng_word_pos.expect("recorded with the round"),
+        })
+        .run(CancellationToken::new())
+        .await
+        .expect("the resumed run");
+    assert_eq!(
+        resumed.rounds.iter().map(|r| r.round).collect::<Vec<_>>(),
+        [3, 4]
+    );
+    assert!(resumed.initial_evaluation.is_none());
+    for (again, first) in resumed.rounds.iter().zip(&whole.rounds[2..]) {
+        assert_eq!(sampled(again), sampled(first), "round {}", again.round);
+        assert_eq!(again.rng_word_pos, first.rng_word_pos);
+    }
+    assert_eq!(values(&resumed.parameters), values(&whole.parameters));
+    assert_eq!(values(&resumed.parameters), vec![4.0; 4]);
+}

@@ -52,6 +52,16 @@ pub trait RunDb: Send + Sync {
     /// atomically: a crash leaves both or neither.
     fn commit_round(&self, round: &RoundRow<'_>, now: &str) -> Result<(), DbError>;
     fn set_status(&self, id: &str, status: &str) -> Result<(), DbError>;
+    /// Takes a run over for a new coordinator: sets it `running` with a heartbeat at `now`,
+    /// only if its status and heartbeat are still `status` and `heartbeat` as read, so that of
+    /// two coordinators resuming one run only one succeeds. Whether this one did.
+    fn claim(
+        &self,
+        id: &str,
+        status: &str,
+        heartbeat: Option<&str>,
+        now: &str,
+    ) -> Result<bool, DbError>;
     /// The run's coordinator is alive at `now`.
     fn heartbeat(&self, id: &str, now: &str) -> Result<(), DbError>;
     /// The schema version the database is at.
@@ -167,6 +177,8 @@ pub mod sql {
         WHERE id = $1";
     pub const SET_STATUS: &str = "UPDATE runs SET status = $2 WHERE id = $1";
     pub const HEARTBEAT: &str = "UPDATE runs SET heartbeat_at = $2 WHERE id = $1";
+    pub const CLAIM: &str = "UPDATE runs SET status = 'running', heartbeat_at = $4
+        WHERE id = $1 AND status = $2 AND heartbeat_at IS NOT DISTINCT FROM $3";
     pub const MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (
         version INTEGER PRIMARY KEY, what TEXT NOT NULL, applied_at TEXT NOT NULL)";
     pub const SCHEMA_VERSION: &str = "SELECT COALESCE(MAX(version), 0) FROM schema_migrations";

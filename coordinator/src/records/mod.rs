@@ -42,6 +42,8 @@ pub enum RecordError {
     Db(#[from] db::DbError),
     #[error("run record could not be serialized: {0}")]
     Json(#[from] serde_json::Error),
+    #[error("run {run}: {reason}")]
+    Resume { run: String, reason: String },
 }
 
 /// Whether a round produced a new global model.
@@ -135,6 +137,11 @@ pub struct RoundRecord {
     /// FedBuff runs: staleness of this version's updates.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub asynchronous: Option<AsyncRecord>,
+    /// Where the client sampler's random stream stood after this round (ChaCha8 word
+    /// position), so that a resumed run samples as an uninterrupted one would. Committed with
+    /// the round, so that the two cannot disagree after a crash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rng_word_pos: Option<u64>,
     pub finished_at: String,
 }
 
@@ -362,6 +369,93 @@ impl RunStore {
         })
     }
 
+    /// Reopens run `id` to continue it in this process after its coordinator died (or the
+    /// run was stopped or failed): takes it over in the database (`running`, heartbeat now;
+    /// refused while its coordinator still beats, once completed, or if another coordinator
+    /// claimed it first), and makes its directory agree with the database, which alone is
+    /// committed atomically: `metrics.jsonl` is rewritten from the recorded rounds (a crash
+    /// may have left a line of the interrupted round, or half of one) and checkpoints of
+    /// rounds after the last recorded one are removed.
+    pub fn reopen_run(self: &Arc<Self>, id: &str) -> Result<ReopenedRun, RecordError> {
+        let refuse = |reason: String| RecordError::Resume {
+            run: id.to_string(),
+            reason,
+        };
+        let Some((row, beat, spec)) = self.db.run(id)? else {
+            return Err(refuse(format!("no such run in {}", self.db.describe())));
+        };
+        let status = row.status.clone();
+        match self.shown((row.clone(), beat.clone())).status.as_str() {
+            "completed" => return Err(refuse("it is completed; nothing to resume".into())),
+            "running" => {
+                return Err(refuse(format!(
+                    "its coordinator is alive (a heartbeat within the last {:?}); stop it first, or wait until the run shows as interrupted",
+                    self.liveness.lease
+                )));
+            }
+            _ => {}
+        }
+        let rounds = self.rounds(id)?;
+        if let Some((i, r)) = rounds
+            .iter()
+            .enumerate()
+            .find(|(i, r)| r.round != *i as u64 + 1)
+        {
+            return Err(refuse(format!(
+                "its recorded rounds are not consecutive from 1 (record {} is round {})",
+                i + 1,
+                r.round
+            )));
+        }
+        if !self.db.claim(id, &status, beat.as_deref(), &now())? {
+            return Err(refuse(
+                "another coordinator took it over at the same time".into(),
+            ));
+        }
+        let dir = self.root.join(id);
+        let completed = rounds.len() as u64;
+        let models = dir.join("models");
+        fs::create_dir_all(&models).map_err(io(&models))?;
+        for entry in fs::read_dir(&models).map_err(io(&models))? {
+            let path = entry.map_err(io(&models))?.path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            let after = name
+                .strip_prefix("round-")
+                .and_then(|n| n.strip_suffix(".safetensors"))
+                .and_then(|n| n.parse::<u64>().ok())
+                .is_some_and(|n| n > completed);
+            if after || name.ends_with(".tmp") {
+                fs::remove_file(&path).map_err(io(&path))?;
+            }
+        }
+        let metrics_path = dir.join("metrics.jsonl");
+        let mut text = String::new();
+        for r in &rounds {
+            text.push_str(&serde_json::to_string(r)?);
+            text.push('\n');
+        }
+        let tmp = dir.join(".metrics.jsonl.tmp");
+        fs::write(&tmp, text).map_err(io(&tmp))?;
+        fs::rename(&tmp, &metrics_path).map_err(io(&metrics_path))?;
+        let metrics = OpenOptions::new()
+            .append(true)
+            .open(&metrics_path)
+            .map_err(io(&metrics_path))?;
+        let beating = heartbeat(self.db.clone(), id.to_string(), self.liveness.every);
+        Ok(ReopenedRun {
+            handle: RunHandle {
+                id: id.to_string(),
+                dir,
+                store: self.clone(),
+                metrics: Mutex::new(metrics),
+                _beating: beating,
+            },
+            spec,
+            num_rounds: row.num_rounds,
+            rounds,
+        })
+    }
+
     /// All runs, newest first.
     pub fn list_runs(&self) -> Result<Vec<RunRow>, RecordError> {
         Ok(self
@@ -452,6 +546,16 @@ fn heartbeat(db: Arc<dyn RunDb>, id: String, every: Duration) -> std::sync::mpsc
     tx
 }
 
+/// A run reopened to be continued ([`RunStore::reopen_run`]).
+pub struct ReopenedRun {
+    pub handle: RunHandle,
+    /// The spec it was created with (TOML, command-line overrides applied).
+    pub spec: String,
+    pub num_rounds: u64,
+    /// Its recorded rounds, `1..=k`.
+    pub rounds: Vec<RoundRecord>,
+}
+
 /// An open run: appends round records and checkpoints.
 pub struct RunHandle {
     id: String,
@@ -486,13 +590,7 @@ impl RunHandle {
         checkpoint: Option<&[u8]>,
     ) -> Result<(), RecordError> {
         let checkpoint = match checkpoint {
-            Some(bytes) => {
-                let path = self.checkpoint_path(record.round);
-                let tmp = path.with_extension("safetensors.tmp");
-                fs::write(&tmp, bytes).map_err(io(&tmp))?;
-                fs::rename(&tmp, &path).map_err(io(&path))?;
-                Some(path.display().to_string())
-            }
+            Some(bytes) => Some(self.write_checkpoint(record.round, bytes)?),
             None => None,
         };
         let line = serde_json::to_string(record)?;
@@ -519,6 +617,15 @@ impl RunHandle {
             &now(),
         )?;
         Ok(())
+    }
+
+    /// Writes the checkpoint of `round` (0: the initial model) atomically; its path.
+    pub fn write_checkpoint(&self, round: u64, bytes: &[u8]) -> Result<String, RecordError> {
+        let path = self.checkpoint_path(round);
+        let tmp = path.with_extension("safetensors.tmp");
+        fs::write(&tmp, bytes).map_err(io(&tmp))?;
+        fs::rename(&tmp, &path).map_err(io(&path))?;
+        Ok(path.display().to_string())
     }
 
     /// Writes `name` into the run's directory (the task manifest, statistics, partitions),

@@ -250,6 +250,21 @@ impl RunDb for PostgresDb {
         self.call(move |c| c.execute(sql::SET_STATUS, &[&id, &status]).map(|_| ()))
     }
 
+    fn claim(
+        &self,
+        id: &str,
+        status: &str,
+        heartbeat: Option<&str>,
+        now: &str,
+    ) -> Result<bool, DbError> {
+        let (id, status, now) = (id.to_string(), status.to_string(), now.to_string());
+        let heartbeat = heartbeat.map(str::to_string);
+        self.call(move |c| {
+            c.execute(sql::CLAIM, &[&id, &status, &heartbeat, &now])
+                .map(|n| n == 1)
+        })
+    }
+
     fn heartbeat(&self, id: &str, now: &str) -> Result<(), DbError> {
         let (id, now) = (id.to_string(), now.to_string());
         self.call(move |c| c.execute(sql::HEARTBEAT, &[&id, &now]).map(|_| ()))

@@ -200,6 +200,20 @@ impl RunDb for SqliteDb {
         Ok(())
     }
 
+    fn claim(
+        &self,
+        id: &str,
+        status: &str,
+        heartbeat: Option<&str>,
+        now: &str,
+    ) -> Result<bool, DbError> {
+        let changed = self
+            .conn()
+            .execute(&q(sql::CLAIM), params![id, status, heartbeat, now])
+            .map_err(self.err())?;
+        Ok(changed == 1)
+    }
+
     fn heartbeat(&self, id: &str, now: &str) -> Result<(), DbError> {
         self.conn()
             .execute(&q(sql::HEARTBEAT), params![id, now])

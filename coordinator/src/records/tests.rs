@@ -39,6 +39,7 @@ fn record(run_id: &str, round: u64, accuracy: f64) -> RoundRecord {
         failures: Vec::new(),
         privacy: None,
         asynchronous: None,
+        rng_word_pos: None,
         finished_at: now(),
     }
 }
@@ -106,10 +107,75 @@ fn exercise(root: &Path, database: &Database, make_newer: impl FnOnce()) {
     assert_eq!(listed[1].status, "completed");
     assert_eq!(store.run_status("no-such-run").expect("status"), None);
 
+    // Resuming: refused for a completed run, for a run whose coordinator still beats, and
+    // for a run no one recorded.
+    let refused = |id: &str| match store.reopen_run(id) {
+        Ok(_) => panic!("reopening {id} must be refused"),
+        Err(e) => e.to_string(),
+    };
+    assert!(refused(run.id()).contains("completed"));
+    assert!(refused("no-such-run").contains("no such run"));
+    let crashed = store.create_run("mnist", "rounds = 4", 9, 4).expect("run");
+    crashed
+        .record_round(&record(crashed.id(), 1, 0.5), Some(checkpoint))
+        .expect("round 1");
+    let crashed_id = crashed.id().to_string();
+    assert!(refused(&crashed_id).contains("alive"));
+    // What a SIGKILL in round 2 may leave: its checkpoint written, half its metrics line.
+    std::fs::write(crashed.checkpoint_path(2), b"weights of round 2").expect("write");
+    {
+        let path = crashed.dir().join("metrics.jsonl");
+        let mut f = OpenOptions::new().append(true).open(&path).expect("open");
+        f.write_all(b"{\"run_id\":\"half a").expect("write");
+    }
+    let dir = crashed.dir().to_path_buf();
+    drop(crashed);
+    std::thread::sleep(QUICK.lease + Duration::from_millis(300));
+    let reopened = store
+        .reopen_run(&crashed_id)
+        .expect("an interrupted run reopens");
+    assert_eq!(
+        (reopened.num_rounds, reopened.spec.as_str()),
+        (4, "rounds = 4")
+    );
+    assert_eq!(
+        reopened.rounds.iter().map(|r| r.round).collect::<Vec<_>>(),
+        [1]
+    );
+    assert!(dir.join("models/round-0001.safetensors").exists());
+    assert!(!dir.join("models/round-0002.safetensors").exists());
+    let lines = std::fs::read_to_string(dir.join("metrics.jsonl")).expect("read");
+    assert_eq!(lines.lines().count(), 1, "{lines}");
+    // It is running again at once, so a second coordinator cannot take it too.
+    assert_eq!(
+        store.run_status(&crashed_id).expect("status").as_deref(),
+        Some("running")
+    );
+    assert!(refused(&crashed_id).contains("alive"));
+    reopened
+        .handle
+        .record_round(&record(&crashed_id, 2, 0.8), Some(checkpoint))
+        .expect("round 2, redone");
+    let lines = std::fs::read_to_string(dir.join("metrics.jsonl")).expect("read");
+    assert_eq!(lines.lines().count(), 2, "{lines}");
+    reopened.handle.finish("completed").expect("finish");
+    // Claims compare the status and heartbeat as read: a stale read claims nothing.
+    assert!(
+        !store
+            .db
+            .claim(
+                &crashed_id,
+                "running",
+                Some("1970-01-01T00:00:00+00:00"),
+                &now()
+            )
+            .expect("claim")
+    );
+
     // Opening again migrates nothing and finds everything.
     drop(store);
     let again = RunStore::open_with(root, database, QUICK).expect("reopens");
-    assert_eq!(again.list_runs().expect("list").len(), 2);
+    assert_eq!(again.list_runs().expect("list").len(), 3);
     drop(again);
 
     make_newer();

@@ -224,6 +224,8 @@ impl Harness {
                     stale_after: Duration::from_secs(30),
                     keep_alive: Duration::from_secs(5),
                     persistent_session: false,
+                    auto_shard: false,
+                    heartbeat: pollen_proxy::config::DEFAULT_HEARTBEAT,
                 },
                 stop.clone(),
             )

@@ -7,18 +7,21 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 use pollen_proto::mqtt::BrokerConfig;
-use pollen_proxy::{Proxy, ProxyConfig, ProxyShard, Selection};
+use pollen_proxy::{Proxy, ProxyConfig, ProxyShard};
 
 use super::report::print_devices;
 use super::shutdown_on_ctrl_c;
+
+/// The broker commands use when none is given.
+pub const DEFAULT_BROKER: &str = "mqtt://127.0.0.1:1883";
 
 /// Where the fleet's broker is and who this process is to it.
 #[derive(Args, Debug, Clone)]
 pub struct BrokerArgs {
     /// mqtt://host[:1883], or mqtts://host[:8883] with --broker-ca; a username and password
-    /// may be given in the URL.
-    #[arg(long, env = "POLLEN_BROKER", default_value = "mqtt://127.0.0.1:1883")]
-    pub broker: String,
+    /// may be given in the URL [default: mqtt://127.0.0.1:1883].
+    #[arg(long, env = "POLLEN_BROKER")]
+    pub broker: Option<String>,
     /// PEM file of the CA that signed the broker's certificate (mqtts).
     #[arg(long, env = "POLLEN_BROKER_CA", value_name = "PEM")]
     pub broker_ca: Option<PathBuf>,
@@ -43,11 +46,22 @@ pub struct BrokerArgs {
 
 impl BrokerArgs {
     pub fn config(&self) -> BrokerConfig {
-        BrokerConfig {
-            url: self.broker.clone(),
-            ca_file: self.broker_ca.clone(),
-            cert_file: self.broker_cert.clone(),
-            key_file: self.broker_key.clone(),
+        let mut config = BrokerConfig::new(DEFAULT_BROKER);
+        self.apply(&mut config);
+        config
+    }
+
+    /// Overrides what these arguments give in `config` (a config file's).
+    pub fn apply(&self, config: &mut BrokerConfig) {
+        if let Some(url) = &self.broker {
+            config.url = url.clone();
+        }
+        if let Some(ca) = &self.broker_ca {
+            config.ca_file = Some(ca.clone());
+        }
+        if let (Some(cert), Some(key)) = (&self.broker_cert, &self.broker_key) {
+            config.cert_file = Some(cert.clone());
+            config.key_file = Some(key.clone());
         }
     }
 }
@@ -86,67 +100,138 @@ impl CoordinatorTlsArgs {
     }
 }
 
+/// How a proxy shares its fleet with others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShardArg {
+    /// With whichever proxies are live (announced on the broker).
+    Auto,
+    Static(ProxyShard),
+}
+
+impl std::str::FromStr for ShardArg {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "auto" {
+            return Ok(Self::Auto);
+        }
+        s.parse()
+            .map(Self::Static)
+            .map_err(|e| format!("{e}; or \"auto\""))
+    }
+}
+
 /// Arguments of `pollen proxy`.
 #[derive(Args, Debug)]
 pub struct ProxyArgs {
-    /// Coordinator Fleet endpoint.
-    #[arg(long, default_value = "http://127.0.0.1:50051")]
-    pub coordinator: String,
+    /// The proxy's TOML config (see --print-default-config); the flags below override it.
+    #[arg(long, env = "POLLEN_PROXY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Print the default config, commented, and exit.
+    #[arg(long)]
+    pub print_default_config: bool,
+    /// Coordinator Fleet endpoint [default: http://127.0.0.1:50051].
+    #[arg(long)]
+    pub coordinator: Option<String>,
     #[command(flatten)]
     pub coordinator_tls: CoordinatorTlsArgs,
     #[command(flatten)]
     pub broker: BrokerArgs,
-    #[arg(long, default_value = "default")]
-    pub fleet: String,
-    /// Names this proxy's persistent MQTT session; give each proxy of a fleet its own.
-    #[arg(long, default_value = "proxy-0")]
-    pub proxy_id: String,
+    /// [default: default]
+    #[arg(long)]
+    pub fleet: Option<String>,
+    /// Names this proxy's persistent MQTT session; give each proxy of a fleet its own
+    /// [default: proxy-0].
+    #[arg(long)]
+    pub proxy_id: Option<String>,
     /// Only these devices (comma-separated); all online devices when absent.
     #[arg(long, value_delimiter = ',')]
     pub devices: Option<Vec<String>>,
-    #[arg(long, default_value_t = 0)]
-    pub min_examples: u64,
+    #[arg(long)]
+    pub min_examples: Option<u64>,
     #[arg(long)]
     pub max_devices: Option<usize>,
-    /// Bridge only this shard of the fleet, INDEX/COUNT (e.g. 0/3): run COUNT proxies with
-    /// indexes 0..COUNT and every device is bridged by exactly one of them (rendezvous
-    /// hashing of device ids). Each needs its own --proxy-id.
-    #[arg(long, value_name = "INDEX/COUNT")]
-    pub shard: Option<ProxyShard>,
+    /// Share the fleet with other proxies. `auto`: with every live proxy started with
+    /// `--shard auto` (each with its own --proxy-id); they split the devices by rendezvous
+    /// hashing over their ids and take over a dead proxy's devices. INDEX/COUNT (e.g. 0/3): a
+    /// static share; run COUNT proxies with indexes 0..COUNT.
+    #[arg(long, value_name = "auto|INDEX/COUNT")]
+    pub shard: Option<ShardArg>,
     /// Serve the proxy's Prometheus metrics (bridges, devices online, dropped replies,
-    /// timeouts) at http://ADDR/metrics.
+    /// timeouts, live proxies) at http://ADDR/metrics.
     #[arg(long, value_name = "ADDR")]
     pub http: Option<SocketAddr>,
 }
 
+/// The proxy's configuration: its file (or the defaults), then the flags.
+pub fn proxy_config(a: &ProxyArgs) -> anyhow::Result<ProxyConfig> {
+    let mut config = match &a.config {
+        Some(path) => ProxyConfig::load(path)?,
+        None => ProxyConfig::new(
+            "default",
+            "http://127.0.0.1:50051",
+            BrokerConfig::new(DEFAULT_BROKER),
+        ),
+    };
+    if let Some(coordinator) = &a.coordinator {
+        config.coordinator = coordinator.clone();
+    }
+    let tls = a.coordinator_tls.config();
+    if tls.ca_file.is_some() {
+        config.coordinator_tls.ca_file = tls.ca_file;
+    }
+    if tls.cert_file.is_some() {
+        config.coordinator_tls.cert_file = tls.cert_file;
+        config.coordinator_tls.key_file = tls.key_file;
+    }
+    a.broker.apply(&mut config.broker);
+    if let Some(fleet) = &a.fleet {
+        config.fleet = fleet.clone();
+    }
+    if let Some(id) = &a.proxy_id {
+        config.proxy_id = id.clone();
+    }
+    if let Some(devices) = &a.devices {
+        config.selection.devices = Some(devices.iter().cloned().collect());
+    }
+    if let Some(min) = a.min_examples {
+        config.selection.min_examples = min;
+    }
+    if let Some(max) = a.max_devices {
+        config.selection.max_devices = Some(max);
+    }
+    match a.shard {
+        Some(ShardArg::Auto) => {
+            config.auto_shard = true;
+            config.selection.shard = None;
+        }
+        Some(ShardArg::Static(shard)) => {
+            config.auto_shard = false;
+            config.selection.shard = Some(shard);
+        }
+        None => {}
+    }
+    config.validate()?;
+    Ok(config)
+}
+
 pub async fn proxy(a: ProxyArgs) -> anyhow::Result<()> {
+    if a.print_default_config {
+        print!("{}", ProxyConfig::default_toml());
+        return Ok(());
+    }
+    let config = proxy_config(&a)?;
     let shutdown = shutdown_on_ctrl_c("stopping the proxy");
-    let proxy = Proxy::start(
-        ProxyConfig {
-            fleet: a.fleet.clone(),
-            proxy_id: a.proxy_id,
-            coordinator: a.coordinator.clone(),
-            coordinator_tls: a.coordinator_tls.config(),
-            broker: a.broker.config(),
-            selection: Selection {
-                devices: a.devices.map(|d| d.into_iter().collect()),
-                min_examples: a.min_examples,
-                max_devices: a.max_devices,
-                data: None,
-                shard: a.shard,
-            },
-            stale_after: std::time::Duration::from_secs(30),
-            keep_alive: std::time::Duration::from_secs(30),
-            persistent_session: true,
-        },
-        shutdown.clone(),
-    )
-    .await?;
+    let (fleet, coordinator) = (config.fleet.clone(), config.coordinator.clone());
+    let broker = config.broker.redacted_url();
+    let sharing = match (config.auto_shard, config.selection.shard) {
+        (true, _) => format!(", shared automatically as {:?}", config.proxy_id),
+        (false, Some(shard)) => format!(", shard {shard}"),
+        (false, None) => String::new(),
+    };
+    let proxy = Proxy::start(config, shutdown.clone()).await?;
     eprintln!(
-        "proxy for fleet {:?}: broker {}, coordinator {}; Ctrl-C to stop",
-        a.fleet,
-        pollen_proto::mqtt::redact(&a.broker.broker),
-        a.coordinator
+        "proxy for fleet {fleet:?}{sharing}: broker {broker}, coordinator {coordinator}; Ctrl-C to stop"
     );
     if let Some(addr) = a.http {
         let server =

@@ -24,6 +24,9 @@ use tokio_util::sync::CancellationToken;
 pub fn main(command: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // A log line that cannot be written (stderr closed under a supervisor) is lost;
+        // reporting that on the same closed stderr would panic the task that logged.
+        .log_internal_errors(false)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,rumqttd=off")),

@@ -3,7 +3,9 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use anyhow::Context;
 use clap::Args;
 use pollen_coordinator::StoreConfig;
 use pollen_coordinator::records::Database;
@@ -222,6 +224,11 @@ pub async fn simulate(a: SimulateArgs) -> anyhow::Result<()> {
 pub struct CoordinatorArgs {
     #[command(flatten)]
     pub spec: SpecArgs,
+    /// Continue run RUN_ID (interrupted: its coordinator died; or stopped, or failed) from its
+    /// records in --runs-dir / --database instead of starting a run: its spec, its last
+    /// recorded round's model and sampler position; the interrupted round is redone.
+    #[arg(long, value_name = "RUN_ID", conflicts_with_all = ["config", "rounds"])]
+    pub resume: Option<String>,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
@@ -262,8 +269,26 @@ pub struct CoordinatorArgs {
 }
 
 pub async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
-    let spec = a.spec.load(|_| {})?;
     let database = Database::parse(a.database.as_deref()).map_err(anyhow::Error::msg)?;
+    // A resumed run is checked before it is claimed, so that a refusal leaves it as it was.
+    let (spec, reopened) = match &a.resume {
+        Some(id) => {
+            let store = crate::run::open_records(&a.runs_dir, &database)?;
+            let (_, text) = store.run(id)?.with_context(|| {
+                format!(
+                    "no run {id:?} in {} (`pollen runs` lists them)",
+                    store.database()
+                )
+            })?;
+            let spec = RunSpec::parse(&text, &format!("run {id}'s spec"))?;
+            if let Some(why) = crate::resume::refusal(&spec) {
+                anyhow::bail!("run {id}: {why}");
+            }
+            let reopened = store.reopen_run(id)?;
+            (spec, Some(reopened))
+        }
+        None => (a.spec.load(|_| {})?, None),
+    };
     let shutdown = shutdown_on_ctrl_c(RUN_INTERRUPTED);
     let storage = if a.inline_weights {
         Storage::Inline
@@ -287,18 +312,38 @@ pub async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
     let manifest = crate::task::resolve_blind(&spec)?;
     let for_data = spec.clone();
     let server = tokio::task::spawn_blocking(move || crate::task::server_data(&for_data)).await??;
-    let run = crate::run::create_run(&spec, &a.runs_dir, &database)?;
+    let (run, resume, earlier) = match reopened {
+        Some(r) => {
+            let resume = crate::resume::locate(&r.handle, &r.rounds)?;
+            (Arc::new(r.handle), Some(resume), r.rounds)
+        }
+        None => (
+            crate::run::create_run(&spec, &a.runs_dir, &database)?,
+            None,
+            Vec::new(),
+        ),
+    };
     let (run_id, run_dir) = (run.id().to_string(), run.dir().to_path_buf());
+    if let Some(r) = &resume {
+        eprintln!(
+            "run {run_id}: {} of {} rounds recorded",
+            r.completed, spec.rounds
+        );
+    }
     let (bar, report) = reporter(&spec, a.json);
+    bar.set_position(earlier.len() as u64);
     let options = DriveOptions {
         wait_for_clients: a.wait_for_clients,
         metrics,
+        resume,
         ..coordinator.drive_options(run, server)
     };
     let summary = crate::run::drive(&spec, manifest, options, report, shutdown).await;
     bar.finish_and_clear();
     coordinator.shut_down().await;
-    print_summary(&run_id, &run_dir, &summary?.rounds);
+    let mut rounds = earlier;
+    rounds.extend(summary?.rounds);
+    print_summary(&run_id, &run_dir, &rounds);
     Ok(())
 }
 
