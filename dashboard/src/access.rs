@@ -75,6 +75,9 @@ pub enum Action {
     ScrapeMetrics,
     ViewRun,
     DownloadModel,
+    SubmitRun,
+    StopRun,
+    ResumeRun,
 }
 
 impl Action {
@@ -85,6 +88,9 @@ impl Action {
             Action::ScrapeMetrics => "scrape_metrics",
             Action::ViewRun => "view_run",
             Action::DownloadModel => "download_model",
+            Action::SubmitRun => "submit_run",
+            Action::StopRun => "stop_run",
+            Action::ResumeRun => "resume_run",
         }
     }
 }
@@ -370,6 +376,14 @@ mod tests {
                 .is_ok()
         );
         assert!(a.authorize(&prom, Action::ViewRun, &run("homes")).is_err());
+        // The control API (`pollen serve`) is the admins' alone by default.
+        for action in [Action::SubmitRun, Action::StopRun, Action::ResumeRun] {
+            assert!(a.authorize(&root, action, &run("homes")).is_ok());
+            let err = a
+                .authorize(&vera, action, &run("homes"))
+                .expect_err("viewer");
+            assert!(err.contains(action.name()), "{err}");
+        }
     }
 
     #[test]

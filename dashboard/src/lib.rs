@@ -13,6 +13,7 @@
 //! request; without it the endpoint serves loopback only.
 
 pub mod access;
+pub mod control;
 mod guard;
 
 use std::collections::BTreeMap;
@@ -25,7 +26,7 @@ use axum::extract::{FromRef, Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Extension, Router};
 use futures::{Stream, StreamExt};
 use pollen_proto::prometheus;
@@ -55,6 +56,8 @@ pub struct HttpSources {
     pub runs: Option<Arc<RunStore>>,
     /// Operators and the policies over what they may do; required beyond loopback.
     pub access: Option<Arc<Access>>,
+    /// A coordinator service's control (`pollen serve`): submit, stop and resume runs.
+    pub control: Option<Arc<dyn control::Control>>,
 }
 
 /// A running HTTP endpoint.
@@ -95,8 +98,10 @@ pub async fn serve_http(
         .route("/", get(dashboard))
         .route("/metrics", get(render_metrics))
         .route("/healthz", get(|| async { "ok\n" }))
-        .route("/api/runs", get(list_runs))
+        .route("/api/runs", get(list_runs).post(control::submit))
         .route("/api/runs/{id}", get(show_run))
+        .route("/api/runs/{id}/stop", post(control::stop))
+        .route("/api/runs/{id}/resume", post(control::resume))
         .route("/api/runs/{id}/devices", get(run_devices))
         .route("/api/events", get(events))
         .route("/api/runs/{id}/model", get(download_model))

@@ -15,6 +15,7 @@
 //! - [`run`]: storage, strategy and driver wiring shared by every command; `pollen run` on a
 //!   real fleet (discover, select, bridge, train).
 //! - [`resume`]: crash resume, a run continued from its records by a new coordinator.
+//! - [`serve`]: `pollen serve`, a long-lived coordinator running submitted runs in turn.
 //! - [`broker`]: the embedded MQTT broker (rumqttd).
 //! - [`cli`]: the `pollen` commands (arguments, handlers, output) and what the binaries'
 //!   `main` does around a command (tracing, runtime, errors).
@@ -28,6 +29,7 @@ pub mod device;
 pub mod fleet_sim;
 pub mod resume;
 pub mod run;
+pub mod serve;
 pub mod shares;
 pub mod simulate;
 pub mod spec;

@@ -167,23 +167,19 @@ pub fn create_run(
     )?))
 }
 
-/// Serves the dashboard, its API and `/metrics` for the coordinator whose clients are in
-/// `registry`, over the records in `runs_dir`, until `shutdown`; prints where.
+/// Serves the dashboard, its API and `/metrics` from `sources` (the coordinator's clients,
+/// metrics, operators and control), over the records in `runs_dir`, until `shutdown`; prints
+/// where.
 async fn serve_dashboard(
     addr: SocketAddr,
     runs_dir: &std::path::Path,
     database: &Database,
-    registry: &Arc<Registry>,
-    metrics: &Arc<Metrics>,
-    access: Option<Arc<pollen_dashboard::access::Access>>,
+    sources: HttpSources,
     shutdown: CancellationToken,
 ) -> anyhow::Result<HttpServer> {
-    let runs = open_records(runs_dir, database)?;
     let sources = HttpSources {
-        registry: Some(registry.clone()),
-        metrics: Some(metrics.clone()),
-        runs: Some(runs),
-        access,
+        runs: Some(open_records(runs_dir, database)?),
+        ..sources
     };
     let server = serve_http(addr, sources, shutdown)
         .await
@@ -252,7 +248,7 @@ pub async fn drive(
     let warm = match &spec.warm_start {
         // Resuming continues from the run's own checkpoint; the warm-start source may have
         // moved on (a `run` without a round means its latest).
-        _ if resume.is_some() => None,
+        _ if resumed.is_some() => None,
         Some(w) => {
             let runs_dir = run
                 .dir()
@@ -413,17 +409,36 @@ impl LocalCoordinator {
             return Ok(None);
         };
         let metrics = Arc::new(Metrics::new(self.server.registry.clone()));
-        serve_dashboard(
-            addr,
-            runs_dir,
-            database,
-            &self.server.registry,
-            &metrics,
+        let sources = HttpSources {
+            registry: Some(self.server.registry.clone()),
+            metrics: Some(metrics.clone()),
             access,
-            self.token(),
-        )
-        .await?;
+            ..HttpSources::default()
+        };
+        serve_dashboard(addr, runs_dir, database, sources, self.token()).await?;
         Ok(Some(metrics))
+    }
+
+    /// [`Self::dashboard`] for a coordinator service: reporting to `metrics`, and taking
+    /// control requests (submit, stop, resume) for `control`. Where it listens.
+    pub async fn service_endpoint(
+        &self,
+        addr: SocketAddr,
+        runs_dir: &std::path::Path,
+        database: &Database,
+        access: Option<Arc<pollen_dashboard::access::Access>>,
+        control: Arc<dyn pollen_dashboard::control::Control>,
+        metrics: &Arc<Metrics>,
+    ) -> anyhow::Result<SocketAddr> {
+        let sources = HttpSources {
+            registry: Some(self.server.registry.clone()),
+            metrics: Some(metrics.clone()),
+            access,
+            control: Some(control),
+            ..HttpSources::default()
+        };
+        let server = serve_dashboard(addr, runs_dir, database, sources, self.token()).await?;
+        Ok(server.addr)
     }
 
     /// Stops the service and the storage server, and waits for them.

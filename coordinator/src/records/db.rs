@@ -33,6 +33,8 @@ pub struct NewRun<'a> {
     pub num_rounds: u64,
     pub dir: &'a str,
     pub spec: &'a str,
+    /// `running` (its coordinator starts it now) or `queued` (a service will).
+    pub status: &'a str,
 }
 
 /// What [`super::RunStore`] needs of a database. Every method is one transaction.
@@ -154,7 +156,7 @@ pub fn too_new(database: String, version: u32) -> DbError {
 pub mod sql {
     pub const INSERT_RUN: &str = "INSERT INTO runs
         (id, name, created_at, status, seed, num_rounds, dir, spec, heartbeat_at)
-        VALUES ($1, $2, $3, 'running', $4, $5, $6, $7, $3)";
+        VALUES ($1, $2, $3, $8, $4, $5, $6, $7, $3)";
     pub const LIST_RUNS: &str =
         "SELECT id, name, created_at, status, seed, num_rounds, last_round, dir, heartbeat_at
          FROM runs ORDER BY created_at DESC, id DESC";

@@ -336,29 +336,13 @@ impl RunStore {
         seed: u64,
         num_rounds: u64,
     ) -> Result<RunHandle, RecordError> {
-        let now = chrono::Utc::now();
-        let suffix: u16 = rand::random();
-        let id = format!("{name}-{}-{suffix:04x}", now.format("%Y%m%d-%H%M%S"));
-        let dir = self.root.join(&id);
-        let models = dir.join("models");
-        fs::create_dir_all(&models).map_err(io(&models))?;
-        let spec_path = dir.join("spec.toml");
-        fs::write(&spec_path, spec_toml).map_err(io(&spec_path))?;
+        let (id, dir) = self.insert(name, spec_toml, seed, num_rounds, "running")?;
         let metrics_path = dir.join("metrics.jsonl");
         let metrics = OpenOptions::new()
             .create(true)
             .append(true)
             .open(&metrics_path)
             .map_err(io(&metrics_path))?;
-        self.db.insert_run(&NewRun {
-            id: &id,
-            name,
-            created_at: &now.to_rfc3339(),
-            seed,
-            num_rounds,
-            dir: &dir.display().to_string(),
-            spec: spec_toml,
-        })?;
         let beating = heartbeat(self.db.clone(), id.clone(), self.liveness.every);
         Ok(RunHandle {
             id,
@@ -367,6 +351,67 @@ impl RunStore {
             metrics: Mutex::new(metrics),
             _beating: beating,
         })
+    }
+
+    /// Records a run that a coordinator service will start when its turn comes (status
+    /// `queued`; [`Self::reopen_run`] starts it); its id.
+    pub fn queue_run(
+        &self,
+        name: &str,
+        spec_toml: &str,
+        seed: u64,
+        num_rounds: u64,
+    ) -> Result<String, RecordError> {
+        Ok(self.insert(name, spec_toml, seed, num_rounds, "queued")?.0)
+    }
+
+    fn insert(
+        &self,
+        name: &str,
+        spec_toml: &str,
+        seed: u64,
+        num_rounds: u64,
+        status: &str,
+    ) -> Result<(String, PathBuf), RecordError> {
+        let now = chrono::Utc::now();
+        let suffix: u16 = rand::random();
+        let id = format!("{name}-{}-{suffix:04x}", now.format("%Y%m%d-%H%M%S"));
+        let dir = self.root.join(&id);
+        let models = dir.join("models");
+        fs::create_dir_all(&models).map_err(io(&models))?;
+        let spec_path = dir.join("spec.toml");
+        fs::write(&spec_path, spec_toml).map_err(io(&spec_path))?;
+        self.db.insert_run(&NewRun {
+            id: &id,
+            name,
+            created_at: &now.to_rfc3339(),
+            seed,
+            num_rounds,
+            dir: &dir.display().to_string(),
+            spec: spec_toml,
+            status,
+        })?;
+        Ok((id, dir))
+    }
+
+    /// Marks a run that no coordinator holds (queued, interrupted, stopped, failed) with
+    /// `status`, if it still shows as `expected`; whether it did. The change is a claim (a
+    /// compare-and-set on the status and heartbeat as read), so it loses to a coordinator
+    /// taking the run at the same time.
+    pub fn settle(&self, id: &str, expected: &str, status: &str) -> Result<bool, RecordError> {
+        let Some((row, beat, _)) = self.db.run(id)? else {
+            return Ok(false);
+        };
+        let raw = row.status.clone();
+        let shown = self.shown((row, beat.clone())).status;
+        if shown != expected || shown == "running" {
+            return Ok(false);
+        }
+        if !self.db.claim(id, &raw, beat.as_deref(), &now())? {
+            return Ok(false);
+        }
+        self.db.set_status(id, status)?;
+        Ok(true)
     }
 
     /// Reopens run `id` to continue it in this process after its coordinator died (or the

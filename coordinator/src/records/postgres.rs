@@ -168,18 +168,28 @@ impl RunDb for PostgresDb {
     }
 
     fn insert_run(&self, run: &NewRun<'_>) -> Result<(), DbError> {
-        let (id, name, created_at, dir, spec) = (
+        let (id, name, created_at, dir, spec, status) = (
             run.id.to_string(),
             run.name.to_string(),
             run.created_at.to_string(),
             run.dir.to_string(),
             run.spec.to_string(),
+            run.status.to_string(),
         );
         let (seed, rounds) = (run.seed as i64, run.num_rounds as i64);
         self.call(move |c| {
             c.execute(
                 sql::INSERT_RUN,
-                &[&id, &name, &created_at, &seed, &rounds, &dir, &spec],
+                &[
+                    &id,
+                    &name,
+                    &created_at,
+                    &seed,
+                    &rounds,
+                    &dir,
+                    &spec,
+                    &status,
+                ],
             )
             .map(|_| ())
         })

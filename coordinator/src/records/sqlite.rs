@@ -119,7 +119,8 @@ impl RunDb for SqliteDb {
                     run.seed as i64,
                     run.num_rounds as i64,
                     run.dir,
-                    run.spec
+                    run.spec,
+                    run.status
                 ],
             )
             .map_err(self.err())?;

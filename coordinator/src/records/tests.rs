@@ -159,6 +159,37 @@ fn exercise(root: &Path, database: &Database, make_newer: impl FnOnce()) {
     let lines = std::fs::read_to_string(dir.join("metrics.jsonl")).expect("read");
     assert_eq!(lines.lines().count(), 2, "{lines}");
     reopened.handle.finish("completed").expect("finish");
+    // A service's queue: a queued run is listed as queued (no heartbeat makes it
+    // interrupted), starts by being reopened, and a queued run can be settled as cancelled.
+    let queued = store
+        .queue_run("mnist", "rounds = 2", 3, 2)
+        .expect("queued");
+    std::thread::sleep(QUICK.lease + Duration::from_millis(100));
+    assert_eq!(
+        store.run_status(&queued).expect("status").as_deref(),
+        Some("queued")
+    );
+    let started = store.reopen_run(&queued).expect("a queued run starts");
+    assert!(started.rounds.is_empty());
+    assert_eq!(
+        store.run_status(&queued).expect("status").as_deref(),
+        Some("running")
+    );
+    assert!(
+        !store
+            .settle(&queued, "queued", "cancelled")
+            .expect("settle"),
+        "it runs now"
+    );
+    drop(started);
+    let later = store
+        .queue_run("mnist", "rounds = 2", 4, 2)
+        .expect("queued");
+    assert!(store.settle(&later, "queued", "cancelled").expect("settle"));
+    assert_eq!(
+        store.run_status(&later).expect("status").as_deref(),
+        Some("cancelled")
+    );
     // Claims compare the status and heartbeat as read: a stale read claims nothing.
     assert!(
         !store
@@ -175,7 +206,7 @@ fn exercise(root: &Path, database: &Database, make_newer: impl FnOnce()) {
     // Opening again migrates nothing and finds everything.
     drop(store);
     let again = RunStore::open_with(root, database, QUICK).expect("reopens");
-    assert_eq!(again.list_runs().expect("list").len(), 3);
+    assert_eq!(again.list_runs().expect("list").len(), 5);
     drop(again);
 
     make_newer();

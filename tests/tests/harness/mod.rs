@@ -202,6 +202,7 @@ impl Harness {
                 metrics: Some(metrics.clone()),
                 runs: None,
                 access: None,
+                control: None,
             },
             stop.clone(),
         )

@@ -2,7 +2,7 @@
 //! `pollen_workflows::cli`.
 
 use clap::{Parser, Subcommand};
-use pollen_workflows::cli::{data, fleet, records, train};
+use pollen_workflows::cli::{data, fleet, records, serve, train};
 
 #[derive(Parser)]
 #[command(
@@ -24,6 +24,17 @@ enum Command {
     /// Serve the Fleet gRPC API and run a spec's rounds with the clients that connect:
     /// `pollen proxy` bridges for MQTT devices, or direct `pollen-agent --coordinator` clients.
     Coordinator(train::CoordinatorArgs),
+    /// A long-lived coordinator: the Fleet gRPC API, the dashboard, and a control API over
+    /// HTTP that queues submitted runs and runs them in turn; queued and interrupted runs are
+    /// taken up at start.
+    Serve(serve::ServeArgs),
+    /// Queue a run of SPEC on a `pollen serve` (--server URL); prints its id.
+    Submit(serve::SubmitArgs),
+    /// Stop a run on a `pollen serve`: the current round is abandoned, completed ones stay.
+    Stop(serve::RunActionArgs),
+    /// Queue an interrupted, stopped or failed run on a `pollen serve` to continue from its
+    /// records.
+    Resume(serve::RunActionArgs),
     /// Bridge MQTT devices to a coordinator: one Fleet client per online device of the fleet.
     Proxy(fleet::ProxyArgs),
     /// List the devices of a fleet from their retained status messages.
@@ -70,13 +81,17 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Simulate(a) => train::simulate(a).await,
         Command::Coordinator(a) => train::coordinator(a).await,
+        Command::Serve(a) => serve::serve(a).await,
+        Command::Submit(a) => serve::submit(a).await,
+        Command::Stop(a) => serve::stop(a).await,
+        Command::Resume(a) => serve::resume(a).await,
         Command::Run(a) => train::run(a).await,
         Command::Central(a) => train::central(a).await,
         Command::Proxy(a) => fleet::proxy(a).await,
         Command::Devices(a) => fleet::devices(a).await,
         Command::Fleet { command } => fleet::fleet(command).await,
-        Command::Runs(a) => records::runs(a),
-        Command::Status(a) => records::status(a),
+        Command::Runs(a) => records::runs(a).await,
+        Command::Status(a) => records::status(a).await,
         Command::Dashboard(a) => records::dashboard(a).await,
         Command::Operator {
             command: OperatorCommand::Add(a),

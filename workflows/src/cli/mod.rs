@@ -4,6 +4,7 @@
 //!   and storage arguments they share.
 //! - [`fleet`]: proxy and devices, the commands that talk to a fleet's broker.
 //! - [`records`]: runs, status and dashboard, over the recorded runs.
+//! - [`serve`]: `pollen serve` and its clients (submit, stop, resume).
 //! - [`data`]: data inspect and data split.
 //! - [`report`]: how rounds, runs and devices are printed.
 
@@ -11,6 +12,7 @@ pub mod data;
 pub mod fleet;
 pub mod records;
 pub mod report;
+pub mod serve;
 pub mod train;
 
 use std::future::Future;

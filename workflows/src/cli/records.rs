@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Args;
 use pollen_coordinator::RunStore;
-use pollen_coordinator::records::{Database, RunRow};
+use pollen_coordinator::records::{Database, RunOverview, RunRow};
 
 use super::report::show_metric;
 use super::shutdown_on_ctrl_c;
@@ -57,19 +57,45 @@ pub struct RunsArgs {
     /// One JSON object per run on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Ask a `pollen serve` instead of reading the records.
+    #[command(flatten)]
+    pub server: super::serve::ServerArgs,
 }
 
-pub fn runs(a: RunsArgs) -> anyhow::Result<()> {
-    let store = open_records(&a.runs_dir, a.database.as_deref())?;
-    let runs = store.overviews()?;
-    if !a.json {
+/// What the service's API says of a run.
+#[derive(serde::Deserialize)]
+struct RemoteRuns {
+    runs: Vec<RunOverview>,
+}
+
+#[derive(serde::Deserialize)]
+struct RemoteRun {
+    run: RunOverview,
+    rounds: Vec<pollen_coordinator::RoundRecord>,
+}
+
+pub async fn runs(a: RunsArgs) -> anyhow::Result<()> {
+    let runs = match &a.server.server {
+        Some(_) => {
+            let body = a.server.get("/api/runs").await?;
+            serde_json::from_str::<RemoteRuns>(&body)
+                .with_context(|| format!("unexpected answer: {body}"))?
+                .runs
+        }
+        None => open_records(&a.runs_dir, a.database.as_deref())?.overviews()?,
+    };
+    print_runs(runs, a.json)
+}
+
+fn print_runs(runs: Vec<RunOverview>, json: bool) -> anyhow::Result<()> {
+    if !json {
         println!(
             "{:<36} {:<10} {:>7} {:<9} {:>9} {:>9}  CREATED",
             "RUN", "STATUS", "ROUNDS", "METRIC", "LAST", "BEST"
         );
     }
     for overview in runs {
-        if a.json {
+        if json {
             println!("{}", serde_json::to_string(&overview)?);
             continue;
         }
@@ -109,12 +135,26 @@ pub struct StatusArgs {
     /// One JSON object ({"run": ..., "rounds": [...]}) on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Ask a `pollen serve` instead of reading the records (RUN is then an exact id).
+    #[command(flatten)]
+    pub server: super::serve::ServerArgs,
 }
 
-pub fn status(a: StatusArgs) -> anyhow::Result<()> {
-    let store = open_records(&a.runs_dir, a.database.as_deref())?;
-    let row = find_run(&store.list_runs()?, &a.run)?;
-    let rounds = store.rounds(&row.id)?;
+pub async fn status(a: StatusArgs) -> anyhow::Result<()> {
+    let (row, rounds) = match &a.server.server {
+        Some(_) => {
+            let body = a.server.get(&format!("/api/runs/{}", a.run)).await?;
+            let remote: RemoteRun = serde_json::from_str(&body)
+                .with_context(|| format!("unexpected answer: {body}"))?;
+            (remote.run.run, remote.rounds)
+        }
+        None => {
+            let store = open_records(&a.runs_dir, a.database.as_deref())?;
+            let row = find_run(&store.list_runs()?, &a.run)?;
+            let rounds = store.rounds(&row.id)?;
+            (row, rounds)
+        }
+    };
     if a.json {
         println!("{}", serde_json::json!({ "run": row, "rounds": rounds }));
         return Ok(());
@@ -286,6 +326,7 @@ pub async fn dashboard(a: DashboardArgs) -> anyhow::Result<()> {
     let sources = pollen_dashboard::HttpSources {
         runs: Some(runs),
         access: a.operators.access()?,
+        control: None,
         ..Default::default()
     };
     let server = pollen_dashboard::serve_http(a.listen, sources, shutdown)

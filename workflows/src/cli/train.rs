@@ -219,16 +219,10 @@ pub async fn simulate(a: SimulateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Arguments of `pollen coordinator`.
+/// What a coordinator process serves on, and where it keeps runs: shared by `pollen
+/// coordinator` (one run) and `pollen serve` (a service).
 #[derive(Args, Debug)]
-pub struct CoordinatorArgs {
-    #[command(flatten)]
-    pub spec: SpecArgs,
-    /// Continue run RUN_ID (interrupted: its coordinator died; or stopped, or failed) from its
-    /// records in --runs-dir / --database instead of starting a run: its spec, its last
-    /// recorded round's model and sampler position; the interrupted round is redone.
-    #[arg(long, value_name = "RUN_ID", conflicts_with_all = ["config", "rounds"])]
-    pub resume: Option<String>,
+pub struct ServiceArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
@@ -243,8 +237,9 @@ pub struct CoordinatorArgs {
     /// the id its certificate names, a proxy (pollen-proxy.<id>) as the devices it bridges.
     #[arg(long, value_name = "PEM", requires = "tls_cert")]
     pub client_ca: Option<PathBuf>,
-    /// HTTP endpoint: the web dashboard at /, Prometheus metrics at /metrics; port 0 picks
-    /// a free port. The URL is printed at start.
+    /// HTTP endpoint: the web dashboard at /, its JSON API (and, for `pollen serve`, the
+    /// control API) under /api/, Prometheus metrics at /metrics; port 0 picks a free port. The
+    /// URL is printed at start.
     #[arg(long, default_value = "127.0.0.1:0")]
     pub http: SocketAddr,
     #[command(flatten)]
@@ -260,20 +255,62 @@ pub struct CoordinatorArgs {
     /// No object storage: weights travel inline in gRPC (direct clients only).
     #[arg(long, conflicts_with = "s3_endpoint")]
     pub inline_weights: bool,
-    /// Print one JSON object per round on stdout.
-    #[arg(long)]
-    pub json: bool,
-    /// How long to wait for min_available_clients to connect, e.g. "90s" or "10m".
+    /// How long each run waits for min_available_clients to connect, e.g. "90s" or "10m".
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     pub wait_for_clients: std::time::Duration,
 }
 
+impl ServiceArgs {
+    pub fn database(&self) -> anyhow::Result<Database> {
+        Database::parse(self.database.as_deref()).map_err(anyhow::Error::msg)
+    }
+
+    /// Starts the Fleet gRPC service and the object storage; prints where they are.
+    pub async fn start(&self) -> anyhow::Result<LocalCoordinator> {
+        let storage = if self.inline_weights {
+            Storage::Inline
+        } else {
+            self.storage.storage(&self.runs_dir)
+        };
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert_file), Some(key_file)) => Some(pollen_proto::grpc_tls::ServerTls {
+                cert_file: cert_file.clone(),
+                key_file: key_file.clone(),
+                client_ca_file: self.client_ca.clone(),
+            }),
+            _ => None,
+        };
+        let coordinator = LocalCoordinator::start_tls(self.listen, tls.as_ref(), &storage).await?;
+        eprintln!("Fleet gRPC API on {}", coordinator.endpoint());
+        eprintln!("object storage: {}", coordinator.storage.describe());
+        Ok(coordinator)
+    }
+}
+
+/// Arguments of `pollen coordinator`.
+#[derive(Args, Debug)]
+pub struct CoordinatorArgs {
+    #[command(flatten)]
+    pub spec: SpecArgs,
+    /// Continue run RUN_ID (interrupted: its coordinator died; or stopped, or failed) from its
+    /// records in --runs-dir / --database instead of starting a run: its spec, its last
+    /// recorded round's model and sampler position; the interrupted round is redone.
+    #[arg(long, value_name = "RUN_ID", conflicts_with_all = ["config", "rounds"])]
+    pub resume: Option<String>,
+    #[command(flatten)]
+    pub service: ServiceArgs,
+    /// Print one JSON object per round on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
 pub async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
-    let database = Database::parse(a.database.as_deref()).map_err(anyhow::Error::msg)?;
+    let s = &a.service;
+    let database = s.database()?;
     // A resumed run is checked before it is claimed, so that a refusal leaves it as it was.
     let (spec, reopened) = match &a.resume {
         Some(id) => {
-            let store = crate::run::open_records(&a.runs_dir, &database)?;
+            let store = crate::run::open_records(&s.runs_dir, &database)?;
             let (_, text) = store.run(id)?.with_context(|| {
                 format!(
                     "no run {id:?} in {} (`pollen runs` lists them)",
@@ -290,25 +327,10 @@ pub async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
         None => (a.spec.load(|_| {})?, None),
     };
     let shutdown = shutdown_on_ctrl_c(RUN_INTERRUPTED);
-    let storage = if a.inline_weights {
-        Storage::Inline
-    } else {
-        a.storage.storage(&a.runs_dir)
-    };
-    let tls = match (a.tls_cert, a.tls_key) {
-        (Some(cert_file), Some(key_file)) => Some(pollen_proto::grpc_tls::ServerTls {
-            cert_file,
-            key_file,
-            client_ca_file: a.client_ca,
-        }),
-        _ => None,
-    };
-    let coordinator = LocalCoordinator::start_tls(a.listen, tls.as_ref(), &storage).await?;
-    eprintln!("Fleet gRPC API on {}", coordinator.endpoint());
+    let coordinator = s.start().await?;
     let metrics = coordinator
-        .dashboard(Some(a.http), &a.runs_dir, &database, a.operators.access()?)
+        .dashboard(Some(s.http), &s.runs_dir, &database, s.operators.access()?)
         .await?;
-    eprintln!("object storage: {}", coordinator.storage.describe());
     let manifest = crate::task::resolve_blind(&spec)?;
     let for_data = spec.clone();
     let server = tokio::task::spawn_blocking(move || crate::task::server_data(&for_data)).await??;
@@ -318,7 +340,7 @@ pub async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
             (Arc::new(r.handle), Some(resume), r.rounds)
         }
         None => (
-            crate::run::create_run(&spec, &a.runs_dir, &database)?,
+            crate::run::create_run(&spec, &s.runs_dir, &database)?,
             None,
             Vec::new(),
         ),
@@ -333,7 +355,7 @@ pub async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
     let (bar, report) = reporter(&spec, a.json);
     bar.set_position(earlier.len() as u64);
     let options = DriveOptions {
-        wait_for_clients: a.wait_for_clients,
+        wait_for_clients: s.wait_for_clients,
         metrics,
         resume,
         ..coordinator.drive_options(run, server)

@@ -1,0 +1,300 @@
+//! `pollen serve` and its clients over real sockets: runs submitted with `pollen submit` queue
+//! and run in turn over a proxy's six simulated agents (Mosquitto on 127.0.0.1:1883,
+//! `mosquitto -d`); `pollen stop` and `pollen resume` act on them; `pollen runs` and
+//! `pollen status` read them through the service; a service killed with SIGKILL takes its
+//! queued and interrupted runs up again when it starts.
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc::{Receiver, channel};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const DEVICES: u64 = 6;
+const HEARTBEAT: &str = "300ms";
+
+/// Kills the process when the test ends, however it ends.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The lines a stream prints; the reader drains to the end, so the process never writes into
+/// a closed pipe.
+fn lines(stream: impl Read + Send + 'static) -> Receiver<String> {
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    rx
+}
+
+fn wait_for(rx: &Receiver<String>, marker: &str, what: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = rx
+            .recv_timeout(left)
+            .unwrap_or_else(|e| panic!("{what} never printed {marker:?}: {e}"));
+        if let Some((_, rest)) = line.split_once(marker) {
+            return rest.trim().to_string();
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind(("127.0.0.1", 0))
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+fn pollen(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_pollen"))
+        .args(args)
+        .env("POLLEN_HEARTBEAT", HEARTBEAT)
+        .output()
+        .expect("pollen runs")
+}
+
+/// A client command that must succeed; its stdout.
+fn ok(args: &[&str]) -> String {
+    let out = pollen(args);
+    assert!(
+        out.status.success(),
+        "pollen {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The runs the service lists, by id.
+fn runs(server: &str) -> Vec<Value> {
+    ok(&["runs", "--json", "--server", server])
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON run"))
+        .collect()
+}
+
+fn run_of(server: &str, id: &str) -> Value {
+    runs(server)
+        .into_iter()
+        .find(|r| r["id"] == id)
+        .unwrap_or_else(|| panic!("run {id} is not listed"))
+}
+
+/// Waits until run `id` satisfies `check`.
+fn until(server: &str, id: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let run = run_of(server, id);
+        if check(&run) {
+            return run;
+        }
+        assert!(Instant::now() < deadline, "run {id} never {what}: {run}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Starts `pollen serve`; the process and its HTTP endpoint.
+fn serve(repo: &std::path::Path, runs: &std::path::Path, listen: &str) -> (Killed, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pollen"))
+        .args([
+            "serve",
+            "--listen",
+            listen,
+            "--http",
+            "127.0.0.1:0",
+            "--wait-for-clients",
+            "120s",
+        ])
+        .arg("--runs-dir")
+        .arg(runs)
+        .current_dir(repo)
+        .env("POLLEN_HEARTBEAT", HEARTBEAT)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("pollen serve starts");
+    let log = lines(child.stderr.take().expect("piped"));
+    let shown = wait_for(&log, "Dashboard on http://", "pollen serve");
+    let addr = shown.split_whitespace().next().expect("an address");
+    let url = format!("http://{}", addr.trim_end_matches('/'));
+    (Killed(child), url)
+}
+
+#[test]
+fn runs_submitted_to_pollen_serve_queue_stop_resume_and_survive_a_killed_service() {
+    assert!(
+        std::net::TcpStream::connect_timeout(
+            &"127.0.0.1:1883".parse().expect("addr"),
+            Duration::from_secs(2)
+        )
+        .is_ok(),
+        "Mosquitto is not listening on 127.0.0.1:1883: start it with `mosquitto -d`"
+    );
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let fleet = format!("serve-{:08x}", rand::random::<u32>());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let runs_dir = dir.path().join("runs");
+
+    let mut simulator = Command::new(env!("CARGO_BIN_EXE_pollen"))
+        .args([
+            "fleet",
+            "simulate",
+            "--devices",
+            &DEVICES.to_string(),
+            "--fleet",
+            &fleet,
+        ])
+        .current_dir(&repo)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("pollen fleet simulate starts");
+    let simulated = lines(simulator.stdout.take().expect("piped"));
+    let _simulator = Killed(simulator);
+    wait_for(&simulated, "\"agents\"", "pollen fleet simulate");
+
+    let listen = format!("127.0.0.1:{}", free_port());
+    let (service, server) = serve(&repo, &runs_dir, &listen);
+    let proxy_toml = dir.path().join("proxy.toml");
+    std::fs::write(
+        &proxy_toml,
+        format!(
+            "fleet = \"{fleet}\"\ncoordinator = \"http://{listen}\"\npersistent_session = false\n[broker]\nurl = \"mqtt://127.0.0.1:1883\"\n"
+        ),
+    )
+    .expect("write proxy config");
+    let _proxy = Killed(
+        Command::new(env!("CARGO_BIN_EXE_pollen"))
+            .arg("proxy")
+            .arg("--config")
+            .arg(&proxy_toml)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("pollen proxy starts"),
+    );
+
+    let spec = std::fs::read_to_string(repo.join("workflows/mnist-2nn.toml")).expect("spec");
+    let write_spec = |name: &str, rounds: u64| {
+        let path = dir.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &path,
+            spec.replace("name = \"mnist-2nn\"", &format!("name = \"{name}\""))
+                .replace("rounds = 50", &format!("rounds = {rounds}"))
+                .replace("fraction_fit = 0.1", "fraction_fit = 0.5")
+                .replace(
+                    "min_available_clients = 2",
+                    &format!("min_available_clients = {DEVICES}"),
+                ),
+        )
+        .expect("write spec");
+        path.display().to_string()
+    };
+    let submit = |path: &str| -> String {
+        let out = ok(&["submit", path, "--server", &server]);
+        let (id, status) = out.trim().split_once(' ').expect("`ID STATUS`");
+        assert_eq!(status, "queued", "{out}");
+        id.to_string()
+    };
+    let a = submit(&write_spec("long", 4));
+    let b = submit(&write_spec("short", 3));
+
+    // One run at a time: the second waits while the first trains.
+    until(&server, &a, "trained a round", |r| {
+        r["status"] == "running" && r["last_round"].as_u64() >= Some(1)
+    });
+    assert_eq!(run_of(&server, &b)["status"], "queued");
+    // Stopped mid-run: its rounds so far stay, and the next run starts.
+    let stopped = ok(&["stop", &a, "--server", &server]);
+    assert_eq!(stopped.trim(), format!("{a} stopping"));
+    let a_stopped = until(&server, &a, "stopped", |r| r["status"] == "cancelled");
+    let done_before = a_stopped["last_round"].as_u64().expect("last round");
+    assert!(done_before < 4, "{a_stopped}");
+    until(&server, &b, "started", |r| r["status"] == "running");
+    assert_eq!(
+        ok(&["resume", &a, "--server", &server]).trim(),
+        format!("{a} queued")
+    );
+    assert_eq!(run_of(&server, &a)["status"], "queued");
+
+    // The service dies with SIGKILL while the second run trains; started again, it takes up
+    // the queued run and the interrupted one.
+    until(&server, &b, "trained a round", |r| {
+        r["last_round"].as_u64() >= Some(1)
+    });
+    drop(service);
+    // The records say so once the dead service's heartbeat is three beats old.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let listed = pollen(&[
+            "runs",
+            "--json",
+            "--runs-dir",
+            &runs_dir.display().to_string(),
+        ]);
+        let text = String::from_utf8_lossy(&listed.stdout);
+        let b_now = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|r| r["id"] == b);
+        if b_now.is_some_and(|r| r["status"] == "interrupted") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{b} never showed interrupted: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (_service, server) = serve(&repo, &runs_dir, &listen);
+    for id in [&a, &b] {
+        until(&server, id, "completed", |r| r["status"] == "completed");
+    }
+
+    // Every round of each run recorded once, in order, through both services.
+    for (id, rounds) in [(&a, 4), (&b, 3)] {
+        let status: Value =
+            serde_json::from_str(&ok(&["status", id, "--json", "--server", &server]))
+                .expect("status JSON");
+        let numbers: Vec<u64> = status["rounds"]
+            .as_array()
+            .expect("rounds")
+            .iter()
+            .map(|r| r["round"].as_u64().expect("round"))
+            .collect();
+        assert_eq!(numbers, (1..=rounds).collect::<Vec<_>>(), "{status}");
+        assert_eq!(status["run"]["last_round"], rounds, "{status}");
+    }
+
+    // What cannot be done is refused with the reason.
+    let again = pollen(&["resume", &a, "--server", &server]);
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        !again.status.success() && stderr.contains("409") && stderr.contains("completed"),
+        "{stderr}"
+    );
+    let nothing = pollen(&["stop", "no-such-run", "--server", &server]);
+    let stderr = String::from_utf8_lossy(&nothing.stderr);
+    assert!(
+        !nothing.status.success() && stderr.contains("404"),
+        "{stderr}"
+    );
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "rounds = 0\n").expect("write");
+    let refused = pollen(&["submit", &bad.display().to_string(), "--server", &server]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && stderr.contains("400"),
+        "{stderr}"
+    );
+}
