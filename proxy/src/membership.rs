@@ -10,10 +10,12 @@
 //! its devices then hash to the survivors. Adding or removing a proxy moves only that proxy's
 //! devices.
 //!
-//! A proxy bridges nothing until it has listened for a settle period after (re)connecting, so
-//! that it learns the live set from the retained statuses before it claims devices; a proxy
-//! cut off from the broker for longer than the staleness window gives its devices up, because
-//! the others have taken them over by then. This module is the pure bookkeeping; the proxy
+//! A proxy bridges nothing until it has settled after (re)connecting: until its own
+//! announcement has come back to it through its subscription (the broker delivers it after the
+//! retained announcements of the proxies already there, however many retained device statuses
+//! arrive first on a large fleet), and then for another settle period, in which proxies that
+//! started at about the same time are heard. A proxy cut off from the broker for longer than
+//! the staleness window gives its devices up, because the others have taken them over by then. This module is the pure bookkeeping; the proxy
 //! (`proxy.rs`, `mqtt.rs`) feeds it messages and acts on what changed.
 
 use std::collections::BTreeMap;
@@ -21,8 +23,10 @@ use std::time::Duration;
 
 use pollen_proto::device::ProxyStatus;
 
-/// How long a proxy listens after connecting before it claims devices.
+/// How long a proxy listens, after its own announcement came back, before it claims devices.
 pub const SETTLE: Duration = Duration::from_secs(2);
+/// Settled anyway this long after connecting, should the broker never echo the announcement.
+pub const SETTLE_AT_MOST: Duration = Duration::from_secs(30);
 /// Heartbeats a proxy may miss before the others count it as gone.
 pub const MISSED_HEARTBEATS: u64 = 3;
 
@@ -40,6 +44,8 @@ pub struct Membership {
     peers: BTreeMap<String, Peer>,
     /// When this proxy last connected to the broker, while connected.
     connected_since: Option<u64>,
+    /// When its own announcement came back since it connected.
+    echoed_at: Option<u64>,
     /// When it lost the broker, while disconnected (None before the first connection).
     disconnected_since: Option<u64>,
 }
@@ -51,6 +57,7 @@ impl Membership {
             heartbeat_ms: millis(heartbeat).max(1),
             peers: BTreeMap::new(),
             connected_since: None,
+            echoed_at: None,
             disconnected_since: None,
         }
     }
@@ -68,6 +75,7 @@ impl Membership {
 
     pub fn connected(&mut self, now_unix_ms: u64) {
         self.connected_since = Some(now_unix_ms);
+        self.echoed_at = None;
         self.disconnected_since = None;
     }
 
@@ -77,10 +85,18 @@ impl Membership {
         }
     }
 
-    /// Applies another proxy's status (`None`: its retained status was cleared). Our own
-    /// announcements, which come back through the subscription, are ignored.
+    /// Applies a proxy's status (`None`: its retained status was cleared). Our own
+    /// announcement coming back marks the start of the settle period.
     pub fn update(&mut self, proxy_id: &str, status: Option<&ProxyStatus>, now_unix_ms: u64) {
         if proxy_id == self.me {
+            // Only this connection's announcement: a retained one of an earlier life of this
+            // proxy is older than the connection.
+            if let Some(since) = self.connected_since
+                && self.echoed_at.is_none()
+                && status.is_some_and(|s| s.online && s.timestamp_unix_ms >= since)
+            {
+                self.echoed_at = Some(now_unix_ms);
+            }
             return;
         }
         match status {
@@ -99,11 +115,15 @@ impl Membership {
         }
     }
 
-    /// Whether this proxy may bridge at all: connected for the settle period, or, once that
-    /// held, not cut off for longer than the others take to give up on it.
+    /// Whether this proxy may bridge at all: settled since it connected, or, once that held,
+    /// not cut off for longer than the others take to give up on it.
     pub fn active_at(&self, now_unix_ms: u64) -> bool {
         match (self.connected_since, self.disconnected_since) {
-            (Some(since), _) => now_unix_ms.saturating_sub(since) >= millis(SETTLE),
+            (Some(since), _) => {
+                self.echoed_at
+                    .is_some_and(|e| now_unix_ms.saturating_sub(e) >= millis(SETTLE))
+                    || now_unix_ms.saturating_sub(since) >= millis(SETTLE_AT_MOST)
+            }
             (None, Some(lost)) => now_unix_ms.saturating_sub(lost) < self.window(self.heartbeat_ms),
             (None, None) => false,
         }
@@ -161,10 +181,15 @@ mod tests {
     const HEARTBEAT: Duration = Duration::from_secs(5);
 
     fn online(id: &str) -> ProxyStatus {
+        online_at(id, 0)
+    }
+
+    fn online_at(id: &str, timestamp_unix_ms: u64) -> ProxyStatus {
         ProxyStatus {
             proxy_id: id.into(),
             online: true,
             heartbeat_ms: 5_000,
+            timestamp_unix_ms,
             ..ProxyStatus::default()
         }
     }
@@ -180,6 +205,7 @@ mod tests {
             .map(|me| {
                 let mut m = Membership::new(*me, HEARTBEAT);
                 m.connected(0);
+                m.update(me, Some(&online(me)), 0);
                 for other in ["p0", "p1", "p2"] {
                     m.update(other, Some(&online(other)), 10_000);
                 }
@@ -236,6 +262,7 @@ mod tests {
     fn a_silent_proxy_counts_as_gone_after_three_missed_heartbeats() {
         let mut m = Membership::new("p0", HEARTBEAT);
         m.connected(0);
+        m.update("p0", Some(&online("p0")), 0);
         m.update("p1", Some(&online("p1")), 10_000);
         assert_eq!(m.live_at(24_999), ["p0", "p1"]);
         assert_eq!(m.live_at(25_000), ["p0"]);
@@ -252,25 +279,38 @@ mod tests {
         let mut m = Membership::new("p0", HEARTBEAT);
         assert!(!m.owns_at("gw-1", 0), "not yet connected");
         m.connected(1_000);
-        assert!(!m.owns_at("gw-1", 2_999), "still settling");
-        assert!(m.owns_at("gw-1", 3_000), "alone, it owns everything");
-        // Its own announcements do not make it a peer of itself.
-        m.update("p0", Some(&online("p0")), 3_000);
-        assert_eq!(m.live_at(3_000), ["p0"]);
-        m.disconnected(4_000);
+        // A retained announcement of its previous life is not this connection's.
+        m.update("p0", Some(&online_at("p0", 500)), 1_100);
         assert!(
-            m.owns_at("gw-1", 18_999),
+            !m.owns_at("gw-1", 10_000),
+            "its announcement has not come back"
+        );
+        // It comes back behind a flood of retained device statuses, then the settle period.
+        m.update("p0", Some(&online_at("p0", 1_000)), 10_000);
+        assert!(!m.owns_at("gw-1", 11_999), "still settling");
+        assert!(m.owns_at("gw-1", 12_000), "alone, it owns everything");
+        // Its own announcements do not make it a peer of itself.
+        assert_eq!(m.live_at(12_000), ["p0"]);
+        m.disconnected(13_000);
+        assert!(
+            m.owns_at("gw-1", 27_999),
             "a short outage keeps its devices"
         );
         assert!(
-            !m.owns_at("gw-1", 19_000),
+            !m.owns_at("gw-1", 28_000),
             "the others have taken over by now"
         );
         m.connected(30_000);
+        m.update("p0", Some(&online_at("p0", 30_000)), 30_100);
         assert!(
             !m.owns_at("gw-1", 31_000),
             "settling again after reconnecting"
         );
-        assert!(m.owns_at("gw-1", 32_000));
+        assert!(m.owns_at("gw-1", 32_100));
+        // A broker that never echoes: settled at the latest 30 s after connecting.
+        let mut silent = Membership::new("p9", HEARTBEAT);
+        silent.connected(0);
+        assert!(!silent.owns_at("gw-1", 29_999));
+        assert!(silent.owns_at("gw-1", 30_000));
     }
 }

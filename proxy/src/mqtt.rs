@@ -139,13 +139,14 @@ pub(crate) async fn run_dispatcher(
     shared: Arc<Shared>,
     stop: CancellationToken,
 ) {
-    let mut filters = vec![
-        topics::all_replies(&shared.fleet),
-        topics::all_status(&shared.fleet),
-    ];
+    // The proxies' announcements first: their retained messages then arrive before the
+    // (possibly thousands of) retained device statuses.
+    let mut filters = Vec::new();
     if shared.membership.is_some() {
         filters.push(topics::all_proxy_status(&shared.fleet));
     }
+    filters.push(topics::all_replies(&shared.fleet));
+    filters.push(topics::all_status(&shared.fleet));
     let mut backoff = BACKOFF_START;
     let mut connected_before = false;
     loop {
