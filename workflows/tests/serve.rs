@@ -103,20 +103,39 @@ fn until(server: &str, id: &str, what: &str, check: impl Fn(&Value) -> bool) -> 
     }
 }
 
-/// Starts `pollen serve`; the process and its HTTP endpoint.
-fn serve(repo: &std::path::Path, runs: &std::path::Path, listen: &str) -> (Killed, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pollen"))
-        .args([
-            "serve",
-            "--listen",
-            listen,
-            "--http",
-            "127.0.0.1:0",
-            "--wait-for-clients",
-            "120s",
-        ])
-        .arg("--runs-dir")
-        .arg(runs)
+/// Starts `pollen serve` with these settings as flags, or as a settings file (`--config`);
+/// the process and its HTTP endpoint.
+fn serve(
+    repo: &std::path::Path,
+    runs: &std::path::Path,
+    listen: &str,
+    file: Option<&std::path::Path>,
+) -> (Killed, String) {
+    let runs = runs.display().to_string();
+    let settings = [
+        ("listen", listen),
+        ("http", "127.0.0.1:0"),
+        ("wait_for_clients", "120s"),
+        ("runs_dir", runs.as_str()),
+    ];
+    let mut command = Command::new(env!("CARGO_BIN_EXE_pollen"));
+    command.arg("serve");
+    match file {
+        Some(path) => {
+            let toml: String = settings
+                .iter()
+                .map(|(k, v)| format!("{k} = \"{v}\"\n"))
+                .collect();
+            std::fs::write(path, toml).expect("write settings");
+            command.arg("--config").arg(path);
+        }
+        None => {
+            for (k, v) in settings {
+                command.arg(format!("--{}", k.replace('_', "-"))).arg(v);
+            }
+        }
+    }
+    let mut child = command
         .current_dir(repo)
         .env("POLLEN_HEARTBEAT", HEARTBEAT)
         .stdout(Stdio::null())
@@ -164,7 +183,7 @@ fn runs_submitted_to_pollen_serve_queue_stop_resume_and_survive_a_killed_service
     wait_for(&simulated, "\"agents\"", "pollen fleet simulate");
 
     let listen = format!("127.0.0.1:{}", free_port());
-    let (service, server) = serve(&repo, &runs_dir, &listen);
+    let (service, server) = serve(&repo, &runs_dir, &listen, None);
     let proxy_toml = dir.path().join("proxy.toml");
     std::fs::write(
         &proxy_toml,
@@ -256,7 +275,9 @@ fn runs_submitted_to_pollen_serve_queue_stop_resume_and_survive_a_killed_service
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let (_service, server) = serve(&repo, &runs_dir, &listen);
+    // Started again from a settings file this time.
+    let settings = dir.path().join("serve.toml");
+    let (_service, server) = serve(&repo, &runs_dir, &listen, Some(&settings));
     for id in [&a, &b] {
         until(&server, id, "completed", |r| r["status"] == "completed");
     }

@@ -4,7 +4,8 @@
 //!   and storage arguments they share.
 //! - [`fleet`]: proxy and devices, the commands that talk to a fleet's broker.
 //! - [`records`]: runs, status and dashboard, over the recorded runs.
-//! - [`serve`]: `pollen serve` and its clients (submit, stop, resume).
+//! - [`serve`]: `pollen serve` and its clients (submit, stop, resume); [`service_config`]:
+//!   its settings file.
 //! - [`data`]: data inspect and data split.
 //! - [`report`]: how rounds, runs and devices are printed.
 
@@ -13,6 +14,7 @@ pub mod fleet;
 pub mod records;
 pub mod report;
 pub mod serve;
+pub mod service_config;
 pub mod train;
 
 use std::future::Future;

@@ -17,11 +17,30 @@ use crate::serve::{Service, ServiceContext};
 /// Arguments of `pollen serve`.
 #[derive(Args, Debug)]
 pub struct ServeArgs {
+    /// The service's settings: TOML whose keys are the flags' names (see
+    /// --print-default-config); flags given on the command line override the file.
+    #[arg(long, env = "POLLEN_SERVE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Print the default settings, commented, and exit.
+    #[arg(long)]
+    pub print_default_config: bool,
     #[command(flatten)]
     pub service: ServiceArgs,
 }
 
 pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
+    if a.print_default_config {
+        print!("{}", super::service_config::DEFAULT_TOML);
+        return Ok(());
+    }
+    let a = match &a.config {
+        // `pollen serve ARGS...`: the file's settings, then ARGS over them.
+        Some(path) => {
+            let command_line: Vec<String> = std::env::args().skip(2).collect();
+            super::service_config::with_file(path, &command_line)?
+        }
+        None => a,
+    };
     let s = &a.service;
     let database = s.database()?;
     let runs = crate::run::open_records(&s.runs_dir, &database)?;
