@@ -93,13 +93,14 @@ pub(crate) async fn submit(
     op: Option<Extension<Operator>>,
     spec: String,
 ) -> Result<impl IntoResponse, ApiError> {
-    let control = control(&s)?;
-    // The run has no id yet: the policy decides on the fleet the spec would train.
+    // The run has no id yet: the policy decides on the fleet the spec would train. Decided
+    // before anything else, so that an operator learns nothing of an endpoint they may not use.
     let resource = Resource::Run {
         id: "new".into(),
         fleet: fleet_of_spec(&spec),
     };
     allow(&s, op.as_deref(), Action::SubmitRun, &resource)?;
+    let control = control(&s)?;
     call(control, move |c| c.submit(&spec)).await
 }
 
@@ -108,8 +109,8 @@ pub(crate) async fn stop(
     Path(id): Path<String>,
     op: Option<Extension<Operator>>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let control = control(&s)?;
     allow_run(&s, op.as_deref(), Action::StopRun, &id).await?;
+    let control = control(&s)?;
     call(control, move |c| c.stop(&id)).await
 }
 
@@ -118,7 +119,7 @@ pub(crate) async fn resume(
     Path(id): Path<String>,
     op: Option<Extension<Operator>>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let control = control(&s)?;
     allow_run(&s, op.as_deref(), Action::ResumeRun, &id).await?;
+    let control = control(&s)?;
     call(control, move |c| c.resume(&id)).await
 }

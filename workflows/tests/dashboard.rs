@@ -252,6 +252,38 @@ async fn the_dashboard_shows_a_live_run_in_a_real_browser() {
         let why = denied.text().await.expect("body");
         assert!(why.contains("operator \"vic\" may not"), "{why}");
     }
+    // The control API (`pollen serve`'s) is Cedar-checked before anything else: 401 without a
+    // token, 403 for a viewer; an admin is told this endpoint takes no control requests.
+    let client = reqwest::Client::new();
+    let post = |path: String, token: Option<&str>| {
+        let mut request = client.post(format!("{url}{path}")).body("rounds = 1\n");
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send()
+    };
+    for path in [
+        "api/runs".to_string(),
+        format!("api/runs/{run_id}/stop"),
+        format!("api/runs/{run_id}/resume"),
+    ] {
+        let anonymous = post(path.clone(), None).await.expect("POST");
+        assert_eq!(
+            anonymous.status().as_u16(),
+            401,
+            "POST /{path} without a token"
+        );
+        let denied = post(path.clone(), Some(&viewer)).await.expect("POST");
+        assert_eq!(denied.status().as_u16(), 403, "POST /{path} as a viewer");
+        let why = denied.text().await.expect("body");
+        assert!(why.contains("operator \"vic\" may not"), "{why}");
+        let admitted = post(path.clone(), Some(&admin)).await.expect("POST");
+        assert_eq!(
+            admitted.status().as_u16(),
+            404,
+            "POST /{path} as an admin, no service here"
+        );
+    }
     // The event stream: both may watch, but the viewer of another fleet hears none of this
     // run's rounds while the admin hears them.
     let events = format!("{url}api/events");
