@@ -14,8 +14,9 @@
 //! announcement has come back to it through its subscription (the broker delivers it after the
 //! retained announcements of the proxies already there, however many retained device statuses
 //! arrive first on a large fleet), and then for another settle period, in which proxies that
-//! started at about the same time are heard. A proxy cut off from the broker for longer than
-//! the staleness window gives its devices up, because the others have taken them over by then. This module is the pure bookkeeping; the proxy
+//! started at about the same time are heard. A proxy that loses the broker gives its devices up
+//! at once (the broker hands them to the others with its last-will), and so does one whose
+//! own heartbeats stop coming back (a half-open connection). This module is the pure bookkeeping; the proxy
 //! (`proxy.rs`, `mqtt.rs`) feeds it messages and acts on what changed.
 
 use std::collections::BTreeMap;
@@ -44,10 +45,10 @@ pub struct Membership {
     peers: BTreeMap<String, Peer>,
     /// When this proxy last connected to the broker, while connected.
     connected_since: Option<u64>,
-    /// When its own announcement came back since it connected.
+    /// When its own announcement first came back since it connected.
     echoed_at: Option<u64>,
-    /// When it lost the broker, while disconnected (None before the first connection).
-    disconnected_since: Option<u64>,
+    /// When one of its announcements last came back: the broker still hears it.
+    last_echo: Option<u64>,
 }
 
 impl Membership {
@@ -58,7 +59,7 @@ impl Membership {
             peers: BTreeMap::new(),
             connected_since: None,
             echoed_at: None,
-            disconnected_since: None,
+            last_echo: None,
         }
     }
 
@@ -76,13 +77,11 @@ impl Membership {
     pub fn connected(&mut self, now_unix_ms: u64) {
         self.connected_since = Some(now_unix_ms);
         self.echoed_at = None;
-        self.disconnected_since = None;
+        self.last_echo = None;
     }
 
-    pub fn disconnected(&mut self, now_unix_ms: u64) {
-        if self.connected_since.take().is_some() {
-            self.disconnected_since = Some(now_unix_ms);
-        }
+    pub fn disconnected(&mut self, _now_unix_ms: u64) {
+        self.connected_since = None;
     }
 
     /// Applies a proxy's status (`None`: its retained status was cleared). Our own
@@ -92,10 +91,10 @@ impl Membership {
             // Only this connection's announcement: a retained one of an earlier life of this
             // proxy is older than the connection.
             if let Some(since) = self.connected_since
-                && self.echoed_at.is_none()
                 && status.is_some_and(|s| s.online && s.timestamp_unix_ms >= since)
             {
-                self.echoed_at = Some(now_unix_ms);
+                self.echoed_at.get_or_insert(now_unix_ms);
+                self.last_echo = Some(now_unix_ms);
             }
             return;
         }
@@ -115,17 +114,23 @@ impl Membership {
         }
     }
 
-    /// Whether this proxy may bridge at all: settled since it connected, or, once that held,
-    /// not cut off for longer than the others take to give up on it.
+    /// Whether this proxy may bridge at all: connected, settled since it connected, and still
+    /// heard by the broker (its heartbeats come back). A proxy that lost the broker is not:
+    /// the broker has published its last-will (or will, once it notices), so the others are
+    /// taking its devices, and it could no longer tell them apart from a silent fleet. On a
+    /// half-open connection its heartbeats stop coming back, which tells it the same within
+    /// three heartbeats.
     pub fn active_at(&self, now_unix_ms: u64) -> bool {
-        match (self.connected_since, self.disconnected_since) {
-            (Some(since), _) => {
-                self.echoed_at
-                    .is_some_and(|e| now_unix_ms.saturating_sub(e) >= millis(SETTLE))
-                    || now_unix_ms.saturating_sub(since) >= millis(SETTLE_AT_MOST)
+        let Some(since) = self.connected_since else {
+            return false;
+        };
+        match (self.echoed_at, self.last_echo) {
+            (Some(first), Some(last)) => {
+                now_unix_ms.saturating_sub(first) >= millis(SETTLE)
+                    && now_unix_ms.saturating_sub(last) < self.window(self.heartbeat_ms)
             }
-            (None, Some(lost)) => now_unix_ms.saturating_sub(lost) < self.window(self.heartbeat_ms),
-            (None, None) => false,
+            // A broker that never echoes: settled on time alone.
+            _ => now_unix_ms.saturating_sub(since) >= millis(SETTLE_AT_MOST),
         }
     }
 
@@ -264,6 +269,8 @@ mod tests {
         m.connected(0);
         m.update("p0", Some(&online("p0")), 0);
         m.update("p1", Some(&online("p1")), 10_000);
+        // Its own heartbeats keep coming back; p1's stop.
+        m.update("p0", Some(&online_at("p0", 20_000)), 20_000);
         assert_eq!(m.live_at(24_999), ["p0", "p1"]);
         assert_eq!(m.live_at(25_000), ["p0"]);
         // A heartbeat brings it back.
@@ -291,22 +298,25 @@ mod tests {
         assert!(m.owns_at("gw-1", 12_000), "alone, it owns everything");
         // Its own announcements do not make it a peer of itself.
         assert_eq!(m.live_at(12_000), ["p0"]);
-        m.disconnected(13_000);
+        // Its heartbeats keep it active; when they stop coming back, it is cut off.
+        m.update("p0", Some(&online_at("p0", 20_000)), 20_000);
+        assert!(m.owns_at("gw-1", 34_999));
         assert!(
-            m.owns_at("gw-1", 27_999),
-            "a short outage keeps its devices"
+            !m.owns_at("gw-1", 35_000),
+            "three heartbeats without an echo"
         );
+        m.update("p0", Some(&online_at("p0", 35_500)), 35_500);
+        assert!(m.owns_at("gw-1", 35_500));
+        // Losing the broker gives the devices up at once: the will hands them over.
+        m.disconnected(36_000);
+        assert!(!m.owns_at("gw-1", 36_000));
+        m.connected(40_000);
+        m.update("p0", Some(&online_at("p0", 40_000)), 40_100);
         assert!(
-            !m.owns_at("gw-1", 28_000),
-            "the others have taken over by now"
-        );
-        m.connected(30_000);
-        m.update("p0", Some(&online_at("p0", 30_000)), 30_100);
-        assert!(
-            !m.owns_at("gw-1", 31_000),
+            !m.owns_at("gw-1", 41_000),
             "settling again after reconnecting"
         );
-        assert!(m.owns_at("gw-1", 32_100));
+        assert!(m.owns_at("gw-1", 42_100));
         // A broker that never echoes: settled at the latest 30 s after connecting.
         let mut silent = Membership::new("p9", HEARTBEAT);
         silent.connected(0);

@@ -214,10 +214,17 @@ impl Shared {
         let admitted = lock(&self.registry)
             .get_at(device, now)
             .is_some_and(|r| self.selection.admits(&r));
-        if !admitted || !self.owns(device, now) {
+        if !admitted {
             return;
         }
         let (generation, inbox, offline) = {
+            // Ownership is decided and the bridge recorded under the membership lock (taken
+            // before the bridges', as in `rebalance`), so that a rebalance cannot run between
+            // the two and miss the new bridge.
+            let membership = self.membership.as_ref().map(lock);
+            if membership.as_ref().is_some_and(|m| !m.owns_at(device, now)) {
+                return;
+            }
             let mut bridges = lock(&self.bridges);
             let full = self
                 .selection
@@ -293,14 +300,20 @@ impl Shared {
     }
 
     /// Publishes this proxy's announcement (retained), if it shares the fleet automatically.
-    fn announce(&self, online: bool) {
-        if let Some((topic, payload)) = self.announcement(online)
-            && let Err(e) = self
-                .mqtt
-                .try_publish(topic, rumqttc::QoS::AtLeastOnce, true, payload)
-        {
-            // The next heartbeat repeats it; the others wait three before giving up on us.
-            tracing::warn!("proxy announcement not queued: {e}");
+    /// Waits for room in the MQTT client's queue, up to a heartbeat: a burst of commands
+    /// must not cost heartbeats, because three missed ones make this proxy (and the others)
+    /// count it as gone.
+    async fn announce(&self, online: bool, within: Duration) {
+        let Some((topic, payload)) = self.announcement(online) else {
+            return;
+        };
+        let publish = self
+            .mqtt
+            .publish(topic, rumqttc::QoS::AtLeastOnce, true, payload);
+        match tokio::time::timeout(within, publish).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("proxy announcement not queued: {e}"),
+            Err(_) => tracing::warn!("proxy announcement not queued within {within:?}"),
         }
     }
 }
@@ -415,11 +428,11 @@ async fn supervise(
         tokio::select! {
             _ = ticker.tick() => shared.sweep(),
             // The first tick is immediate; the dispatcher announces on connecting anyway.
-            _ = beat.tick(), if shared.membership.is_some() => shared.announce(true),
+            _ = beat.tick(), if shared.membership.is_some() => shared.announce(true, heartbeat).await,
             _ = shared.shutdown.cancelled() => break,
         }
     }
-    shared.announce(false);
+    shared.announce(false, DISCONNECT_GRACE).await;
     shared.tracker.close();
     shared.tracker.wait().await;
     let _ = shared.mqtt.try_disconnect();

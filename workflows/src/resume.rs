@@ -23,6 +23,10 @@ use pollen_coordinator::strategy::config::StrategyName;
 
 use crate::spec::RunSpec;
 
+/// What `pollen coordinator --resume` and `pollen resume` continue: a run whose coordinator
+/// died, or that was stopped, or failed.
+pub const RESUMABLE: &[&str] = &["interrupted", "cancelled", "failed"];
+
 /// Where a reopened run stands, for [`crate::run::drive`].
 #[derive(Debug, Clone)]
 pub struct ResumeFrom {

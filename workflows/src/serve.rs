@@ -4,8 +4,9 @@
 //! Runs queue in the run store (status `queued`), so the queue outlives the process: at start
 //! the service takes up the queued runs and the `interrupted` ones (their coordinator died:
 //! they continue from their records, see [`crate::resume`]), oldest first. One service serves
-//! one set of connected clients, so its runs share them and run in turn; a second fleet gets a
-//! service of its own. Control requests come through the HTTP endpoint's control API
+//! one fleet (`--fleet`): its runs share the fleet's connected clients and run in turn, and a
+//! spec naming another fleet is refused; a second fleet gets a service of its own, which may
+//! share the run database. Control requests come through the HTTP endpoint's control API
 //! ([`pollen_dashboard::control`]); a stop cancels the run's token (its current round is
 //! abandoned, the completed ones stay recorded, the run is `cancelled`) or takes a queued run
 //! off the queue.
@@ -47,6 +48,9 @@ struct Queue {
 /// The service's queue and the run store it keeps it in.
 pub struct Service {
     runs: Arc<RunStore>,
+    /// The fleet whose clients join this coordinator: only its runs are run here (a spec's
+    /// `[devices] fleet`), which is also what operators are authorized on.
+    fleet: String,
     queue: Mutex<Queue>,
     wake: Notify,
 }
@@ -56,11 +60,28 @@ fn internal(e: impl std::fmt::Display) -> ControlError {
 }
 
 impl Service {
-    pub fn new(runs: Arc<RunStore>) -> Arc<Self> {
+    pub fn new(runs: Arc<RunStore>, fleet: impl Into<String>) -> Arc<Self> {
         Arc::new(Self {
             runs,
+            fleet: fleet.into(),
             queue: Mutex::default(),
             wake: Notify::new(),
+        })
+    }
+
+    /// Whether this service holds `id` (running it or waiting to).
+    fn holds(&self, id: &str) -> bool {
+        let q = self.lock();
+        q.current.as_ref().is_some_and(|(c, _)| c == id) || q.waiting.iter().any(|w| w == id)
+    }
+
+    /// Why `spec` is not for this service, if it is not.
+    fn foreign(&self, spec: &RunSpec) -> Option<String> {
+        (spec.devices.fleet != self.fleet).then(|| {
+            format!(
+                "the spec trains fleet {:?}; this service serves fleet {:?}",
+                spec.devices.fleet, self.fleet
+            )
         })
     }
 
@@ -69,7 +90,13 @@ impl Service {
     }
 
     fn enqueue(&self, id: String) {
-        self.lock().waiting.push_back(id);
+        {
+            let mut q = self.lock();
+            if q.current.as_ref().is_some_and(|(c, _)| *c == id) || q.waiting.contains(&id) {
+                return;
+            }
+            q.waiting.push_back(id);
+        }
         self.wake.notify_one();
     }
 
@@ -80,31 +107,22 @@ impl Service {
         runs.reverse();
         let mut taken = Vec::new();
         for run in runs {
-            {
-                let q = self.lock();
-                if q.current.as_ref().is_some_and(|(c, _)| *c == run.id)
-                    || q.waiting.contains(&run.id)
-                {
-                    continue;
-                }
+            if !matches!(run.status.as_str(), "queued" | "interrupted") || self.holds(&run.id) {
+                continue;
             }
-            match run.status.as_str() {
-                "queued" => {}
-                "interrupted" => {
-                    let spec = self
-                        .runs
-                        .run(&run.id)?
-                        .and_then(|(_, text)| RunSpec::parse(&text, &run.id).ok());
-                    let why = match &spec {
-                        None => Some("its spec no longer parses".to_string()),
-                        Some(spec) => crate::resume::refusal(spec),
-                    };
-                    if let Some(why) = why {
-                        tracing::warn!(run = %run.id, "interrupted run left as it is: {why}");
-                        continue;
-                    }
-                }
-                _ => continue,
+            let spec = self
+                .runs
+                .run(&run.id)?
+                .and_then(|(_, text)| RunSpec::parse(&text, &run.id).ok());
+            let why = match &spec {
+                None => Some("its spec no longer parses".to_string()),
+                Some(spec) if self.foreign(spec).is_some() => continue,
+                Some(spec) if run.status == "interrupted" => crate::resume::refusal(spec),
+                Some(_) => None,
+            };
+            if let Some(why) = why {
+                tracing::warn!(run = %run.id, "run left as it is: {why}");
+                continue;
             }
             taken.push(run.id.clone());
             self.enqueue(run.id);
@@ -143,7 +161,7 @@ impl Service {
                     }
                 }
             };
-            match self.run_one(&ctx, &id, token).await {
+            match self.run_one(&ctx, &id, token, &shutdown).await {
                 Ok(status) => tracing::info!(run = %id, %status, "run ended"),
                 Err(e) => tracing::error!(run = %id, "run not started or ended in error: {e:#}"),
             }
@@ -159,12 +177,17 @@ impl Service {
         ctx: &ServiceContext,
         id: &str,
         token: CancellationToken,
+        shutdown: &CancellationToken,
     ) -> anyhow::Result<&'static str> {
         let (_, text) = self.runs.run(id)?.context("the run's record is gone")?;
         let spec = RunSpec::parse(&text, &format!("run {id}'s spec"))?;
         let runs = self.runs.clone();
         let wanted = id.to_string();
-        let reopened = tokio::task::spawn_blocking(move || runs.reopen_run(&wanted)).await??;
+        // Only what is still queued or interrupted: a run stopped meanwhile stays stopped.
+        let reopened = tokio::task::spawn_blocking(move || {
+            runs.reopen_run(&wanted, &["queued", "interrupted"])
+        })
+        .await??;
         // From here the run is ours: if it cannot go on, it is marked failed.
         let prepared = async {
             let resume = crate::resume::locate(&reopened.handle, &reopened.rounds)?;
@@ -189,7 +212,7 @@ impl Service {
         );
         let options = DriveOptions {
             registry: ctx.registry.clone(),
-            run,
+            run: run.clone(),
             store: ctx.store.clone(),
             server,
             wait_for_clients: ctx.wait_for_clients,
@@ -206,12 +229,22 @@ impl Service {
             },
             token,
         )
-        .await?;
-        Ok(if summary.cancelled {
-            "cancelled"
-        } else {
-            "completed"
-        })
+        .await;
+        match summary {
+            // Failed before its rounds (a corrupt checkpoint, a task that does not build):
+            // marked so, or it would show as interrupted and be taken up again and again.
+            Err(e) => {
+                let _ = run.finish("failed");
+                Err(e)
+            }
+            // The service stopping is not an operator's stop: the run waits for its return.
+            Ok(s) if s.cancelled && shutdown.is_cancelled() => {
+                let _ = run.finish("queued");
+                Ok("queued again")
+            }
+            Ok(s) if s.cancelled => Ok("cancelled"),
+            Ok(_) => Ok("completed"),
+        }
     }
 }
 
@@ -219,6 +252,9 @@ impl Control for Service {
     fn submit(&self, text: &str) -> Result<Accepted, ControlError> {
         let spec = RunSpec::parse(text, "the submitted spec")
             .map_err(|e| ControlError::Invalid(e.to_string()))?;
+        if let Some(why) = self.foreign(&spec) {
+            return Err(ControlError::Invalid(why));
+        }
         let id = self
             .runs
             .queue_run(&spec.name, &spec.to_toml(), spec.seed, spec.rounds)
@@ -248,10 +284,15 @@ impl Control for Service {
             if let Some(at) = q.waiting.iter().position(|w| w == id) {
                 q.waiting.remove(at);
                 drop(q);
-                self.runs
-                    .settle(id, "queued", "cancelled")
-                    .map_err(internal)?;
-                return accepted("cancelled");
+                // Queued by a submit or a resume, or taken up as interrupted.
+                for from in ["queued", "interrupted"] {
+                    if self.runs.settle(id, from, "cancelled").map_err(internal)? {
+                        return accepted("cancelled");
+                    }
+                }
+                return Err(ControlError::Conflict(format!(
+                    "run {id} changed while being stopped; see its status"
+                )));
             }
         }
         match self.runs.run_status(id).map_err(internal)? {
@@ -263,14 +304,10 @@ impl Control for Service {
     }
 
     fn resume(&self, id: &str) -> Result<Accepted, ControlError> {
-        {
-            let q = self.lock();
-            if q.current.as_ref().is_some_and(|(c, _)| c == id) || q.waiting.iter().any(|w| w == id)
-            {
-                return Err(ControlError::Conflict(format!(
-                    "run {id} is already running or queued here"
-                )));
-            }
+        if self.holds(id) {
+            return Err(ControlError::Conflict(format!(
+                "run {id} is already running or queued here"
+            )));
         }
         let Some((row, text)) = self.runs.run(id).map_err(internal)? else {
             return Err(ControlError::NotFound(format!("no run {id:?}")));
@@ -285,7 +322,7 @@ impl Control for Service {
         }
         let spec = RunSpec::parse(&text, &format!("run {id}'s spec"))
             .map_err(|e| ControlError::Invalid(e.to_string()))?;
-        if let Some(why) = crate::resume::refusal(&spec) {
+        if let Some(why) = crate::resume::refusal(&spec).or_else(|| self.foreign(&spec)) {
             return Err(ControlError::Invalid(format!("run {id}: {why}")));
         }
         // Queued in the store too, so that a restarted service takes it up.

@@ -310,6 +310,25 @@ fn runs_submitted_to_pollen_serve_queue_stop_resume_and_survive_a_killed_service
         !nothing.status.success() && stderr.contains("404"),
         "{stderr}"
     );
+    let elsewhere = dir.path().join("elsewhere.toml");
+    std::fs::write(
+        &elsewhere,
+        std::fs::read_to_string(write_spec("other", 1))
+            .expect("spec")
+            .replace("fleet = \"default\"", "fleet = \"another-fleet\""),
+    )
+    .expect("write");
+    let foreign = pollen(&[
+        "submit",
+        &elsewhere.display().to_string(),
+        "--server",
+        &server,
+    ]);
+    let stderr = String::from_utf8_lossy(&foreign.stderr);
+    assert!(
+        !foreign.status.success() && stderr.contains("400") && stderr.contains("another-fleet"),
+        "{stderr}"
+    );
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "rounds = 0\n").expect("write");
     let refused = pollen(&["submit", &bad.display().to_string(), "--server", &server]);

@@ -294,7 +294,18 @@ impl RoundDriver {
     }
 
     async fn run_inner(&mut self, shutdown: &CancellationToken) -> Result<RunSummary, DriverError> {
-        self.wait_for_clients().await?;
+        // A run stopped while it waits for its clients ends then, not when the wait does.
+        tokio::select! {
+            waited = self.wait_for_clients() => waited?,
+            _ = shutdown.cancelled() => {
+                return Ok(RunSummary {
+                    rounds: Vec::new(),
+                    initial_evaluation: None,
+                    parameters: Arc::default(),
+                    cancelled: true,
+                });
+            }
+        }
         if let Some(fit) = self.fit_manifest.take() {
             let stats = tokio::select! {
                 s = self.statistics() => s?,

@@ -421,7 +421,11 @@ impl RunStore {
     /// committed atomically: `metrics.jsonl` is rewritten from the recorded rounds (a crash
     /// may have left a line of the interrupted round, or half of one) and checkpoints of
     /// rounds after the last recorded one are removed.
-    pub fn reopen_run(self: &Arc<Self>, id: &str) -> Result<ReopenedRun, RecordError> {
+    pub fn reopen_run(
+        self: &Arc<Self>,
+        id: &str,
+        from: &[&str],
+    ) -> Result<ReopenedRun, RecordError> {
         let refuse = |reason: String| RecordError::Resume {
             run: id.to_string(),
             reason,
@@ -436,6 +440,12 @@ impl RunStore {
                 return Err(refuse(format!(
                     "its coordinator is alive (a heartbeat within the last {:?}); stop it first, or wait until the run shows as interrupted",
                     self.liveness.lease
+                )));
+            }
+            shown if !from.contains(&shown) => {
+                return Err(refuse(format!(
+                    "it is {shown}; only a run that is {} is taken up here",
+                    from.join(" or ")
                 )));
             }
             _ => {}
@@ -458,6 +468,33 @@ impl RunStore {
             ));
         }
         let dir = self.root.join(id);
+        let metrics = match Self::align_files(&dir, &rounds) {
+            Ok(metrics) => metrics,
+            Err(e) => {
+                // Handed back as it was, rather than left `running` for nobody.
+                let _ = self.db.set_status(id, &status);
+                return Err(e);
+            }
+        };
+        let beating = heartbeat(self.db.clone(), id.to_string(), self.liveness.every);
+        Ok(ReopenedRun {
+            handle: RunHandle {
+                id: id.to_string(),
+                dir,
+                store: self.clone(),
+                metrics: Mutex::new(metrics),
+                _beating: beating,
+            },
+            spec,
+            num_rounds: row.num_rounds,
+            rounds,
+        })
+    }
+
+    /// Makes a reopened run's directory agree with its recorded `rounds`: checkpoints of later
+    /// rounds and temporary files removed, `metrics.jsonl` rewritten; the latter opened for
+    /// appending.
+    fn align_files(dir: &Path, rounds: &[RoundRecord]) -> Result<File, RecordError> {
         let completed = rounds.len() as u64;
         let models = dir.join("models");
         fs::create_dir_all(&models).map_err(io(&models))?;
@@ -475,30 +512,17 @@ impl RunStore {
         }
         let metrics_path = dir.join("metrics.jsonl");
         let mut text = String::new();
-        for r in &rounds {
+        for r in rounds {
             text.push_str(&serde_json::to_string(r)?);
             text.push('\n');
         }
         let tmp = dir.join(".metrics.jsonl.tmp");
         fs::write(&tmp, text).map_err(io(&tmp))?;
         fs::rename(&tmp, &metrics_path).map_err(io(&metrics_path))?;
-        let metrics = OpenOptions::new()
+        OpenOptions::new()
             .append(true)
             .open(&metrics_path)
-            .map_err(io(&metrics_path))?;
-        let beating = heartbeat(self.db.clone(), id.to_string(), self.liveness.every);
-        Ok(ReopenedRun {
-            handle: RunHandle {
-                id: id.to_string(),
-                dir,
-                store: self.clone(),
-                metrics: Mutex::new(metrics),
-                _beating: beating,
-            },
-            spec,
-            num_rounds: row.num_rounds,
-            rounds,
-        })
+            .map_err(io(&metrics_path))
     }
 
     /// All runs, newest first.

@@ -109,7 +109,8 @@ fn exercise(root: &Path, database: &Database, make_newer: impl FnOnce()) {
 
     // Resuming: refused for a completed run, for a run whose coordinator still beats, and
     // for a run no one recorded.
-    let refused = |id: &str| match store.reopen_run(id) {
+    const RESUMABLE: &[&str] = &["interrupted", "cancelled", "failed"];
+    let refused = |id: &str| match store.reopen_run(id, RESUMABLE) {
         Ok(_) => panic!("reopening {id} must be refused"),
         Err(e) => e.to_string(),
     };
@@ -132,7 +133,7 @@ fn exercise(root: &Path, database: &Database, make_newer: impl FnOnce()) {
     drop(crashed);
     std::thread::sleep(QUICK.lease + Duration::from_millis(300));
     let reopened = store
-        .reopen_run(&crashed_id)
+        .reopen_run(&crashed_id, RESUMABLE)
         .expect("an interrupted run reopens");
     assert_eq!(
         (reopened.num_rounds, reopened.spec.as_str()),
@@ -169,7 +170,13 @@ fn exercise(root: &Path, database: &Database, make_newer: impl FnOnce()) {
         store.run_status(&queued).expect("status").as_deref(),
         Some("queued")
     );
-    let started = store.reopen_run(&queued).expect("a queued run starts");
+    assert!(
+        refused(&queued).contains("it is queued"),
+        "a service's run, not a resumable one"
+    );
+    let started = store
+        .reopen_run(&queued, &["queued", "interrupted"])
+        .expect("a queued run starts");
     assert!(started.rounds.is_empty());
     assert_eq!(
         store.run_status(&queued).expect("status").as_deref(),

@@ -24,6 +24,10 @@ pub struct ServeArgs {
     /// Print the default settings, commented, and exit.
     #[arg(long)]
     pub print_default_config: bool,
+    /// The fleet whose proxies and agents join this service: it runs only specs whose
+    /// [devices] fleet is this one, and operators are authorized on it.
+    #[arg(long, default_value = "default")]
+    pub fleet: String,
     #[command(flatten)]
     pub service: ServiceArgs,
 }
@@ -46,7 +50,7 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let runs = crate::run::open_records(&s.runs_dir, &database)?;
     let shutdown = shutdown_on_ctrl_c("stopping the service: the current run is interrupted");
     let coordinator = s.start().await?;
-    let service = Service::new(runs);
+    let service = Service::new(runs, a.fleet.clone());
     let metrics = Arc::new(Metrics::new(coordinator.server.registry.clone()));
     let http = coordinator
         .service_endpoint(

@@ -15,6 +15,9 @@ pub const DEFAULT_TOML: &str = r#"# pollen serve configuration (`pollen serve --
 # (`runs_dir` for --runs-dir); flags given on the command line override the file. The values
 # shown are the defaults.
 
+# The fleet whose proxies and agents join: only runs whose spec names it ([devices] fleet) run
+# here.
+fleet = "default"
 # The Fleet gRPC API, where proxies and direct agents join.
 listen = "127.0.0.1:50051"
 # The dashboard, its JSON API, the control API (submit, stop, resume) and /metrics. Beyond

@@ -321,7 +321,7 @@ pub async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
             if let Some(why) = crate::resume::refusal(&spec) {
                 anyhow::bail!("run {id}: {why}");
             }
-            let reopened = store.reopen_run(id)?;
+            let reopened = store.reopen_run(id, crate::resume::RESUMABLE)?;
             (spec, Some(reopened))
         }
         None => (a.spec.load(|_| {})?, None),
