@@ -2,30 +2,17 @@
 //! devices, against the shared Mosquitto on 127.0.0.1:1883, and `pollen run` training over
 //! all of them. Needs Mosquitto on 127.0.0.1:1883 (`mosquitto -d`).
 
+mod support;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-/// Kills the process when the test ends, however it ends.
-struct Killed(std::process::Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use support::{Killed, require_mosquitto};
 
 #[test]
 fn two_simulator_processes_make_one_fleet_that_pollen_run_trains() {
-    assert!(
-        std::net::TcpStream::connect_timeout(
-            &"127.0.0.1:1883".parse().expect("addr"),
-            Duration::from_secs(2)
-        )
-        .is_ok(),
-        "Mosquitto is not listening on 127.0.0.1:1883: start it with `mosquitto -d`"
-    );
+    require_mosquitto();
     let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let fleet = format!("fsim-{:08x}", rand::random::<u32>());
     let mut shards = Vec::new();

@@ -3,10 +3,14 @@
 //! running, then `pollen coordinator --resume RUN` continuing the run from its records.
 //! Needs Mosquitto on 127.0.0.1:1883 (`mosquitto -d`).
 
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{Receiver, channel};
+mod support;
+
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use support::{
+    Killed, free_port, lines, metric, one_off_proxy, require_mosquitto, simulated_fleet, wait_for,
+};
 
 use serde_json::Value;
 
@@ -16,62 +20,6 @@ const SAMPLED: u64 = 3;
 const ROUNDS: u64 = 5;
 /// Short beats, so that the killed coordinator's run shows `interrupted` within a second.
 const HEARTBEAT: &str = "300ms";
-
-/// Kills the process when the test ends, however it ends.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// The lines a stream prints, as they come. The reader keeps draining after the test stops
-/// listening, so that the process never writes into a closed pipe.
-fn lines(stream: impl Read + Send + 'static) -> Receiver<String> {
-    let (tx, rx) = channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stream).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    rx
-}
-
-fn wait_for(rx: &Receiver<String>, marker: &str, what: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let line = rx
-            .recv_timeout(left)
-            .unwrap_or_else(|e| panic!("{what} never printed {marker:?}: {e}"));
-        if let Some((_, rest)) = line.split_once(marker) {
-            return rest.trim().to_string();
-        }
-    }
-}
-
-/// A counter or gauge of a `/metrics` page, over HTTP/1.0.
-fn metric(metrics_url: &str, name: &str) -> Option<u64> {
-    use std::io::Write;
-    let (addr, path) = metrics_url.strip_prefix("http://")?.split_once('/')?;
-    let mut stream = std::net::TcpStream::connect(addr).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(stream, "GET /{path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    response
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind(("127.0.0.1", 0))
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
 
 fn pollen(repo: &std::path::Path, runs: &std::path::Path, args: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_pollen"));
@@ -104,36 +52,13 @@ fn the_run(repo: &std::path::Path, runs: &std::path::Path) -> Value {
 
 #[test]
 fn a_coordinator_killed_mid_round_resumes_its_run_from_the_last_recorded_round() {
-    assert!(
-        std::net::TcpStream::connect_timeout(
-            &"127.0.0.1:1883".parse().expect("addr"),
-            Duration::from_secs(2)
-        )
-        .is_ok(),
-        "Mosquitto is not listening on 127.0.0.1:1883: start it with `mosquitto -d`"
-    );
+    require_mosquitto();
     let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let fleet = format!("resume-{:08x}", rand::random::<u32>());
     let dir = tempfile::tempdir().expect("tempdir");
     let runs = dir.path().join("runs");
 
-    let mut simulator = Command::new(env!("CARGO_BIN_EXE_pollen"))
-        .args([
-            "fleet",
-            "simulate",
-            "--devices",
-            &DEVICES.to_string(),
-            "--fleet",
-            &fleet,
-        ])
-        .current_dir(&repo)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("pollen fleet simulate starts");
-    let simulated = lines(simulator.stdout.take().expect("piped"));
-    let _simulator = Killed(simulator);
-    wait_for(&simulated, "\"agents\"", "pollen fleet simulate");
+    let _simulator = simulated_fleet(&repo, &fleet, DEVICES);
 
     // Half the devices per round: which half is the sampler's, so the resumed run must
     // continue its sequence.
@@ -175,25 +100,8 @@ fn a_coordinator_killed_mid_round_resumes_its_run_from_the_last_recorded_round()
     let first = Killed(first);
 
     // The proxy from a config file: a one-off session on the shared broker.
-    let proxy_toml = dir.path().join("proxy.toml");
-    std::fs::write(
-        &proxy_toml,
-        format!(
-            "fleet = \"{fleet}\"\ncoordinator = \"http://{listen}\"\npersistent_session = false\n[broker]\nurl = \"mqtt://127.0.0.1:1883\"\n"
-        ),
-    )
-    .expect("write proxy config");
-    let mut proxy = Command::new(env!("CARGO_BIN_EXE_pollen"))
-        .arg("proxy")
-        .arg("--config")
-        .arg(&proxy_toml)
-        .args(["--http", "127.0.0.1:0"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("pollen proxy starts");
-    let proxy_log = lines(proxy.stderr.take().expect("piped"));
-    let _proxy = Killed(proxy);
+    let (_proxy, proxy_log) =
+        one_off_proxy(dir.path(), &fleet, &listen, &["--http", "127.0.0.1:0"]);
     let metrics = wait_for(&proxy_log, "Prometheus metrics on", "pollen proxy");
 
     // Kill the coordinator once the proxy has carried a round's commands past round 2 to

@@ -4,57 +4,19 @@
 //! `pollen status` read them through the service; a service killed with SIGKILL takes its
 //! queued and interrupted runs up again when it starts.
 
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc::{Receiver, channel};
+mod support;
+
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
+
+use support::{
+    Killed, free_port, lines, one_off_proxy, require_mosquitto, simulated_fleet, wait_for,
+};
 
 use serde_json::Value;
 
 const DEVICES: u64 = 6;
 const HEARTBEAT: &str = "300ms";
-
-/// Kills the process when the test ends, however it ends.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// The lines a stream prints; the reader drains to the end, so the process never writes into
-/// a closed pipe.
-fn lines(stream: impl Read + Send + 'static) -> Receiver<String> {
-    let (tx, rx) = channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stream).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    rx
-}
-
-fn wait_for(rx: &Receiver<String>, marker: &str, what: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let line = rx
-            .recv_timeout(left)
-            .unwrap_or_else(|e| panic!("{what} never printed {marker:?}: {e}"));
-        if let Some((_, rest)) = line.split_once(marker) {
-            return rest.trim().to_string();
-        }
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind(("127.0.0.1", 0))
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
 
 fn pollen(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_pollen"))
@@ -151,57 +113,17 @@ fn serve(
 
 #[test]
 fn runs_submitted_to_pollen_serve_queue_stop_resume_and_survive_a_killed_service() {
-    assert!(
-        std::net::TcpStream::connect_timeout(
-            &"127.0.0.1:1883".parse().expect("addr"),
-            Duration::from_secs(2)
-        )
-        .is_ok(),
-        "Mosquitto is not listening on 127.0.0.1:1883: start it with `mosquitto -d`"
-    );
+    require_mosquitto();
     let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let fleet = format!("serve-{:08x}", rand::random::<u32>());
     let dir = tempfile::tempdir().expect("tempdir");
     let runs_dir = dir.path().join("runs");
 
-    let mut simulator = Command::new(env!("CARGO_BIN_EXE_pollen"))
-        .args([
-            "fleet",
-            "simulate",
-            "--devices",
-            &DEVICES.to_string(),
-            "--fleet",
-            &fleet,
-        ])
-        .current_dir(&repo)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("pollen fleet simulate starts");
-    let simulated = lines(simulator.stdout.take().expect("piped"));
-    let _simulator = Killed(simulator);
-    wait_for(&simulated, "\"agents\"", "pollen fleet simulate");
+    let _simulator = simulated_fleet(&repo, &fleet, DEVICES);
 
     let listen = format!("127.0.0.1:{}", free_port());
     let (service, server) = serve(&repo, &runs_dir, &listen, None);
-    let proxy_toml = dir.path().join("proxy.toml");
-    std::fs::write(
-        &proxy_toml,
-        format!(
-            "fleet = \"{fleet}\"\ncoordinator = \"http://{listen}\"\npersistent_session = false\n[broker]\nurl = \"mqtt://127.0.0.1:1883\"\n"
-        ),
-    )
-    .expect("write proxy config");
-    let _proxy = Killed(
-        Command::new(env!("CARGO_BIN_EXE_pollen"))
-            .arg("proxy")
-            .arg("--config")
-            .arg(&proxy_toml)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("pollen proxy starts"),
-    );
+    let _proxy = one_off_proxy(dir.path(), &fleet, &listen, &[]);
 
     let spec = std::fs::read_to_string(repo.join("workflows/mnist-2nn.toml")).expect("spec");
     let write_spec = |name: &str, rounds: u64| {

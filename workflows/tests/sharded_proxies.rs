@@ -4,25 +4,19 @@
 //! killed (SIGKILL) in the middle of a round, the others take its devices over, and the run
 //! finishes with every device training again.
 
+mod support;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc::{Receiver, channel};
 use std::time::{Duration, Instant};
+
+use support::{Killed, metric, require_mosquitto};
 
 const DEVICES: usize = 30;
 const ROUNDS: u64 = 6;
 const PROXIES: [&str; 3] = ["p0", "p1", "p2"];
-
-/// Kills the process when the test ends, however it ends.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// The lines a stream prints, as they come, with when they came; also written to
 /// `$POLLEN_TEST_LOGS/<name>.log` when that is set, to see what the processes did.
@@ -67,27 +61,6 @@ fn next_round(rounds: &Receiver<(Instant, String)>, seen: usize) -> (Instant, se
     (at, serde_json::from_str(&line).expect("a JSON round"))
 }
 
-/// The body of `http://ADDR/PATH`, over HTTP/1.0 (the server closes when done).
-fn http_get(url: &str) -> Option<String> {
-    use std::io::Write;
-    let rest = url.strip_prefix("http://")?;
-    let (addr, path) = rest.split_once('/')?;
-    let mut stream = std::net::TcpStream::connect(addr).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(stream, "GET /{path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let (head, body) = response.split_once("\r\n\r\n")?;
-    (head.split_whitespace().nth(1) == Some("200")).then(|| body.to_string())
-}
-
-/// One gauge of a proxy's `/metrics`.
-fn gauge(metrics_url: &str, name: &str) -> Option<u64> {
-    let body = http_get(metrics_url)?;
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
 fn pollen(repo: &std::path::Path, args: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_pollen"));
     c.args(args).current_dir(repo);
@@ -110,8 +83,8 @@ fn wait_for_split(urls: &BTreeMap<&str, String>, live: &[&str], devices: &[Strin
                 (
                     *p,
                     (
-                        gauge(url, "pollen_proxy_bridges"),
-                        gauge(url, "pollen_proxy_live_proxies"),
+                        metric(url, "pollen_proxy_bridges"),
+                        metric(url, "pollen_proxy_live_proxies"),
                     ),
                 )
             })
@@ -131,14 +104,7 @@ fn wait_for_split(urls: &BTreeMap<&str, String>, live: &[&str], devices: &[Strin
 
 #[test]
 fn auto_sharded_proxies_bridge_each_device_once_and_take_over_a_killed_one() {
-    assert!(
-        std::net::TcpStream::connect_timeout(
-            &"127.0.0.1:1883".parse().expect("addr"),
-            Duration::from_secs(2)
-        )
-        .is_ok(),
-        "Mosquitto is not listening on 127.0.0.1:1883: start it with `mosquitto -d`"
-    );
+    require_mosquitto();
     let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let fleet = format!("shards-{:08x}", rand::random::<u32>());
     let devices: Vec<String> = (0..DEVICES).map(|k| format!("sim-{k:06}")).collect();
@@ -275,7 +241,7 @@ fn auto_sharded_proxies_bridge_each_device_once_and_take_over_a_killed_one() {
     }
     let done = records.len() as u64;
     let killed_in = loop {
-        let published = gauge(&urls["p1"], "pollen_proxy_commands_published_total").unwrap_or(0);
+        let published = metric(&urls["p1"], "pollen_proxy_commands_published_total").unwrap_or(0);
         if published > done * p1_count {
             break published.div_ceil(p1_count);
         }
